@@ -1,0 +1,667 @@
+"""Inception statistics, FID and Inception Score, computed the way EDM and StyleGAN compute them.
+
+Statistics of a dataset (a folder of PNG/JPG, an EDM zip, or the CIFAR-10 python tarball):
+    python fid.py ref  --data cifar-10-python.tar.gz --dest cifar10-32x32.npz
+FID of a folder or zip of images against reference statistics (an npz or EDM2's img512.pkl, path or URL):
+    python fid.py calc --images samples/ --ref https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz
+FID of a one-step generator, no PNGs written unless --outdir is given:
+    python fid.py gen  --network sida-cifar10.pkl --ref cifar10-32x32.npz --num 50000 [--is]
+Several GPUs (images are split across ranks, statistics summed with all_reduce); spell --num as
+--num-images there, since torchrun mistakes --num for its own --numa-binding:
+    torchrun --standalone --nproc_per_node=8 fid.py gen --network ... --ref ... --num-images 50000
+
+The detector is the TorchScript Inception network used by StyleGAN2-ADA and EDM, downloaded once and
+cached (`--detector PATH|URL` points elsewhere, e.g. a local copy when offline). It takes uint8-valued
+images [N, 3, H, W] in 0..255 and resizes them to 299x299 itself. FID follows EDM: float64 running
+sums, unbiased covariance, and the real part of scipy's matrix square root. IS follows StyleGAN:
+class probabilities with the output bias left out, 10 splits.
+"""
+
+import argparse
+import io
+import json
+import os
+import sys
+import tarfile
+import time
+import warnings
+import zipfile
+import zlib
+
+import numpy as np
+import PIL.Image
+import scipy.linalg
+import scipy.special
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import networks
+from networks import UserError
+
+INCEPTION_URL = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt'
+SIGMA_INIT = 2.5            # noise level the one-step generator starts from (SiD, SiDA)
+IS_SPLITS = 10              # Inception Score: mean and std over this many splits (StyleGAN, Salimans et al.)
+PROGRESS_SECONDS = 10       # at most one progress line this often
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
+
+# Globals a pickle of plain numpy arrays may name (EDM2's img512.pkl, the CIFAR-10 batches);
+# numpy 1.x writers say numpy.core, numpy 2.x writers numpy._core.
+NUMPY_PICKLE_GLOBALS = {
+    'numpy.core.multiarray._reconstruct', 'numpy._core.multiarray._reconstruct',   # arrays, protocols 2-4
+    'numpy.core.numeric._frombuffer', 'numpy._core.numeric._frombuffer',           # arrays, protocol 5
+    'numpy.core.multiarray.scalar', 'numpy._core.multiarray.scalar',               # numpy scalars
+    'numpy.ndarray', 'numpy.dtype',
+}
+
+# ----------------------------------------------------------------------------------------------------
+# Distributed helpers: everything below works the same in one process and under torchrun.
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _comm_device():
+    # NCCL only moves CUDA tensors; gloo only CPU ones.
+    if dist.get_backend() == 'nccl':
+        return torch.device('cuda', torch.cuda.current_device())
+    return torch.device('cpu')
+
+
+def _all_gather_interleaved(local, total):
+    """Rank r holds items r, r + W, r + 2W, ... of `total`; every rank gets all of them, in order."""
+    W = world_size()
+    if W == 1:
+        return local
+    per_rank = -(-total // W)
+    padded = local.new_zeros([per_rank, *local.shape[1:]]).to(_comm_device())
+    padded[:len(local)] = local.to(padded.device)
+    parts = [torch.empty_like(padded) for _ in range(W)]
+    dist.all_gather(parts, padded)
+    out = local.new_empty([total, *local.shape[1:]])
+    for r, part in enumerate(parts):
+        out[r::W] = part[:len(range(r, total, W))].to(out.device)
+    return out
+
+
+class Progress:
+    """One line on stderr every few seconds (rank 0): images done / total, throughput, time left."""
+
+    def __init__(self, what, total, enabled=True):
+        self.what, self.total, self.done = what, total, 0
+        self.enabled = enabled and rank() == 0
+        self.start = self.last = time.time()
+
+    def update(self, n_local):
+        self.done = min(self.total, self.done + n_local * world_size())
+        now = time.time()
+        finished_long_work = self.done == self.total and now - self.start >= PROGRESS_SECONDS
+        if self.enabled and (now - self.last >= PROGRESS_SECONDS or finished_long_work):
+            rate = self.done / max(now - self.start, 1e-9)
+            print(f'{self.what}: {self.done}/{self.total} images, {rate:.0f} img/s, '
+                  f'{(self.total - self.done) / max(rate, 1e-9):.0f} s left', file=sys.stderr, flush=True)
+            self.last = now
+
+# ----------------------------------------------------------------------------------------------------
+# Feature extractors: the Inception detector and the toy run's fixed network.
+
+def load_detector(source=None, device='cpu'):
+    """The TorchScript Inception network (source None: the official URL, cached). Call it as
+    det(images, return_features=True) -> [N, 2048] features, det(images, no_output_bias=True) -> [N, 1008]
+    class probabilities, with images uint8 [N, 3, H, W]."""
+    source = source or INCEPTION_URL
+    path = networks.open_url(source)
+    try:
+        with warnings.catch_warnings():     # TorchScript is deprecated, but it is the format the detector ships in
+            warnings.filterwarnings('ignore', message='`torch.jit', category=DeprecationWarning)
+            detector = torch.jit.load(path, map_location=device)
+    except Exception as e:
+        raise UserError(f'--detector {source}: not a TorchScript detector ({type(e).__name__})') from None
+    return detector.eval()
+
+
+def run_detector(detector, images, device, **kwargs):
+    """Detector output for uint8 images [N, C, H, W] (grayscale is repeated to 3 channels)."""
+    images = torch.as_tensor(images).to(device)
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise UserError(f'images must be [N, 1 or 3, H, W], got {list(images.shape)}')
+    if images.shape[1] == 1:
+        images = images.repeat(1, 3, 1, 1)
+    with torch.no_grad():
+        return detector(images, **kwargs)
+
+
+class ToyFeatures(torch.nn.Module):
+    """A fixed feature extractor for the toy run's Fréchet distance (no Inception, no training).
+    Colour: per-channel means and stds and a 4x4 mean-colour layout. Structure: seeded random zero-mean
+    3x3 filters at full and half resolution, ReLU, spatial mean (and std at full resolution), scaled up
+    by `gain` so that noise and blur count about as much as colour. Same call signature as Inception."""
+
+    def __init__(self,
+        img_resolution  = 32,   # Image resolution (any size >= 4 works; kept for the record).
+        img_channels    = 3,    # 1 or 3; grayscale is repeated to 3 channels like for Inception.
+        width           = 48,   # Filters at full resolution.
+        width2          = 64,   # Filters at half resolution.
+        gain            = 4,    # Weight of the structure features relative to the colour features.
+        seed            = 0,    # Every weight is drawn from this seed: the features never change.
+    ):
+        super().__init__()
+        self.img_resolution, self.img_channels, self.gain = img_resolution, img_channels, gain
+        g = torch.Generator().manual_seed(seed)
+        w1 = torch.randn([width, 3, 3, 3], generator=g)
+        w1 = w1 - w1.mean(dim=(1, 2, 3), keepdim=True)         # blind to a uniform brightness shift
+        w2 = torch.randn([width2, width, 3, 3], generator=g)
+        self.register_buffer('w1', w1 / w1.flatten(1).norm(dim=1)[:, None, None, None])
+        self.register_buffer('w2', w2 / np.sqrt(w2[0].numel()))
+        self.dim = 3 + 3 + 3 * 16 + 2 * width + width2
+        self.register_buffer('head', torch.randn([self.dim, 10], generator=g) / np.sqrt(self.dim))
+
+    def forward(self, x, return_features: bool = False, no_output_bias: bool = False):
+        x = x.to(torch.float32) / 127.5 - 1
+        if x.shape[1] == 1:
+            x = x.repeat(1, 3, 1, 1)
+        h1 = F.relu(F.conv2d(x, self.w1, padding=1))
+        h2 = F.relu(F.conv2d(F.avg_pool2d(h1, 2), self.w2, padding=1))
+        colour = [x.mean(dim=(2, 3)), x.std(dim=(2, 3)), F.adaptive_avg_pool2d(x, 4).flatten(1)]
+        structure = [h1.mean(dim=(2, 3)), h1.std(dim=(2, 3)), h2.mean(dim=(2, 3))]
+        features = torch.cat(colour + [self.gain * h for h in structure], dim=1)
+        if return_features:
+            return features
+        return (features @ self.head).softmax(dim=1)    # 10 pseudo-classes, probabilities like Inception
+
+# ----------------------------------------------------------------------------------------------------
+# Statistics and distances.
+
+class FeatureStats:
+    """Mean and covariance of features, streamed: float64 running sums of the features and of their
+    outer products, so 50k x 2048 features are never held. all_reduce() sums them over ranks."""
+
+    def __init__(self, dim=None):
+        self.dim, self.num = dim, 0
+        self.sum = self.sum_outer = None
+
+    def _allocate(self, device):
+        self.sum = torch.zeros([self.dim], dtype=torch.float64, device=device)
+        self.sum_outer = torch.zeros([self.dim, self.dim], dtype=torch.float64, device=device)
+
+    def update(self, features):
+        f = torch.as_tensor(features).to(torch.float64).flatten(1)
+        if self.dim is None:
+            self.dim = f.shape[1]
+        if f.shape[1] != self.dim:
+            raise UserError(f'features are {f.shape[1]}-dimensional, statistics expect {self.dim}')
+        if self.sum is None:
+            self._allocate(f.device)
+        f = f.to(self.sum.device)
+        self.num += f.shape[0]
+        self.sum += f.sum(dim=0)
+        self.sum_outer += f.T @ f
+
+    def all_reduce(self):
+        if world_size() == 1:
+            return self
+        device = _comm_device()
+        dim = torch.tensor([self.dim or 0], device=device)
+        dist.all_reduce(dim, op=dist.ReduceOp.MAX)       # a rank that saw no images learns the size
+        self.dim = int(dim)
+        if self.sum is None:
+            self._allocate(device)
+        num = torch.tensor([self.num], dtype=torch.int64, device=device)
+        self.sum, self.sum_outer = self.sum.to(device), self.sum_outer.to(device)
+        for t in (num, self.sum, self.sum_outer):
+            dist.all_reduce(t)
+        self.num = int(num)
+        return self
+
+    def mean_cov(self):
+        """(mu [D], sigma [D, D]) as numpy float64; sigma is the unbiased covariance (divides by N - 1)."""
+        if self.num < 2:
+            raise UserError(f'statistics need at least 2 images, got {self.num}')
+        n = self.num
+        mu = self.sum / n
+        sigma = (self.sum_outer - n * torch.outer(mu, mu)) / (n - 1)
+        return mu.cpu().numpy(), sigma.cpu().numpy()
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), real part (Heusel et al. 2017)."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise UserError(f'statistics of different sizes: mu {list(mu1.shape)}, sigma {list(sigma1.shape)} '
+                        f'vs mu {list(mu2.shape)}, sigma {list(sigma2.shape)}')
+    with warnings.catch_warnings():     # singular covariances (fewer images than dimensions) are normal here
+        warnings.simplefilter('ignore', scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    distance = np.square(mu1 - mu2).sum() + np.trace(sigma1 + sigma2 - 2 * covmean)
+    return float(np.real(distance))
+
+
+def inception_score(probs, splits=IS_SPLITS):
+    """(mean, std) over `splits` consecutive splits of exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016).
+    Takes class probabilities, which is what the Inception detector returns; rows that are not
+    probabilities (logits) go through a softmax first."""
+    p = np.asarray(torch.as_tensor(probs).cpu().to(torch.float64))
+    if p.ndim != 2 or len(p) < splits:
+        raise UserError(f'Inception Score needs at least {splits} images, got {len(p)}')
+    if p.min() < 0 or not np.allclose(p.sum(axis=1), 1, atol=1e-3):
+        p = scipy.special.softmax(p, axis=1)
+    n = len(p)
+    scores = []
+    for i in range(splits):
+        part = p[i * n // splits:(i + 1) * n // splits]
+        kl = scipy.special.rel_entr(part, part.mean(axis=0, keepdims=True)).sum(axis=1).mean()
+        scores.append(np.exp(kl))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def load_ref(source):
+    """(mu, sigma) as float64 numpy from EDM's reference npz (`mu`, `sigma`) or EDM2's img512.pkl
+    (a plain pickle {'fid': {'mu', 'sigma'}, ...}, read with the restricted unpickler); path or URL."""
+    path = networks.open_url(source)
+    try:
+        if zipfile.is_zipfile(path):                             # npz files are zip archives
+            with np.load(path) as data:
+                mu, sigma = data['mu'], data['sigma']
+        else:
+            data = networks.safe_pickle_load(path, NUMPY_PICKLE_GLOBALS)
+            data = data['fid'] if isinstance(data, dict) and 'fid' in data else data
+            mu, sigma = data['mu'], data['sigma']
+    except UserError:
+        raise
+    except Exception as e:
+        reason = f'{type(e).__name__}: {e}'.splitlines()[0]
+        raise UserError(f'--ref {source}: not a reference file with mu and sigma ({reason})') from None
+    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+    if mu.ndim != 1 or sigma.shape != mu.shape * 2:
+        raise UserError(f'--ref {source}: mu {list(mu.shape)} and sigma {list(sigma.shape)} are not [D] and [D, D]')
+    return mu, sigma
+
+
+def save_ref(path, mu, sigma):
+    """Write statistics as an npz with `mu` and `sigma`, like EDM's reference files (atomically)."""
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'wb') as f:
+        np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _as_ref(ref):
+    if ref is None or isinstance(ref, tuple):
+        return ref
+    return load_ref(ref)
+
+# ----------------------------------------------------------------------------------------------------
+# Reading images: a folder (recursive), an EDM zip of PNGs, or the CIFAR-10 python tarball.
+
+def _decode_image(data, name):
+    """uint8 [C, H, W] (C = 1 or 3) from encoded bytes, or an error message (workers must not raise)."""
+    try:
+        with PIL.Image.open(io.BytesIO(data)) as image:
+            image = image.convert('L' if image.mode in ('1', 'L', 'I;16', 'I', 'F') else 'RGB')
+            array = np.asarray(image)
+    except Exception as e:
+        return f'cannot read image {name} ({type(e).__name__})'
+    return (array[None] if array.ndim == 2 else array.transpose(2, 0, 1)).copy()
+
+
+def _read_cifar10(path):
+    """Training images uint8 [50000, 3, 32, 32] and labels of the CIFAR-10 python tarball. Its five
+    batches are pickled dicts {b'data': uint8 [10000, 3072], b'labels': [...]}, read without running code."""
+    images, labels = [], []
+    with tarfile.open(path) as tar:
+        members = sorted((m for m in tar.getmembers() if os.path.basename(m.name).startswith('data_batch_')),
+                         key=lambda m: os.path.basename(m.name))
+        if not members:
+            raise UserError(f'{path}: a tarball without data_batch_* files is not the CIFAR-10 python tarball')
+        for member in members:
+            batch = networks.safe_pickle_load(tar.extractfile(member), NUMPY_PICKLE_GLOBALS, encoding='bytes')
+            try:
+                images.append(np.asarray(batch[b'data'], np.uint8).reshape(-1, 3, 32, 32))
+                labels.append(np.asarray(batch[b'labels'], np.int64))
+            except (KeyError, TypeError, ValueError):
+                raise UserError(f'{path}: {member.name} is not a CIFAR-10 batch') from None
+    return np.concatenate(images), np.concatenate(labels)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """The images of a folder (recursive, sorted by name), an EDM zip or the CIFAR-10 python tarball.
+    Item i is (uint8 [C, H, W] or an error message, label or -1). Labels come from EDM's dataset.json
+    {"labels": [[relative name, label], ...]} (or the tarball); `labels` is None without them."""
+
+    def __init__(self, path):
+        self.path, self.labels, self._zip = path, None, None
+        self._arrays = None                               # CIFAR-10: everything decoded in memory
+        label_json = None
+        if os.path.isdir(path):
+            self.kind = 'folder'
+            self.names = sorted(os.path.relpath(os.path.join(root, f), path).replace(os.sep, '/')
+                                for root, _, files in os.walk(path, followlinks=True) for f in files
+                                if f.lower().endswith(IMAGE_EXTENSIONS))
+            if os.path.isfile(os.path.join(path, 'dataset.json')):
+                with open(os.path.join(path, 'dataset.json'), 'rb') as f:
+                    label_json = f.read()
+        elif zipfile.is_zipfile(path):
+            self.kind = 'zip'
+            with zipfile.ZipFile(path) as z:
+                all_names = set(z.namelist())
+                self.names = sorted(n for n in all_names if n.lower().endswith(IMAGE_EXTENSIONS))
+                if 'dataset.json' in all_names:
+                    label_json = z.read('dataset.json')
+        elif os.path.isfile(path) and tarfile.is_tarfile(path):
+            self.kind = 'cifar10'
+            try:
+                self._arrays, self.labels = _read_cifar10(path)
+            except (tarfile.TarError, EOFError, zlib.error) as e:
+                raise UserError(f'{path}: damaged tarball ({type(e).__name__})') from None
+            self.names = [str(i) for i in range(len(self._arrays))]
+        elif not os.path.exists(path):
+            raise UserError(f'{path}: no such file or folder')
+        else:
+            raise UserError(f'{path}: not a folder of images, a zip or the CIFAR-10 tarball')
+        if not self.names:
+            raise UserError(f'{path}: no images found (looked for {", ".join(IMAGE_EXTENSIONS)})')
+        if label_json is not None:
+            self.labels = self._parse_labels(label_json)
+        first = self[0][0]
+        if isinstance(first, str):
+            raise UserError(f'{path}: {first}')
+        self.shape = first.shape                          # (C, H, W): every image must have it
+
+    def _parse_labels(self, text):
+        try:
+            pairs = json.loads(text)['labels']
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f'{self.path}: dataset.json has no "labels" list') from None
+        if pairs is None:
+            return None
+        table = dict(pairs)
+        missing = [n for n in self.names if n not in table]
+        if missing:
+            raise UserError(f'{self.path}: dataset.json has no label for {missing[0]}')
+        return np.array([table[n] for n in self.names], np.int64)
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, i):
+        label = -1 if self.labels is None else int(self.labels[i])
+        if self._arrays is not None:
+            return self._arrays[i], label
+        if self.kind == 'zip':
+            if self._zip is None or self._zip[0] != os.getpid():   # one handle per worker process
+                self._zip = (os.getpid(), zipfile.ZipFile(self.path))
+            data = self._zip[1].read(self.names[i])
+        else:
+            with open(os.path.join(self.path, self.names[i]), 'rb') as f:
+                data = f.read()
+        return _decode_image(data, self.names[i]), label
+
+    def __getstate__(self):
+        return {**self.__dict__, '_zip': None}
+
+
+def _keep_list(items):
+    return items
+
+
+def iterate_images(source, batch=64, num=None, rank=0, world_size=1, workers=0):
+    """Batches (uint8 tensor [b, C, H, W], labels int64 [b], -1 without labels) of the first `num`
+    images of a dataset (path or ImageDataset); this rank gets images rank, rank + world_size, ..."""
+    dataset = source if isinstance(source, ImageDataset) else ImageDataset(source)
+    indices = list(range(len(dataset) if num is None else num))[rank::world_size]
+    workers = 0 if dataset._arrays is not None else workers   # already decoded in memory
+    batches = [indices[i:i + batch] for i in range(0, len(indices), batch)]
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=_keep_list,
+                                         num_workers=workers, prefetch_factor=4 if workers else None)
+    for items in loader:
+        for image, _ in items:
+            if isinstance(image, str):
+                raise UserError(f'{dataset.path}: {image}')
+            if image.shape != dataset.shape:
+                raise UserError(f'{dataset.path}: an image of shape {image.shape} among images of {dataset.shape}')
+        yield (torch.from_numpy(np.stack([image for image, _ in items])),
+               torch.tensor([label for _, label in items], dtype=torch.int64))
+
+
+def load_images(path, num=None):
+    """All images of a dataset in memory: (uint8 numpy [N, C, H, W], int64 labels [N] or None)."""
+    dataset = ImageDataset(path)
+    if dataset._arrays is not None:
+        labels = dataset.labels
+        return dataset._arrays[:num], None if labels is None else labels[:num]
+    images = torch.cat([x for x, _ in iterate_images(dataset, batch=256, num=num)]).numpy()
+    return images, None if dataset.labels is None else dataset.labels[:len(images)]
+
+# ----------------------------------------------------------------------------------------------------
+# Measuring: image batches -> features -> statistics -> FID / IS.
+
+def _measure(batches, total, detector, device, ref, want_is, what, progress):
+    """Run the detector over this rank's batches, combine ranks, and turn the statistics into metrics."""
+    if want_is and total < IS_SPLITS:
+        raise UserError(f'Inception Score needs at least {IS_SPLITS} images, got {total}')
+    stats, probs = FeatureStats(), []
+    meter = Progress(what, total, progress)
+    for images in batches:
+        features = run_detector(detector, images, device, return_features=True)
+        if ref is not None and features.shape[1] != len(ref[0]):     # fail at the first batch, not the last
+            raise UserError(f'--ref statistics are {len(ref[0])}-dimensional but the detector gives '
+                            f'{features.shape[1]}-dimensional features')
+        stats.update(features)
+        if want_is:
+            probs.append(run_detector(detector, images, device, no_output_bias=True).to(torch.float64))
+        meter.update(len(images))
+    stats.all_reduce()
+    mu, sigma = stats.mean_cov()
+    results = {}
+    if ref is None:
+        results.update(mu=mu, sigma=sigma, num=stats.num)
+    else:
+        results['fid'] = frechet_distance(mu, sigma, *ref)
+    if want_is:
+        local = torch.cat(probs) if probs else torch.zeros([0, 0], dtype=torch.float64)
+        if world_size() > 1:
+            width = torch.tensor([local.shape[1]], device=_comm_device())
+            dist.all_reduce(width, op=dist.ReduceOp.MAX)
+            if local.shape[1] == 0:
+                local = torch.zeros([0, int(width)], dtype=torch.float64)
+        results['is'], results['is_std'] = inception_score(_all_gather_interleaved(local, total))
+    return results
+
+
+def generator_metrics(generate, num, detector, ref=None, batch=64, device='cpu', want_is=False,
+                      seeds=None, progress=True):
+    """FID (and IS) of `num` generated images, never more than one batch in memory.
+    generate(seeds: int64 [n]) -> uint8 images [n, C, H, W]. Seeds 0..num-1 (or the first num of `seeds`)
+    are split across ranks; every rank returns {'fid'} (+ 'is', 'is_std'), or {'mu', 'sigma'} when
+    ref is None. ref: (mu, sigma), or a path/URL for load_ref."""
+    seeds = torch.arange(num, dtype=torch.int64) if seeds is None else torch.as_tensor(seeds, dtype=torch.int64)
+    if len(seeds) < num:
+        raise UserError(f'{len(seeds)} seeds given for {num} images')
+    ref = _as_ref(ref)
+    mine = seeds[:num][rank()::world_size()]
+    batches = (generate(s) for s in mine.split(batch))
+    return _measure(batches, num, detector, device, ref, want_is, 'generating', progress)
+
+
+def dataset_metrics(source, detector, num=None, ref=None, batch=64, device='cpu', want_is=False,
+                    workers=0, progress=True):
+    """Like generator_metrics for the first `num` images (all if None) of a folder, zip or tarball."""
+    dataset = source if isinstance(source, ImageDataset) else ImageDataset(source)
+    if num is not None and num > len(dataset):
+        raise UserError(f'{dataset.path}: {len(dataset)} images, fewer than --num {num}')
+    num = len(dataset) if num is None else num
+    ref = _as_ref(ref)
+    batches = (images for images, _ in iterate_images(dataset, batch, num, rank(), world_size(), workers))
+    return _measure(batches, num, detector, device, ref, want_is, 'reading', progress)
+
+# ----------------------------------------------------------------------------------------------------
+# One-step generation.
+
+def generate_images(G, seeds, sigma_init=SIGMA_INIT, device=None):
+    """x = G(sigma_init * z, sigma_init, c) as uint8 [n, C, H, W]. Each image depends on its seed only:
+    z ~ N(0, I) is drawn from torch.Generator().manual_seed(seed), and for a conditional G the class
+    is the next draw of that generator, randint(label_dim) (so z is the same with or without labels)."""
+    if G.img_channels == 4:
+        raise UserError('latent generators need the VAE decoder: not yet supported')
+    if device is None:
+        device = next(G.parameters()).device
+    shape = [G.img_channels, G.img_resolution, G.img_resolution]
+    z, classes = [], []
+    for seed in torch.as_tensor(seeds).tolist():
+        g = torch.Generator().manual_seed(int(seed))
+        z.append(torch.randn(shape, generator=g))
+        if G.label_dim:
+            classes.append(int(torch.randint(G.label_dim, [], generator=g)))
+    z = torch.stack(z).to(device)
+    labels = F.one_hot(torch.tensor(classes), G.label_dim).to(device, torch.float32) if G.label_dim else None
+    with torch.no_grad():
+        x = G(sigma_init * z, sigma_init, labels)
+    return (x.to(torch.float32) * 127.5 + 128).clip(0, 255).to(torch.uint8)   # [-1, 1] -> 0..255 (EDM)
+
+
+def save_images(images, seeds, outdir):
+    """PNG files outdir/{seed:06d}.png."""
+    os.makedirs(outdir, exist_ok=True)
+    for image, seed in zip(images.cpu().numpy(), torch.as_tensor(seeds).tolist()):
+        PIL.Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(
+            os.path.join(outdir, f'{seed:06d}.png'))
+
+
+def parse_seeds(text):
+    """'0-49999' or '1,5,10-19' (ranges include both ends) -> list of ints."""
+    seeds = []
+    try:
+        for part in text.split(','):
+            lo, _, hi = part.strip().partition('-')
+            seeds.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+    except ValueError:
+        raise UserError(f'--seeds {text}: expected e.g. 0-49999 or 1,5,10-19') from None
+    if not seeds:
+        raise UserError(f'--seeds {text}: no seeds')
+    return seeds
+
+# ----------------------------------------------------------------------------------------------------
+# Command line.
+
+def cmd_ref(args, device):
+    result = dataset_metrics(args.data, load_detector(args.detector, device), num=args.num, batch=args.batch,
+                             device=device, workers=args.workers)
+    if rank() == 0:
+        save_ref(args.dest, result['mu'], result['sigma'])
+        print(f'saved statistics of {result["num"]} images of {args.data} to {args.dest}')
+
+
+def cmd_calc(args, device):
+    ref = load_ref(args.ref)
+    dataset = ImageDataset(args.images)
+    result = dataset_metrics(dataset, load_detector(args.detector, device), num=args.num, ref=ref,
+                             batch=args.batch, device=device, want_is=args.inception_score, workers=args.workers)
+    _report(result, args.num or len(dataset))
+
+
+def cmd_gen(args, device):
+    ref = load_ref(args.ref)
+    seeds = parse_seeds(args.seeds) if args.seeds else list(range(args.num))
+    num = args.num if args.num is not None else len(seeds)
+    if len(seeds) < num:
+        raise UserError(f'--seeds {args.seeds} gives {len(seeds)} seeds, fewer than --num {num}')
+    G = networks.load_network(args.network, device)
+    if G.img_channels == 4:
+        raise UserError(f'--network {args.network}: latent generators need the VAE decoder: not yet supported')
+    detector = load_detector(args.detector, device)
+
+    def generate(batch_seeds):
+        images = generate_images(G, batch_seeds, args.init_sigma, device)
+        if args.outdir:
+            save_images(images, batch_seeds, args.outdir)
+        return images
+
+    result = generator_metrics(generate, num, detector, ref=ref, batch=args.batch, device=device,
+                               want_is=args.inception_score, seeds=seeds)
+    _report(result, num)
+
+
+def _report(result, num):
+    if rank() == 0:
+        if 'is' in result:
+            print(f'is ({num} images): {result["is"]:.4f} +- {result["is_std"]:.4f}')
+        print(f'fid ({num} images): {result["fid"]:.4f}')
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):                     # one line and status 1, like every other bad input
+        print(f'error: {message}', file=sys.stderr)
+        sys.exit(1)
+
+
+def parse_args(argv=None):
+    parser = _Parser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest='command', required=True, parser_class=_Parser)
+    ref = sub.add_parser('ref', help='statistics of a dataset -> npz with mu and sigma')
+    ref.add_argument('--data', required=True, help='folder of images, EDM zip or cifar-10-python.tar.gz')
+    ref.add_argument('--dest', required=True, help='npz file to write')
+    calc = sub.add_parser('calc', help='FID of a folder / zip of images against reference statistics')
+    calc.add_argument('--images', required=True, help='folder of images, EDM zip or cifar-10-python.tar.gz')
+    gen = sub.add_parser('gen', help='FID of a one-step generator, without writing images')
+    gen.add_argument('--network', required=True, help='generator checkpoint: ours or an official pickle, path or URL')
+    gen.add_argument('--seeds', help='seeds to generate, e.g. 0-49999 (default 0..num-1)')
+    gen.add_argument('--outdir', help='also save the images as PNGs here')
+    gen.add_argument('--init-sigma', type=float, default=SIGMA_INIT, help='sigma_init of the one-step generator')
+    for p in (calc, gen):
+        p.add_argument('--ref', required=True, help='reference statistics: npz or EDM2 pkl, path or URL')
+        p.add_argument('--is', dest='inception_score', action='store_true', help='also print the Inception Score')
+    # --num-images is the same flag: torchrun (2.9+) takes a bare --num for an abbreviation of its --numa-binding.
+    calc.add_argument('--num', '--num-images', dest='num', type=int, help='use the first N images (error if fewer)')
+    gen.add_argument('--num', '--num-images', dest='num', type=int,
+                     help='number of images (default 50000, or the number of --seeds)')
+    ref.add_argument('--num', '--num-images', dest='num', type=int, help='use the first N images (error if fewer)')
+    for p in (ref, calc, gen):
+        p.add_argument('--detector', help='Inception TorchScript file or URL (default: the official one, cached)')
+        p.add_argument('--batch', type=int, default=64, help='images per batch per GPU')
+        p.add_argument('--device', help='cuda or cpu (default: cuda if available)')
+        p.add_argument('--workers', type=int, default=2, help='image-reading processes per GPU')
+    args = parser.parse_args(argv)
+    if args.command == 'gen' and args.num is None and not args.seeds:
+        args.num = 50000
+    for flag in ('num', 'batch'):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f'--{flag} must be at least 1')
+    if args.workers < 0:
+        parser.error('--workers must be at least 0')
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    started_dist = False
+    try:
+        device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+        if not device.startswith(('cuda', 'cpu')) or (device.startswith('cuda') and not torch.cuda.is_available()):
+            raise UserError(f'--device {device}: not available here (use cpu, or cuda on a machine with a GPU)')
+        if int(os.environ.get('WORLD_SIZE', '1')) > 1 and not dist.is_initialized():
+            if device.startswith('cuda'):
+                device = f'cuda:{int(os.environ.get("LOCAL_RANK", "0"))}'
+                torch.cuda.set_device(device)
+            dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
+            started_dist = True
+        {'ref': cmd_ref, 'calc': cmd_calc, 'gen': cmd_gen}[args.command](args, torch.device(device))
+    except (UserError, OSError) as e:
+        print(f'error: {e}'.splitlines()[0], file=sys.stderr)
+        return 1
+    finally:
+        if started_dist:
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,1104 @@
+"""The networks of SiDA and how they are loaded and saved.
+
+A teacher, the fake score network and the generator all share one denoiser architecture: EDM's
+SongUNet (DDPM++/NCSN++) or DhariwalUNet (ADM) inside EDMPrecond, or EDM2's magnitude-preserving
+UNet inside EDM2Precond. SiDA adds no parameters for its discriminator: the logits are the channel
+mean of the UNet encoder's last feature map (SPEC §4), available from the same pass as the denoised
+image (`net(x, sigma, c, return_logits=True)`) or from the encoder alone (`net.discriminate(...)`).
+
+    net = load_network('edm-cifar10-32x32-uncond-vp')          # official name, URL or file
+    denoised, logits = net(x, sigma, class_labels, return_logits=True)
+    save_network(net, 'generator.pt', kimg=1000)               # plain data, torch.load(weights_only=True)
+
+Official EDM/EDM2/SiD/SiDA pickles embed Python source that their own loader executes. Ours reads
+them with a restricted unpickler that runs nothing from the file: it collects the tensors and the
+constructor arguments, builds our module and checks every tensor name and shape.
+
+Contents: errors and downloads; EDM layers; SongUNet and DhariwalUNet; EDM2 layers and UNet;
+the two preconditioners; building, saving and loading.
+"""
+
+import functools
+import hashlib
+import http.client
+import importlib
+import io
+import math
+import os
+import pickle
+import re
+import sys
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+import zipfile
+from collections import OrderedDict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ----------------------------------------------------------------------------------------------------
+# Errors and downloads.
+
+class UserError(Exception):
+    """A problem with the user's input (a file, flag or URL). The message is one line naming it."""
+
+
+_EDM_TEACHER_URL = 'https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/{}.pkl'
+_EDM2_TEACHER_URL = 'https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/edm2-img512-{}.pkl'
+
+OFFICIAL_URLS = {  # official teacher name -> URL (SPEC §7); EDM2 uses the posthoc EMA lengths of the paper
+    **{name: _EDM_TEACHER_URL.format(name) for name in [
+        'edm-cifar10-32x32-uncond-vp', 'edm-cifar10-32x32-cond-vp', 'edm-imagenet-64x64-cond-adm',
+        'edm-ffhq-64x64-uncond-vp', 'edm-afhqv2-64x64-uncond-vp']},
+    **{f'edm2-img512-{size}': _EDM2_TEACHER_URL.format(f'{size}-{snapshot}') for size, snapshot in [
+        ('xs', '2147483-0.135'), ('s', '2147483-0.130'), ('m', '2147483-0.100'),
+        ('l', '1879048-0.085'), ('xl', '1342177-0.085'), ('xxl', '0939524-0.070')]},
+}
+
+
+def _one_line(text):
+    return ' '.join(str(text).split())
+
+
+def open_url(source, cache_dir=None):
+    """A local path for `source`: a file path as it is, an http(s) URL downloaded once into the cache
+    ($SIDA_CACHE or ~/.cache/sida). The download goes to a temporary name and is renamed when complete,
+    so an interrupted download never looks cached."""
+    source = str(source)
+    if not re.match(r'https?://', source):
+        if not os.path.isfile(source):
+            raise UserError(f'file not found: {source}')
+        return source
+    cache_dir = cache_dir or os.environ.get('SIDA_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'sida')
+    name = os.path.basename(urllib.parse.urlparse(source).path) or 'download'
+    path = os.path.join(cache_dir, f'{hashlib.sha256(source.encode()).hexdigest()[:12]}-{name}')
+    if os.path.isfile(path):
+        return path
+    os.makedirs(cache_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f'.{name}.', suffix='.part')
+    try:
+        with os.fdopen(fd, 'wb') as f, urllib.request.urlopen(source, timeout=60) as response:
+            total, done = int(response.headers.get('Content-Length') or 0), 0
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                done += len(chunk)
+                size = f'{done / 2**20:.0f}/{total / 2**20:.0f} MiB' if total else f'{done / 2**20:.0f} MiB'
+                print(f'\rdownloading {source}: {size}', end='', file=sys.stderr, flush=True)
+            print(file=sys.stderr)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as e:
+        reason = getattr(e, 'reason', None) or e
+        raise UserError(_one_line(f'could not reach {source} ({reason}); '
+                                  'download it yourself and pass the local file instead')) from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+# ----------------------------------------------------------------------------------------------------
+# EDM layers (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models").
+
+def weight_init(shape, mode, fan_in, fan_out):
+    # The four initialisations EDM's networks choose from (Glorot & Bengio 2010; He et al. 2015).
+    if mode == 'xavier_uniform':
+        return math.sqrt(6 / (fan_in + fan_out)) * (torch.rand(*shape) * 2 - 1)
+    if mode == 'xavier_normal':
+        return math.sqrt(2 / (fan_in + fan_out)) * torch.randn(*shape)
+    if mode == 'kaiming_uniform':
+        return math.sqrt(3 / fan_in) * (torch.rand(*shape) * 2 - 1)
+    if mode == 'kaiming_normal':
+        return math.sqrt(1 / fan_in) * torch.randn(*shape)
+    raise ValueError(f'unknown init mode {mode!r}')
+
+
+class Linear(nn.Module):
+    # Fully connected layer with EDM's initialisation options.
+    def __init__(self, in_features, out_features, bias=True, init_mode='kaiming_normal', init_weight=1, init_bias=0):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        fans = dict(mode=init_mode, fan_in=in_features, fan_out=out_features)
+        self.weight = nn.Parameter(weight_init([out_features, in_features], **fans) * init_weight)
+        self.bias = nn.Parameter(weight_init([out_features], **fans) * init_bias) if bias else None
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class Conv2d(nn.Module):
+    # 2D convolution with optional FIR up/downsampling by 2, as in EDM (filters from NCSN++, Song et al. 2021).
+    def __init__(self,
+        in_channels, out_channels,
+        kernel,                             # Kernel size; 0 = resampling only, no weights.
+        bias            = True,             # Learn a bias (when kernel > 0).
+        up              = False,            # Upsample by 2 before the convolution.
+        down            = False,            # Downsample by 2 before the convolution.
+        resample_filter = [1, 1],           # 1D taps of the separable filter: [1,1] box, [1,3,3,1] NCSN++.
+        fused_resample  = False,            # Convolve and resample in one padded pass (NCSN++ residual input).
+        init_mode       = 'kaiming_normal', # Initialisation (see weight_init).
+        init_weight     = 1,                # Scale of the initial weights.
+        init_bias       = 0,                # Scale of the initial bias.
+    ):
+        super().__init__()
+        assert not (up and down)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.up, self.down, self.fused_resample = up, down, fused_resample
+        fans = dict(mode=init_mode, fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
+        shape = [out_channels, in_channels, kernel, kernel]
+        self.weight = nn.Parameter(weight_init(shape, **fans) * init_weight) if kernel else None
+        self.bias = nn.Parameter(weight_init([out_channels], **fans) * init_bias) if kernel and bias else None
+        taps = torch.as_tensor(resample_filter, dtype=torch.float32)
+        f = (torch.outer(taps, taps) / taps.sum() ** 2)[None, None]  # separable 2D filter with unit sum
+        self.register_buffer('resample_filter', f if up or down else None)
+
+    def _upsample(self, x, padding):
+        f = self.resample_filter.to(x.dtype) * 4  # x4: the filter sums to 1 but each output gets a quarter of the taps
+        return F.conv_transpose2d(x, f.tile(x.shape[1], 1, 1, 1), groups=x.shape[1], stride=2, padding=padding)
+
+    def _downsample(self, x, padding):
+        f = self.resample_filter.to(x.dtype)
+        return F.conv2d(x, f.tile(x.shape[1], 1, 1, 1), groups=x.shape[1], stride=2, padding=padding)
+
+    def forward(self, x):
+        w = None if self.weight is None else self.weight.to(x.dtype)
+        w_pad = 0 if w is None else w.shape[-1] // 2
+        f_pad = 0 if self.resample_filter is None else (self.resample_filter.shape[-1] - 1) // 2
+        if self.fused_resample and w is not None and self.up:
+            x = F.conv2d(self._upsample(x, max(f_pad - w_pad, 0)), w, padding=max(w_pad - f_pad, 0))
+        elif self.fused_resample and w is not None and self.down:
+            x = self._downsample(F.conv2d(x, w, padding=w_pad + f_pad), 0)
+        else:
+            if self.up:
+                x = self._upsample(x, f_pad)
+            if self.down:
+                x = self._downsample(x, f_pad)
+            if w is not None:
+                x = F.conv2d(x, w, padding=w_pad)
+        if self.bias is not None:
+            x = x + self.bias.to(x.dtype).reshape(1, -1, 1, 1)
+        return x
+
+
+class GroupNorm(nn.Module):
+    # Group normalisation (Wu & He 2018) with EDM's rule for narrow layers: at least 4 channels per group.
+    def __init__(self, num_channels, num_groups=32, min_channels_per_group=4, eps=1e-5):
+        super().__init__()
+        self.num_groups = min(num_groups, num_channels // min_channels_per_group)
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+
+    def forward(self, x):
+        return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
+def attention(qkv, num_heads, normalize_qkv=False):
+    """Multi-head self-attention over pixels: softmax(q k^T / sqrt(c)) v per head. `qkv` is [B, 3C, H, W]
+    with its channels laid out as (head, channel, q|k|v), the layout of the EDM and EDM2 weights."""
+    B, C3, H, W = qkv.shape
+    qkv = qkv.reshape(B, num_heads, C3 // (3 * num_heads), 3, H * W)
+    if normalize_qkv:  # EDM2 normalises q, k and v per pixel (cosine attention)
+        qkv = normalize(qkv, dim=2)
+    q, k, v = (t.transpose(-1, -2) for t in qkv.unbind(3))  # [B, heads, HW, c]
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(-1, -2).reshape(B, C3 // 3, H, W)
+
+
+class UNetBlock(nn.Module):
+    # Residual block with optional self-attention of DDPM++/NCSN++ (Song et al. 2021) and ADM (Dhariwal & Nichol 2021).
+    def __init__(self,
+        in_channels, out_channels,
+        emb_channels,                       # Width of the noise/label embedding vector.
+        up                = False,          # Upsample by 2 at the start (decoder).
+        down              = False,          # Downsample by 2 at the start (encoder).
+        attention         = False,          # Follow the residual branch with self-attention.
+        num_heads         = None,           # Attention heads; None = out_channels // channels_per_head.
+        channels_per_head = 64,             # Used when num_heads is None (ADM).
+        dropout           = 0,              # Dropout probability before the second convolution.
+        skip_scale        = 1,              # Output multiplier; sqrt(1/2) in DDPM++/NCSN++ keeps the variance.
+        eps               = 1e-5,           # Group-norm epsilon.
+        resample_filter   = [1, 1],         # FIR taps for up/downsampling.
+        resample_proj     = False,          # 1x1 convolution on the skip path when resampling (DDPM++).
+        adaptive_scale    = True,           # Embedding gives a scale and a shift (ADM) instead of a bias.
+        init              = None,           # Initialisation of most layers.
+        init_zero         = None,           # Initialisation of the last layer of each branch (near zero).
+        init_attn         = None,           # Initialisation of the qkv projection; None = init.
+    ):
+        super().__init__()
+        init, init_zero = init or {}, init_zero or {}
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.num_heads = 0 if not attention else num_heads if num_heads is not None else out_channels // channels_per_head
+        self.dropout, self.skip_scale, self.adaptive_scale = dropout, skip_scale, adaptive_scale
+
+        self.norm0 = GroupNorm(in_channels, eps=eps)
+        self.conv0 = Conv2d(in_channels, out_channels, 3, up=up, down=down, resample_filter=resample_filter, **init)
+        self.affine = Linear(emb_channels, out_channels * (2 if adaptive_scale else 1), **init)
+        self.norm1 = GroupNorm(out_channels, eps=eps)
+        self.conv1 = Conv2d(out_channels, out_channels, 3, **init_zero)
+        self.skip = None
+        if out_channels != in_channels or up or down:
+            kernel = 1 if resample_proj or out_channels != in_channels else 0
+            self.skip = Conv2d(in_channels, out_channels, kernel, up=up, down=down, resample_filter=resample_filter, **init)
+        if self.num_heads:
+            self.norm2 = GroupNorm(out_channels, eps=eps)
+            self.qkv = Conv2d(out_channels, out_channels * 3, 1, **(init_attn or init))
+            self.proj = Conv2d(out_channels, out_channels, 1, **init_zero)
+
+    def forward(self, x, emb):
+        h = self.conv0(F.silu(self.norm0(x)))
+        params = self.affine(emb)[:, :, None, None].to(h.dtype)
+        if self.adaptive_scale:
+            scale, shift = params.chunk(2, dim=1)
+            h = F.silu(shift + self.norm1(h) * (scale + 1))
+        else:
+            h = F.silu(self.norm1(h + params))
+        h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
+        x = (h + (x if self.skip is None else self.skip(x))) * self.skip_scale
+        if self.num_heads:
+            x = (self.proj(attention(self.qkv(self.norm2(x)), self.num_heads)) + x) * self.skip_scale
+        return x
+
+
+class PositionalEmbedding(nn.Module):
+    # Sinusoidal embedding of the noise level (Vaswani et al. 2017), as in DDPM++ and ADM.
+    def __init__(self, num_channels, max_positions=10000, endpoint=False):
+        super().__init__()
+        self.num_channels, self.max_positions, self.endpoint = num_channels, max_positions, endpoint
+
+    def forward(self, x):
+        half = self.num_channels // 2
+        freqs = torch.arange(half, dtype=torch.float32, device=x.device) / (half - (1 if self.endpoint else 0))
+        x = torch.outer(x, ((1 / self.max_positions) ** freqs).to(x.dtype))
+        return torch.cat([x.cos(), x.sin()], dim=1)
+
+
+class FourierEmbedding(nn.Module):
+    # Random Fourier features of the noise level (Tancik et al. 2020), as in NCSN++.
+    def __init__(self, num_channels, scale=16):
+        super().__init__()
+        self.register_buffer('freqs', torch.randn(num_channels // 2) * scale)
+
+    def forward(self, x):
+        x = torch.outer(x, (2 * math.pi * self.freqs).to(x.dtype))
+        return torch.cat([x.cos(), x.sin()], dim=1)
+
+
+def _drop_labels(labels, p, training):
+    # Label dropout for classifier-free guidance: a sample's label becomes all zeros with probability p.
+    if training and p:
+        keep = torch.rand([labels.shape[0], 1], device=labels.device) >= p
+        labels = labels * keep.to(labels.dtype)
+    return labels
+
+# ----------------------------------------------------------------------------------------------------
+# EDM's UNets. Each exposes embed / encode / decode so that the preconditioner can run the encoder
+# alone for the SiDA discriminator; forward() is the plain UNet.
+
+class SongUNet(nn.Module):
+    # DDPM++ and NCSN++ (Song et al. 2021, "Score-Based Generative Modeling through SDEs"), as reimplemented in EDM.
+    def __init__(self,
+        img_resolution,                     # Input and output resolution.
+        in_channels,                        # Input channels.
+        out_channels,                       # Output channels.
+        label_dim          = 0,             # Number of classes; 0 = unconditional.
+        augment_dim        = 0,             # Width of the augmentation labels; 0 = none.
+        model_channels     = 128,           # Channels at multiplier 1.
+        channel_mult       = [1, 2, 2, 2],  # Channel multiplier of each resolution level.
+        channel_mult_emb   = 4,             # Embedding width = model_channels * this.
+        num_blocks         = 4,             # Residual blocks per level.
+        attn_resolutions   = [16],          # Resolutions with self-attention.
+        dropout            = 0.10,          # Dropout probability inside the residual blocks.
+        label_dropout      = 0,             # Label dropout probability (classifier-free guidance).
+        embedding_type     = 'positional',  # Noise embedding: 'positional' (DDPM++) or 'fourier' (NCSN++).
+        channel_mult_noise = 1,             # Noise embedding width = model_channels * this: 1 DDPM++, 2 NCSN++.
+        encoder_type       = 'standard',    # 'standard' (DDPM++), 'skip' or 'residual' (NCSN++).
+        decoder_type       = 'standard',    # 'standard' (DDPM++) or 'skip' (NCSN++).
+        resample_filter    = [1, 1],        # FIR taps: [1,1] DDPM++, [1,3,3,1] NCSN++.
+    ):
+        super().__init__()
+        assert embedding_type in ['fourier', 'positional']
+        assert encoder_type in ['standard', 'skip', 'residual']
+        assert decoder_type in ['standard', 'skip']
+        self.label_dropout = label_dropout
+        emb_channels = model_channels * channel_mult_emb
+        noise_channels = model_channels * channel_mult_noise
+        init = dict(init_mode='xavier_uniform')
+        init_zero = dict(init_mode='xavier_uniform', init_weight=1e-5)
+        init_attn = dict(init_mode='xavier_uniform', init_weight=math.sqrt(0.2))
+        block = dict(emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=math.sqrt(0.5), eps=1e-6,
+                     resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
+                     init=init, init_zero=init_zero, init_attn=init_attn)
+
+        # Embedding of noise level, class and augmentation.
+        self.map_noise = PositionalEmbedding(noise_channels, endpoint=True) if embedding_type == 'positional' \
+            else FourierEmbedding(noise_channels)
+        self.map_label = Linear(label_dim, noise_channels, **init) if label_dim else None
+        self.map_augment = Linear(augment_dim, noise_channels, bias=False, **init) if augment_dim else None
+        self.map_layer0 = Linear(noise_channels, emb_channels, **init)
+        self.map_layer1 = Linear(emb_channels, emb_channels, **init)
+
+        # Encoder. 'aux' layers carry the downsampled input image alongside (NCSN++ skip/residual inputs).
+        self.enc = nn.ModuleDict()
+        cout, caux = in_channels, in_channels
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level == 0:
+                cin, cout = cout, model_channels
+                self.enc[f'{res}x{res}_conv'] = Conv2d(cin, cout, 3, **init)
+            else:
+                self.enc[f'{res}x{res}_down'] = UNetBlock(cout, cout, down=True, **block)
+                if encoder_type == 'skip':
+                    self.enc[f'{res}x{res}_aux_down'] = Conv2d(caux, caux, 0, down=True, resample_filter=resample_filter)
+                    self.enc[f'{res}x{res}_aux_skip'] = Conv2d(caux, cout, 1, **init)
+                if encoder_type == 'residual':
+                    self.enc[f'{res}x{res}_aux_residual'] = Conv2d(caux, cout, 3, down=True, resample_filter=resample_filter,
+                                                                   fused_resample=True, **init)
+                    caux = cout
+            for idx in range(num_blocks):
+                cin, cout = cout, model_channels * mult
+                self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block)
+        skips = [m.out_channels for name, m in self.enc.items() if 'aux' not in name]
+
+        # Decoder: every 'block' takes the matching encoder output concatenated to its input.
+        self.dec = nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f'{res}x{res}_in0'] = UNetBlock(cout, cout, attention=True, **block)
+                self.dec[f'{res}x{res}_in1'] = UNetBlock(cout, cout, **block)
+            else:
+                self.dec[f'{res}x{res}_up'] = UNetBlock(cout, cout, up=True, **block)
+            for idx in range(num_blocks + 1):
+                cin, cout = cout + skips.pop(), model_channels * mult
+                attn = idx == num_blocks and res in attn_resolutions
+                self.dec[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=attn, **block)
+            if decoder_type == 'skip' or level == 0:
+                if decoder_type == 'skip' and level < len(channel_mult) - 1:
+                    self.dec[f'{res}x{res}_aux_up'] = Conv2d(out_channels, out_channels, 0, up=True,
+                                                             resample_filter=resample_filter)
+                self.dec[f'{res}x{res}_aux_norm'] = GroupNorm(cout, eps=1e-6)
+                self.dec[f'{res}x{res}_aux_conv'] = Conv2d(cout, out_channels, 3, **init_zero)
+
+    def embed(self, noise_labels, class_labels=None, augment_labels=None):
+        emb = self.map_noise(noise_labels)
+        emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(emb.shape)  # DDPM++/NCSN++ order: sin before cos
+        if self.map_label is not None:
+            labels = _drop_labels(class_labels, self.label_dropout, self.training)
+            emb = emb + self.map_label(labels * math.sqrt(self.map_label.in_features))
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels)
+        return F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
+
+    def encode(self, x, emb):
+        """The encoder's feature maps, the skip connections of the decoder; the last is the lowest resolution."""
+        skips, aux = [], x
+        for name, layer in self.enc.items():
+            if name.endswith('aux_down'):
+                aux = layer(aux)
+            elif name.endswith('aux_skip'):
+                x = skips[-1] = x + layer(aux)
+            elif name.endswith('aux_residual'):
+                x = skips[-1] = aux = (x + layer(aux)) / math.sqrt(2)
+            else:
+                x = layer(x, emb) if isinstance(layer, UNetBlock) else layer(x)
+                skips.append(x)
+        return skips
+
+    def decode(self, skips, emb):
+        skips = list(skips)
+        x, out, h = skips[-1], None, None
+        for name, layer in self.dec.items():
+            if name.endswith('aux_up'):
+                out = layer(out)
+            elif name.endswith('aux_norm'):
+                h = layer(x)
+            elif name.endswith('aux_conv'):
+                h = layer(F.silu(h))
+                out = h if out is None else h + out
+            else:
+                if '_block' in name:
+                    x = torch.cat([x, skips.pop()], dim=1)
+                x = layer(x, emb)
+        return out
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
+        emb = self.embed(noise_labels, class_labels, augment_labels)
+        return self.decode(self.encode(x, emb), emb)
+
+
+class DhariwalUNet(nn.Module):
+    # ADM (Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis"), as reimplemented in EDM.
+    def __init__(self,
+        img_resolution,                     # Input and output resolution.
+        in_channels,                        # Input channels.
+        out_channels,                       # Output channels.
+        label_dim          = 0,             # Number of classes; 0 = unconditional.
+        augment_dim        = 0,             # Width of the augmentation labels; 0 = none.
+        model_channels     = 192,           # Channels at multiplier 1.
+        channel_mult       = [1, 2, 3, 4],  # Channel multiplier of each resolution level.
+        channel_mult_emb   = 4,             # Embedding width = model_channels * this.
+        num_blocks         = 3,             # Residual blocks per level.
+        attn_resolutions   = [32, 16, 8],   # Resolutions with self-attention.
+        dropout            = 0.10,          # Dropout probability inside the residual blocks.
+        label_dropout      = 0,             # Label dropout probability (classifier-free guidance).
+    ):
+        super().__init__()
+        self.label_dropout = label_dropout
+        emb_channels = model_channels * channel_mult_emb
+        init = dict(init_mode='kaiming_uniform', init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3))
+        init_zero = dict(init_mode='kaiming_uniform', init_weight=0, init_bias=0)
+        block = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init, init_zero=init_zero)
+
+        # Embedding of noise level, augmentation and class.
+        self.map_noise = PositionalEmbedding(model_channels)
+        self.map_augment = Linear(augment_dim, model_channels, bias=False, **init_zero) if augment_dim else None
+        self.map_layer0 = Linear(model_channels, emb_channels, **init)
+        self.map_layer1 = Linear(emb_channels, emb_channels, **init)
+        self.map_label = Linear(label_dim, emb_channels, bias=False, init_mode='kaiming_normal',
+                                init_weight=math.sqrt(label_dim)) if label_dim else None
+
+        # Encoder.
+        self.enc = nn.ModuleDict()
+        cout = in_channels
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level == 0:
+                cin, cout = cout, model_channels * mult
+                self.enc[f'{res}x{res}_conv'] = Conv2d(cin, cout, 3, **init)
+            else:
+                self.enc[f'{res}x{res}_down'] = UNetBlock(cout, cout, down=True, **block)
+            for idx in range(num_blocks):
+                cin, cout = cout, model_channels * mult
+                self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block)
+        skips = [m.out_channels for m in self.enc.values()]
+
+        # Decoder: every 'block' takes the matching encoder output concatenated to its input.
+        self.dec = nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f'{res}x{res}_in0'] = UNetBlock(cout, cout, attention=True, **block)
+                self.dec[f'{res}x{res}_in1'] = UNetBlock(cout, cout, **block)
+            else:
+                self.dec[f'{res}x{res}_up'] = UNetBlock(cout, cout, up=True, **block)
+            for idx in range(num_blocks + 1):
+                cin, cout = cout + skips.pop(), model_channels * mult
+                self.dec[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=res in attn_resolutions, **block)
+        self.out_norm = GroupNorm(cout)
+        self.out_conv = Conv2d(cout, out_channels, 3, **init_zero)
+
+    def embed(self, noise_labels, class_labels=None, augment_labels=None):
+        emb = self.map_noise(noise_labels)
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels)
+        emb = self.map_layer1(F.silu(self.map_layer0(emb)))
+        if self.map_label is not None:
+            emb = emb + self.map_label(_drop_labels(class_labels, self.label_dropout, self.training))
+        return F.silu(emb)
+
+    def encode(self, x, emb):
+        """The encoder's feature maps, the skip connections of the decoder; the last is the lowest resolution."""
+        skips = []
+        for layer in self.enc.values():
+            x = layer(x, emb) if isinstance(layer, UNetBlock) else layer(x)
+            skips.append(x)
+        return skips
+
+    def decode(self, skips, emb):
+        skips = list(skips)
+        x = skips[-1]
+        for name, layer in self.dec.items():
+            if '_block' in name:
+                x = torch.cat([x, skips.pop()], dim=1)
+            x = layer(x, emb)
+        return self.out_conv(F.silu(self.out_norm(x)))
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
+        emb = self.embed(noise_labels, class_labels, augment_labels)
+        return self.decode(self.encode(x, emb), emb)
+
+# ----------------------------------------------------------------------------------------------------
+# EDM2 layers (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion
+# Models"). Every layer preserves the magnitude (root-mean-square) of its input.
+
+def normalize(x, dim=None, eps=1e-4):
+    # Rescale to unit root-mean-square over `dim` (all but the first by default); eps keeps 0 finite.
+    dim = list(range(1, x.ndim)) if dim is None else dim
+    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
+    norm = eps + norm * math.sqrt(norm.numel() / x.numel())
+    return x / norm.to(x.dtype)
+
+
+def mp_silu(x):
+    # SiLU divided by its output magnitude for unit-normal input.
+    return F.silu(x) / 0.596
+
+
+def mp_sum(a, b, t=0.5):
+    # Weighted sum (1-t) a + t b rescaled so that unit-magnitude inputs give a unit-magnitude output.
+    return (a * (1 - t) + b * t) / math.sqrt((1 - t) ** 2 + t ** 2)
+
+
+def mp_cat(a, b, dim=1, t=0.5):
+    # Concatenation in which a and b contribute (1-t) and t of the output magnitude, whatever their widths.
+    na, nb = a.shape[dim], b.shape[dim]
+    scale = math.sqrt((na + nb) / ((1 - t) ** 2 + t ** 2))
+    return torch.cat([a * (scale / math.sqrt(na) * (1 - t)), b * (scale / math.sqrt(nb) * t)], dim=dim)
+
+
+def mp_resample(x, mode='keep', taps=(1, 1)):
+    # Up/downsampling by 2 with a normalised separable FIR filter; EDM2 uses the box filter [1,1].
+    if mode == 'keep':
+        return x
+    taps = torch.as_tensor(taps, dtype=torch.float32, device=x.device)
+    f = (torch.outer(taps, taps) / taps.sum() ** 2)[None, None].to(x.dtype).tile(x.shape[1], 1, 1, 1)
+    pad = (len(taps) - 1) // 2
+    if mode == 'down':
+        return F.conv2d(x, f, groups=x.shape[1], stride=2, padding=pad)
+    return F.conv_transpose2d(x, f * 4, groups=x.shape[1], stride=2, padding=pad)
+
+
+class MPFourier(nn.Module):
+    # Magnitude-preserving Fourier features: sqrt(2) cos(2 pi (f x + phase)), unit magnitude per channel.
+    def __init__(self, num_channels, bandwidth=1):
+        super().__init__()
+        self.register_buffer('freqs', 2 * math.pi * torch.randn(num_channels) * bandwidth)
+        self.register_buffer('phases', 2 * math.pi * torch.rand(num_channels))
+
+    def forward(self, x):
+        y = torch.outer(x.to(torch.float32), self.freqs.to(torch.float32)) + self.phases.to(torch.float32)
+        return (y.cos() * math.sqrt(2)).to(x.dtype)
+
+
+class MPConv(nn.Module):
+    # Magnitude-preserving convolution (kernel [k, k]) or linear layer (kernel []) with weight normalisation (EDM2).
+    def __init__(self, in_channels, out_channels, kernel):
+        super().__init__()
+        self.out_channels = out_channels
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
+
+    def forward(self, x, gain=1):
+        # The stored weight is renormalised in place by EDM2Precond.normalize_weights_() before a training
+        # step (not here: a second training-mode pass in the same step would break autograd).
+        # Normalising again in the graph makes the gradient orthogonal to the weight.
+        w = normalize(self.weight.to(torch.float32))
+        w = (w * (gain / math.sqrt(w[0].numel()))).to(x.dtype)
+        if w.ndim == 2:
+            return F.linear(x, w)
+        return F.conv2d(x, w, padding=w.shape[-1] // 2)
+
+
+class MPBlock(nn.Module):
+    # EDM2 residual block: encoder blocks pixel-normalise the skip path, decoder blocks take the concatenated skip.
+    def __init__(self,
+        in_channels, out_channels,
+        emb_channels,                       # Width of the embedding vector.
+        flavor            = 'enc',          # 'enc' or 'dec'.
+        resample_mode     = 'keep',         # 'keep', 'up' or 'down' (by 2, at the start).
+        resample_filter   = [1, 1],         # FIR taps for resampling.
+        attention         = False,          # Follow the residual branch with self-attention.
+        channels_per_head = 64,             # Attention heads = out_channels // this.
+        dropout           = 0,              # Dropout probability inside the residual branch.
+        res_balance       = 0.3,            # Share of the residual branch in the output (mp_sum).
+        attn_balance      = 0.3,            # Share of the attention branch in the output (mp_sum).
+        clip_act          = 256,            # Clamp activations to +-clip_act (keeps fp16 finite); None = off.
+    ):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.flavor, self.resample_mode, self.resample_filter = flavor, resample_mode, resample_filter
+        self.num_heads = out_channels // channels_per_head if attention else 0
+        self.dropout, self.res_balance, self.attn_balance, self.clip_act = dropout, res_balance, attn_balance, clip_act
+        self.emb_gain = nn.Parameter(torch.zeros([]))
+        self.conv_res0 = MPConv(out_channels if flavor == 'enc' else in_channels, out_channels, [3, 3])
+        self.emb_linear = MPConv(emb_channels, out_channels, [])
+        self.conv_res1 = MPConv(out_channels, out_channels, [3, 3])
+        self.conv_skip = MPConv(in_channels, out_channels, [1, 1]) if in_channels != out_channels else None
+        self.attn_qkv = MPConv(out_channels, out_channels * 3, [1, 1]) if self.num_heads else None
+        self.attn_proj = MPConv(out_channels, out_channels, [1, 1]) if self.num_heads else None
+
+    def forward(self, x, emb):
+        x = mp_resample(x, self.resample_mode, self.resample_filter)
+        if self.flavor == 'enc':
+            if self.conv_skip is not None:
+                x = self.conv_skip(x)
+            x = normalize(x, dim=1)  # pixel norm
+        y = self.conv_res0(mp_silu(x))
+        c = self.emb_linear(emb, gain=self.emb_gain) + 1
+        y = mp_silu(y * c[:, :, None, None].to(y.dtype))
+        y = self.conv_res1(F.dropout(y, p=self.dropout, training=self.training))
+        if self.flavor == 'dec' and self.conv_skip is not None:
+            x = self.conv_skip(x)
+        x = mp_sum(x, y, t=self.res_balance)
+        if self.num_heads:
+            y = attention(self.attn_qkv(x), self.num_heads, normalize_qkv=True)
+            x = mp_sum(x, self.attn_proj(y), t=self.attn_balance)
+        if self.clip_act is not None:
+            x = x.clamp(-self.clip_act, self.clip_act)
+        return x
+
+
+class EDM2UNet(nn.Module):
+    # EDM2's magnitude-preserving UNet (Karras et al. 2024, config G), on VAE latents.
+    def __init__(self,
+        img_resolution,                     # Input and output resolution.
+        img_channels,                       # Input and output channels.
+        label_dim          = 0,             # Number of classes; 0 = unconditional.
+        model_channels     = 192,           # Channels at multiplier 1.
+        channel_mult       = [1, 2, 3, 4],  # Channel multiplier of each resolution level.
+        channel_mult_noise = None,          # Noise embedding width multiplier; None = channel_mult[0].
+        channel_mult_emb   = None,          # Embedding width multiplier; None = max(channel_mult).
+        num_blocks         = 3,             # Residual blocks per level.
+        attn_resolutions   = [16, 8],       # Resolutions with self-attention.
+        label_balance      = 0.5,           # Share of the class embedding in the embedding (mp_sum).
+        concat_balance     = 0.5,           # Share of the encoder skip in decoder inputs (mp_cat).
+        **block_kwargs,                     # MPBlock arguments: dropout, res_balance, attn_balance, ...
+    ):
+        super().__init__()
+        widths = [model_channels * m for m in channel_mult]
+        noise_channels = model_channels * channel_mult_noise if channel_mult_noise is not None else widths[0]
+        emb_channels = model_channels * channel_mult_emb if channel_mult_emb is not None else max(widths)
+        self.label_balance, self.concat_balance = label_balance, concat_balance
+        self.out_gain = nn.Parameter(torch.zeros([]))
+
+        # Embedding.
+        self.emb_fourier = MPFourier(noise_channels)
+        self.emb_noise = MPConv(noise_channels, emb_channels, [])
+        self.emb_label = MPConv(label_dim, emb_channels, []) if label_dim else None
+
+        # Encoder; the input gets a constant channel of ones so that the first layer can learn a bias.
+        self.enc = nn.ModuleDict()
+        cout = img_channels + 1
+        for level, width in enumerate(widths):
+            res = img_resolution >> level
+            if level == 0:
+                cin, cout = cout, width
+                self.enc[f'{res}x{res}_conv'] = MPConv(cin, cout, [3, 3])
+            else:
+                self.enc[f'{res}x{res}_down'] = MPBlock(cout, cout, emb_channels, flavor='enc', resample_mode='down',
+                                                        **block_kwargs)
+            for idx in range(num_blocks):
+                cin, cout = cout, width
+                self.enc[f'{res}x{res}_block{idx}'] = MPBlock(cin, cout, emb_channels, flavor='enc',
+                                                              attention=res in attn_resolutions, **block_kwargs)
+        skips = [m.out_channels for m in self.enc.values()]
+
+        # Decoder: every 'block' takes the matching encoder output concatenated to its input.
+        self.dec = nn.ModuleDict()
+        for level, width in reversed(list(enumerate(widths))):
+            res = img_resolution >> level
+            if level == len(widths) - 1:
+                self.dec[f'{res}x{res}_in0'] = MPBlock(cout, cout, emb_channels, flavor='dec', attention=True,
+                                                       **block_kwargs)
+                self.dec[f'{res}x{res}_in1'] = MPBlock(cout, cout, emb_channels, flavor='dec', **block_kwargs)
+            else:
+                self.dec[f'{res}x{res}_up'] = MPBlock(cout, cout, emb_channels, flavor='dec', resample_mode='up',
+                                                      **block_kwargs)
+            for idx in range(num_blocks + 1):
+                cin, cout = cout + skips.pop(), width
+                self.dec[f'{res}x{res}_block{idx}'] = MPBlock(cin, cout, emb_channels, flavor='dec',
+                                                              attention=res in attn_resolutions, **block_kwargs)
+        self.out_conv = MPConv(cout, img_channels, [3, 3])
+
+    def embed(self, noise_labels, class_labels=None):
+        emb = self.emb_noise(self.emb_fourier(noise_labels))
+        if self.emb_label is not None:
+            labels = self.emb_label(class_labels * math.sqrt(class_labels.shape[1]))
+            emb = mp_sum(emb, labels.to(emb.dtype), t=self.label_balance)
+        return mp_silu(emb)
+
+    def encode(self, x, emb):
+        """The encoder's feature maps, the skip connections of the decoder; the last is the lowest resolution."""
+        x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        skips = []
+        for layer in self.enc.values():
+            x = layer(x, emb) if isinstance(layer, MPBlock) else layer(x)
+            skips.append(x)
+        return skips
+
+    def decode(self, skips, emb):
+        skips = list(skips)
+        x = skips[-1]
+        for name, layer in self.dec.items():
+            if '_block' in name:
+                x = mp_cat(x, skips.pop(), t=self.concat_balance)
+            x = layer(x, emb)
+        return self.out_conv(x, gain=self.out_gain)
+
+    def forward(self, x, noise_labels, class_labels=None):
+        emb = self.embed(noise_labels, class_labels)
+        return self.decode(self.encode(x, emb), emb)
+
+# ----------------------------------------------------------------------------------------------------
+# Preconditioners: the denoiser D(x, sigma, c) = c_skip x + c_out F(c_in x, c_noise, c) (EDM, Table 1)
+# and the SiDA discriminator on the same preconditioned input (SPEC §4).
+
+def _plain(value):
+    # A JSON-able copy: tuples become lists, numpy scalars Python numbers, dict subclasses dicts.
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    return value
+
+
+def _prepare(x, sigma, class_labels, label_dim):
+    # Inputs in float32, sigma as [B,1,1,1] whatever its form, labels one-hot [B, label_dim] (zeros if None).
+    x = x.to(torch.float32)
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
+    if sigma.shape[0] == 1:
+        sigma = sigma.expand(x.shape[0], 1, 1, 1)
+    if not label_dim:
+        class_labels = None
+    elif class_labels is None:
+        class_labels = torch.zeros([x.shape[0], label_dim], device=x.device)
+    else:
+        class_labels = class_labels.to(torch.float32).reshape(-1, label_dim)
+    return x, sigma, class_labels
+
+
+def _coefficients(sigma, sigma_data):
+    # EDM preconditioning (Karras et al. 2022, Table 1).
+    c_skip = sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
+    c_out = sigma * sigma_data / (sigma ** 2 + sigma_data ** 2).sqrt()
+    c_in = 1 / (sigma_data ** 2 + sigma ** 2).sqrt()
+    c_noise = sigma.log().flatten() / 4
+    return c_skip, c_out, c_in, c_noise
+
+
+def _logits(features):
+    # SiDA discriminator: the channel mean of the encoder's lowest-resolution feature map, [B,1,h,w].
+    return features.to(torch.float32).mean(dim=1, keepdim=True)
+
+
+class EDMPrecond(nn.Module):
+    # EDM preconditioning (Karras et al. 2022) around SongUNet or DhariwalUNet, with the SiDA discriminator.
+    def __init__(self,
+        img_resolution,                     # Image resolution.
+        img_channels,                       # Image channels.
+        label_dim      = 0,                 # Number of classes; 0 = unconditional.
+        model_type     = 'SongUNet',        # 'SongUNet' (DDPM++/NCSN++) or 'DhariwalUNet' (ADM).
+        sigma_data     = 0.5,               # Standard deviation of the data.
+        use_fp16       = False,             # Accepted from official pickles; precision comes from torch.autocast.
+        sigma_min      = 0,                 # Accepted from official pickles; unused.
+        sigma_max      = float('inf'),      # Accepted from official pickles; unused.
+        **model_kwargs,                     # Arguments of the UNet.
+    ):
+        super().__init__()
+        unets = {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet}
+        if model_type not in unets:
+            raise ValueError(f'unknown model_type {model_type!r}')
+        self.img_resolution, self.img_channels = img_resolution, img_channels
+        self.label_dim, self.sigma_data = label_dim, sigma_data
+        self.model = unets[model_type](img_resolution, img_channels, img_channels, label_dim=label_dim, **model_kwargs)
+        self.config = {'class_name': 'EDMPrecond', 'kwargs': _plain(dict(
+            img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
+            model_type=model_type, sigma_data=sigma_data, **model_kwargs))}
+
+    def forward(self, x, sigma, class_labels=None, augment_labels=None, return_logits=False):
+        x, sigma, class_labels = _prepare(x, sigma, class_labels, self.label_dim)
+        c_skip, c_out, c_in, c_noise = _coefficients(sigma, self.sigma_data)
+        emb = self.model.embed(c_noise, class_labels, augment_labels)
+        features = self.model.encode(c_in * x, emb)
+        F_x = self.model.decode(features, emb)
+        D_x = c_skip * x + c_out * F_x.to(torch.float32)
+        return (D_x, _logits(features[-1])) if return_logits else D_x
+
+    def discriminate(self, x, sigma, class_labels=None, augment_labels=None):
+        """SiDA logits [B,1,h,w] from the encoder alone."""
+        x, sigma, class_labels = _prepare(x, sigma, class_labels, self.label_dim)
+        _, _, c_in, c_noise = _coefficients(sigma, self.sigma_data)
+        emb = self.model.embed(c_noise, class_labels, augment_labels)
+        return _logits(self.model.encode(c_in * x, emb)[-1])
+
+
+class EDM2Precond(nn.Module):
+    # EDM2 preconditioning (Karras et al. 2024) with the optional log-variance head, and the SiDA discriminator.
+    def __init__(self,
+        img_resolution,                     # Latent resolution.
+        img_channels,                       # Latent channels.
+        label_dim           = 0,            # Number of classes; 0 = unconditional.
+        sigma_data          = 0.5,          # Standard deviation of the data.
+        logvar_channels     = 128,          # Width of the log-variance head's Fourier features.
+        use_logvar          = True,         # Keep the log-variance head (teachers, fake score); False for generators.
+        force_normalization = True,         # Training loops renormalise the stored weights (normalize_weights_).
+        use_fp16            = False,        # Accepted from official pickles; precision comes from torch.autocast.
+        **unet_kwargs,                      # Arguments of EDM2UNet and MPBlock.
+    ):
+        super().__init__()
+        self.img_resolution, self.img_channels = img_resolution, img_channels
+        self.label_dim, self.sigma_data = label_dim, sigma_data
+        self.use_logvar = use_logvar
+        self.unet = EDM2UNet(img_resolution, img_channels, label_dim, **unet_kwargs)
+        if use_logvar:
+            # The uncertainty u(sigma) of the EDM2 loss (SPEC §3).
+            self.logvar_fourier = MPFourier(logvar_channels)
+            self.logvar_linear = MPConv(logvar_channels, 1, [])
+        self.force_normalization = force_normalization
+        self.config = {'class_name': 'EDM2Precond', 'kwargs': _plain(dict(
+            img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, sigma_data=sigma_data,
+            logvar_channels=logvar_channels, use_logvar=use_logvar, force_normalization=force_normalization, **unet_kwargs))}
+
+    def forward(self, x, sigma, class_labels=None, augment_labels=None, return_logits=False, return_logvar=False):
+        """augment_labels is accepted for a uniform call signature and ignored: EDM2 has no augmentation input."""
+        x, sigma, class_labels = _prepare(x, sigma, class_labels, self.label_dim)
+        c_skip, c_out, c_in, c_noise = _coefficients(sigma, self.sigma_data)
+        emb = self.unet.embed(c_noise, class_labels)
+        features = self.unet.encode(c_in * x, emb)
+        F_x = self.unet.decode(features, emb)
+        D_x = c_skip * x + c_out * F_x.to(torch.float32)
+        outputs = [D_x]
+        if return_logits:
+            outputs.append(_logits(features[-1]))
+        if return_logvar:
+            if not self.use_logvar:
+                raise ValueError('this network has no log-variance head (use_logvar=False)')
+            outputs.append(self.logvar_linear(self.logvar_fourier(c_noise)).to(torch.float32).reshape(-1, 1, 1, 1))
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def discriminate(self, x, sigma, class_labels=None, augment_labels=None):
+        """SiDA logits [B,1,h,w] from the encoder alone."""
+        x, sigma, class_labels = _prepare(x, sigma, class_labels, self.label_dim)
+        _, _, c_in, c_noise = _coefficients(sigma, self.sigma_data)
+        return _logits(self.unet.encode(c_in * x, self.unet.embed(c_noise, class_labels))[-1])
+
+    @torch.no_grad()
+    def normalize_weights_(self):
+        """Forced weight normalisation (EDM2, Sec. 2.3): rescale every stored weight in place to unit
+        root-mean-square per output channel, so the effective learning rate does not decay as the
+        weights grow. Training loops call it before each training step when force_normalization is on."""
+        for layer in self.modules():
+            if isinstance(layer, MPConv):
+                layer.weight.copy_(normalize(layer.weight.to(torch.float32)))
+
+# ----------------------------------------------------------------------------------------------------
+# Building, saving and loading.
+
+def build_network(config):
+    """A fresh network from `net.config` ({'class_name': ..., 'kwargs': {...}})."""
+    classes = {'EDMPrecond': EDMPrecond, 'EDM2Precond': EDM2Precond}
+    name = config.get('class_name') if isinstance(config, dict) else None
+    if name not in classes:
+        raise UserError(f'unknown network class {name!r} (expected one of {", ".join(classes)})')
+    return classes[name](**config.get('kwargs', {}))
+
+
+def save_network(net, path, **meta):
+    """Write `net` as plain data {'format', 'config', 'state_dict', 'meta'}; atomic (temp file, fsync, rename)."""
+    while isinstance(net, nn.parallel.DistributedDataParallel) or hasattr(net, '_orig_mod'):  # DDP / torch.compile
+        net = net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net._orig_mod
+    data = {'format': 'sida-network', 'config': net.config, 'meta': meta,
+            'state_dict': {name: t.detach().cpu() for name, t in net.state_dict().items()}}
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def safe_pickle_load(file, allowed, **unpickler_kwargs):
+    """Unpickle `file` (a path or a binary file object) resolving only the globals in `allowed`:
+    a set of 'module.qualname' names, imported as they are, or a dict mapping such names to the
+    objects to use instead. Any other global raises UserError naming it and the file."""
+    name = file if isinstance(file, (str, os.PathLike)) else getattr(file, 'name', '<pickle>')
+
+    class RestrictedUnpickler(pickle.Unpickler):
+        def find_class(self, module, qualname):
+            key = f'{module}.{qualname}'
+            if key not in allowed:
+                raise UserError(f'refusing to load {name}: it needs the global {key}, which is not plain data')
+            if isinstance(allowed, dict):
+                return allowed[key]
+            with warnings.catch_warnings():  # numpy 2 warns on its numpy.core aliases
+                warnings.simplefilter('ignore')
+                return functools.reduce(getattr, qualname.split('.'), importlib.import_module(module))
+
+    try:
+        if isinstance(file, (str, os.PathLike)):
+            with open(file, 'rb') as f:
+                return RestrictedUnpickler(f, **unpickler_kwargs).load()
+        return RestrictedUnpickler(file, **unpickler_kwargs).load()
+    except UserError:
+        raise
+    except OSError as e:
+        raise UserError(_one_line(f'cannot read {name}: {e.strerror or e}')) from None
+    except Exception as e:  # whatever a truncated or corrupt pickle raises
+        raise UserError(_one_line(f'{name} is not a readable pickle (truncated or corrupt?): '
+                                  f'{type(e).__name__}: {e}')) from None
+
+
+class _PersistentObject:
+    """What `torch_utils.persistence._reconstruct_persistent_obj(meta)` becomes: its class name and state.
+    The embedded source `meta['module_src']` is never executed."""
+    def __init__(self, meta):
+        meta = meta if isinstance(meta, dict) else {}
+        self.class_name, self.state = meta.get('class_name'), meta.get('state')
+
+
+class _PickledModule:
+    """Stand-in for the torch.nn containers (ModuleDict, ...) of official pickles: keeps the pickled __dict__."""
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _EasyDict(dict):
+    """Stand-in for dnnlib.util.EasyDict (a dict subclass); read as a plain dict."""
+
+
+def _storage_from_bytes(data):
+    # torch.storage._load_from_bytes: the bytes are a legacy torch.save stream of one storage.
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # TypedStorage deprecation
+        return torch.load(io.BytesIO(data), weights_only=True)
+
+
+def _official_globals():
+    # Everything the EDM/EDM2/SiD/SiDA pickles need (SPEC §8), and nothing that runs code from the file.
+    np_core = np._core if hasattr(np, '_core') else np.core
+    allowed = {
+        'torch_utils.persistence._reconstruct_persistent_obj': _PersistentObject,
+        'dnnlib.util.EasyDict': _EasyDict,
+        'collections.OrderedDict': OrderedDict,
+        'builtins.set': set,
+        'torch._utils._rebuild_tensor_v2': torch._utils._rebuild_tensor_v2,
+        'torch._utils._rebuild_parameter': torch._utils._rebuild_parameter,
+        'torch.storage._load_from_bytes': _storage_from_bytes,
+        'numpy.dtype': np.dtype,
+        'numpy.ndarray': np.ndarray,
+    }
+    for core in ('numpy.core', 'numpy._core'):
+        allowed[f'{core}.multiarray.scalar'] = np_core.multiarray.scalar
+        allowed[f'{core}.multiarray._reconstruct'] = np_core.multiarray._reconstruct
+    for container in ('ModuleDict', 'ModuleList', 'Sequential', 'ParameterDict', 'ParameterList'):
+        allowed[f'torch.nn.modules.container.{container}'] = _PickledModule
+    return allowed
+
+
+# Official class name -> (our class, the official constructor's positional parameters).
+_EDM_ARGS = ['img_resolution', 'img_channels', 'label_dim', 'use_fp16', 'sigma_min', 'sigma_max', 'sigma_data', 'model_type']
+_EDM2_ARGS = ['img_resolution', 'img_channels', 'label_dim', 'use_fp16', 'sigma_data', 'logvar_channels']
+_OFFICIAL_CLASSES = {
+    'EDMPrecond':                   ('EDMPrecond', _EDM_ARGS),
+    'EDMPrecond_EncoderDecoder':    ('EDMPrecond', _EDM_ARGS),   # SiD / SiDA
+    'Precond':                      ('EDM2Precond', _EDM2_ARGS),
+    'EDM_2_Precond_EncoderDecoder': ('EDM2Precond', _EDM2_ARGS), # SiDA fake score network (with log-variance head)
+    'EDM_2_Precond_Generator':      ('EDM2Precond', _EDM2_ARGS), # SiDA generator (no log-variance head)
+}
+
+
+def _collect_tensors(obj, path, prefix=''):
+    # The parameters and persistent buffers of a pickled module tree, named as in its state_dict.
+    state = obj.state if isinstance(obj, (_PersistentObject, _PickledModule)) else None
+    if not isinstance(state, dict):
+        raise UserError(f'{path}: {prefix.rstrip(".") or "the network"} is not a pickled torch module')
+    tensors = {}
+    transient = state.get('_non_persistent_buffers_set') or set()
+    for kind in ('_parameters', '_buffers'):
+        for name, t in (state.get(kind) or {}).items():
+            if t is None or (kind == '_buffers' and name in transient):
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise UserError(f'{path}: {prefix}{name} is not a tensor')
+            tensors[prefix + name] = t
+    for name, child in (state.get('_modules') or {}).items():
+        if child is not None:
+            tensors.update(_collect_tensors(child, path, f'{prefix}{name}.'))
+    return tensors
+
+
+def _fill(net, tensors, path):
+    # Load `tensors` into `net` (built on the meta device) with strict name and shape checks.
+    expected = net.state_dict()
+    missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
+    def listing(names):
+        return ', '.join(names[:8]) + (f' and {len(names) - 8} more' if len(names) > 8 else '')
+    if missing or unexpected:
+        problems = [f'missing {listing(missing)}'] if missing else []
+        problems += [f'unexpected {listing(unexpected)}'] if unexpected else []
+        raise UserError(f'{path}: the tensors do not match {net.config["class_name"]}: {"; ".join(problems)}')
+    wrong = [f'{k} {list(tensors[k].shape)} (expected {list(expected[k].shape)})'
+             for k in expected if tensors[k].shape != expected[k].shape]
+    if wrong:
+        raise UserError(f'{path}: tensors of the wrong shape: {listing(wrong)}')
+    tensors = {k: t.detach().to(torch.float32) if t.is_floating_point() else t.detach() for k, t in tensors.items()}
+    net.load_state_dict(tensors, strict=True, assign=True)
+    return net
+
+
+def _build_on_meta(class_name, kwargs, path):
+    # Building on the meta device allocates nothing; the loaded tensors are then assigned.
+    try:
+        with torch.device('meta'):
+            return build_network({'class_name': class_name, 'kwargs': kwargs})
+    except UserError as e:
+        raise UserError(f'{path}: {e}') from None
+    except (TypeError, ValueError, AssertionError) as e:
+        raise UserError(_one_line(f'{path}: unsupported network arguments {kwargs} ({e})')) from None
+
+
+def _load_official_pickle(path):
+    data = safe_pickle_load(path, _official_globals())
+    obj = data.get('ema') if isinstance(data, dict) else data
+    if not isinstance(obj, _PersistentObject) or not isinstance(obj.state, dict):
+        raise UserError(f'{path}: no network found (expected a pickled dict with an "ema" network)')
+    if obj.class_name not in _OFFICIAL_CLASSES:
+        raise UserError(f'{path}: unsupported network class {obj.class_name!r} (supported: {", ".join(_OFFICIAL_CLASSES)})')
+    class_name, positional = _OFFICIAL_CLASSES[obj.class_name]
+    kwargs = dict(zip(positional, obj.state.get('_init_args') or ()))
+    kwargs.update(_plain(dict(obj.state.get('_init_kwargs') or {})))
+    kwargs.pop('use_gan', None)  # SiDA's switch for its discriminator, which is always on here
+    tensors = _collect_tensors(obj, path)
+    if class_name == 'EDMPrecond':
+        kwargs.pop('force_normalization', None)
+        # The SiD/SiDA subclasses only add return options to EDM's UNets; the parameters are the same.
+        kwargs['model_type'] = kwargs.get('model_type', 'DhariwalUNet').removesuffix('_EncoderDecoder')
+    else:
+        kwargs['use_logvar'] = 'logvar_linear.weight' in tensors  # distilled generators have no head
+    kwargs.pop('use_fp16', None)
+    return _fill(_build_on_meta(class_name, kwargs, path), tensors, path)
+
+
+def _load_sida_file(path):
+    try:
+        data = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r'(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)', str(e))
+        what = f'the global {found.group(1)}' if found else 'objects'
+        raise UserError(f'refusing to load {path}: it contains {what}, which is not plain data') from None
+    except Exception as e:
+        raise UserError(_one_line(f'{path} is not a readable network file (truncated or corrupt?): '
+                                  f'{type(e).__name__}: {e}')) from None
+    if not isinstance(data, dict) or data.get('format') != 'sida-network':
+        raise UserError(f'{path}: not a network file written by save_network')
+    config = data.get('config') if isinstance(data.get('config'), dict) else {}
+    net = _build_on_meta(config.get('class_name'), config.get('kwargs', {}), path)
+    net = _fill(net, data.get('state_dict') or {}, path)
+    net.meta = data.get('meta') or {}
+    return net
+
+
+def load_network(source, device='cpu'):
+    """A network from a file, URL or official teacher name (OFFICIAL_URLS): our own files written by
+    save_network, or official EDM/EDM2/SiD/SiDA pickles. Returned in eval mode without gradients;
+    `net.meta` holds the file's metadata ({} for official pickles)."""
+    path = open_url(OFFICIAL_URLS.get(str(source), str(source)))
+    if zipfile.is_zipfile(path):  # torch.save archive
+        net = _load_sida_file(path)
+    else:
+        net = _load_official_pickle(path)
+        net.meta = {}
+    return net.eval().requires_grad_(False).to(device)

@@ -1,0 +1,1615 @@
+"""The specification of sida, as tests: pytest (about N minutes on 2 CPU cores, no GPU, no downloads).
+
+Golden fixtures (tiny networks made with the official EDM/EDM2 code) are in tests_data/ (or $SIDA_FIXTURES).
+The real Inception detector, official checkpoints and datasets are replaced by stand-ins the tests build.
+"""
+
+import functools
+import http.server
+import io
+import json
+import os
+import pickle
+import shlex
+import shutil
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import types
+import warnings
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+
+import PIL.Image
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+ROOT = Path(HERE)
+
+import fid
+import networks
+import sida
+from networks import UserError  # noqa: E402
+
+
+# ===================================================================================================
+# networks.py: official numerics and names, safe loading, saving, precision
+# ===================================================================================================
+
+FIXTURE_DIRS = [os.environ.get('SIDA_FIXTURES', ''), os.path.join(HERE, 'tests_data'),
+                os.path.join(HERE, '..', 'shared', 'fixtures')]
+FIXTURES = ['edm_ddpmpp_uncond', 'edm_ncsnpp_cond', 'edm_adm_cond', 'edm2_cond']
+
+
+def fixture_path(name):
+    for directory in FIXTURE_DIRS:
+        if directory and os.path.isfile(os.path.join(directory, name)):
+            return os.path.join(directory, name)
+    pytest.skip(f'fixture {name} not found')
+
+
+@functools.lru_cache(maxsize=None)
+def golden(name):
+    return torch.load(fixture_path(f'{name}.pt'), weights_only=True)
+
+
+@functools.lru_cache(maxsize=None)
+def manifests():
+    with open(fixture_path('official_manifests.json')) as f:
+        return json.load(f)
+
+
+def our_class(fixture):
+    return networks.EDM2Precond if fixture['official_class'].endswith('networks_edm2.Precond') else networks.EDMPrecond
+
+
+def golden_net(name):
+    """Our network with the fixture's official constructor arguments and weights."""
+    fixture = golden(name)
+    net = our_class(fixture)(**fixture['kwargs'])
+    net.load_state_dict(fixture['state_dict'], strict=True)
+    return net.eval().requires_grad_(False)
+
+
+def golden_inputs(name):
+    fixture = golden(name)
+    return fixture['x'], fixture['sigma'], fixture['class_labels'], fixture['augment_labels']
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+# ----------------------------------------------------------------------------------------------------
+# Numerics against the official code.
+
+@pytest.mark.parametrize('name', FIXTURES)
+def test_denoised_matches_official(name):
+    with torch.no_grad():
+        denoised = golden_net(name)(*golden_inputs(name))
+    assert denoised.dtype == torch.float32
+    assert max_diff(denoised, golden(name)['denoised']) <= 1e-5
+
+
+@pytest.mark.parametrize('name', FIXTURES)
+def test_logits_from_full_pass_match_official(name):
+    with torch.no_grad():
+        denoised, logits = golden_net(name)(*golden_inputs(name), return_logits=True)
+    assert logits.shape == golden(name)['logits'].shape
+    assert max_diff(logits, golden(name)['logits']) <= 1e-5
+    assert max_diff(denoised, golden(name)['denoised']) <= 1e-5
+
+
+@pytest.mark.parametrize('name', FIXTURES)  # includes NCSN++'s residual encoder
+def test_discriminate_runs_encoder_only_and_matches_official(name):
+    net = golden_net(name)
+    decoder = net.unet.dec if hasattr(net, 'unet') else net.model.dec
+    for block in decoder.values():
+        block.register_forward_pre_hook(lambda *_: pytest.fail('decoder ran'))
+    with torch.no_grad():
+        logits = net.discriminate(*golden_inputs(name))
+    assert max_diff(logits, golden(name)['logits']) <= 1e-5
+
+
+def test_edm2_logvar_matches_official():
+    with torch.no_grad():
+        denoised, logvar = golden_net('edm2_cond')(*golden_inputs('edm2_cond'), return_logvar=True)
+        _, _, logvar_last = golden_net('edm2_cond')(*golden_inputs('edm2_cond'), return_logits=True, return_logvar=True)
+    assert logvar.shape == (6, 1, 1, 1)
+    assert max_diff(logvar, golden('edm2_cond')['logvar']) <= 1e-5
+    assert torch.equal(logvar, logvar_last)
+
+
+@pytest.mark.parametrize('name', ['edm2-img512-xs', 'edm2-img512-s', 'edm2-img512-m', 'edm2-img512-l', 'edm2-img512-xl',
+                                  'edm2-img512-xxl', 'edm-cifar10-32x32-uncond-vp', 'edm-cifar10-32x32-cond-vp',
+                                  'edm-ffhq-64x64-uncond-vp', 'edm-afhqv2-64x64-uncond-vp', 'edm-imagenet-64x64-cond-adm'])
+def test_official_config_has_manifest_tensors_and_parameter_count(name):
+    entry = manifests()[name]
+    with torch.device('meta'):
+        net = (networks.EDM2Precond if name.startswith('edm2') else networks.EDMPrecond)(**entry['kwargs'])
+    assert {k: list(v.shape) for k, v in net.state_dict().items()} == entry['tensors']
+    net.load_state_dict({k: torch.empty(s, device='meta') for k, s in entry['tensors'].items()}, strict=True, assign=True)
+    assert sum(p.numel() for p in net.parameters()) == entry['num_params']
+
+
+def test_official_urls_name_every_manifest_teacher():
+    assert set(networks.OFFICIAL_URLS) == set(manifests())
+    assert all(url.startswith('https://nvlabs-fi-cdn.nvidia.com/') and url.endswith('.pkl')
+               for url in networks.OFFICIAL_URLS.values())
+
+# ----------------------------------------------------------------------------------------------------
+# Calling conventions.
+
+def test_sigma_as_float_0d_vector_or_4d_gives_same_output():
+    net = golden_net('edm_ddpmpp_uncond')
+    x, _, _, aug = golden_inputs('edm_ddpmpp_uncond')
+    with torch.no_grad():
+        reference = net(x, torch.full([6], 2.5), augment_labels=aug)
+        for sigma in [2.5, torch.tensor(2.5), torch.full([6, 1, 1, 1], 2.5)]:
+            assert torch.allclose(net(x, sigma, augment_labels=aug), reference, atol=1e-6)
+
+
+def test_missing_class_labels_mean_all_zero_labels():
+    net = golden_net('edm_ncsnpp_cond')
+    x, sigma, _, _ = golden_inputs('edm_ncsnpp_cond')
+    with torch.no_grad():
+        assert torch.equal(net(x, sigma), net(x, sigma, torch.zeros(6, 10)))
+
+
+def test_channels_last_input_gives_same_output():
+    for name in ['edm_ncsnpp_cond', 'edm2_cond']:
+        net = golden_net(name)
+        x, sigma, labels, aug = golden_inputs(name)
+        with torch.no_grad():
+            out = net(x.contiguous(memory_format=torch.channels_last), sigma, labels, aug)
+        assert max_diff(out, golden(name)['denoised']) <= 1e-5
+
+
+def test_gradient_reaches_the_input_of_a_frozen_network():
+    net = golden_net('edm2_cond')
+    x, sigma, labels, _ = golden_inputs('edm2_cond')
+    x = x.clone().requires_grad_(True)
+    denoised, logits = net(x, sigma, labels, return_logits=True)
+    (denoised.square().sum() + logits.sum()).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize('name', ['edm_ddpmpp_uncond', 'edm2_cond'])
+def test_bf16_autocast_runs_and_stays_close_to_fp32(name):
+    net = golden_net(name)
+    inputs = golden_inputs(name)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        denoised, logits = net(*inputs, return_logits=True)
+        disc = net.discriminate(*inputs)
+    assert denoised.dtype == torch.float32 and torch.isfinite(denoised).all() and torch.isfinite(disc).all()
+    reference = golden(name)
+    assert max_diff(denoised, reference['denoised']) <= 0.05 * reference['denoised'].abs().max().item()
+    assert max_diff(logits, reference['logits']) <= 0.05 * reference['logits'].abs().max().item() + 0.05
+
+
+def test_config_is_json_and_rebuilds_the_same_network():
+    net = golden_net('edm_ncsnpp_cond')
+    config = json.loads(json.dumps(net.config))
+    copy = networks.build_network(config).eval()
+    copy.load_state_dict(net.state_dict())
+    x, sigma, labels, aug = golden_inputs('edm_ncsnpp_cond')
+    with torch.no_grad():
+        assert torch.equal(copy(x, sigma, labels, aug), net(x, sigma, labels, aug))
+
+
+@pytest.mark.parametrize('name', ['edm_ddpmpp_uncond', 'edm2_cond'])
+def test_dropout_is_set_by_rebuilding_from_config(name):
+    net = golden_net(name)
+    config = {'class_name': net.config['class_name'], 'kwargs': dict(net.config['kwargs'], dropout=0.5)}
+    dropped = networks.build_network(config)
+    dropped.load_state_dict(net.state_dict())
+    x, sigma, labels, aug = golden_inputs(name)
+    with torch.no_grad():
+        dropped.eval()
+        assert torch.equal(dropped(x, sigma, labels, aug), net(x, sigma, labels, aug))
+        dropped.train()
+        assert not torch.allclose(dropped(x, sigma, labels, aug), dropped(x, sigma, labels, aug))
+
+
+def test_edm2_forward_never_changes_the_stored_weights():
+    net = golden_net('edm2_cond')
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        net(*golden_inputs('edm2_cond'))
+        net.train()(*golden_inputs('edm2_cond'))
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+def test_edm2_normalize_weights_gives_unit_rms_per_output_channel_and_keeps_outputs():
+    net = golden_net('edm2_cond')
+    x, sigma, labels, _ = golden_inputs('edm2_cond')
+    with torch.no_grad():
+        before = net(x, sigma, labels)
+    net.normalize_weights_()
+    for layer in net.modules():
+        if isinstance(layer, networks.MPConv):
+            rms = layer.weight.flatten(1).square().mean(dim=1).sqrt()
+            assert torch.allclose(rms, torch.ones_like(rms), atol=1e-3)
+    with torch.no_grad():
+        assert torch.allclose(net(x, sigma, labels), before, atol=1e-2)  # the forward pass normalises anyway (up to eps)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Saving and loading our own files.
+
+def test_save_then_load_gives_identical_outputs_and_meta(tmp_path):
+    for name in ['edm_ncsnpp_cond', 'edm2_cond']:
+        net = golden_net(name)
+        path = tmp_path / f'{name}.pt'
+        networks.save_network(net, str(path), kimg=123, method='sida')
+        loaded = networks.load_network(str(path))
+        inputs = golden_inputs(name)
+        with torch.no_grad():
+            assert torch.equal(loaded(*inputs), net(*inputs))
+        assert loaded.meta == {'kimg': 123, 'method': 'sida'}
+        assert loaded.config == net.config
+
+
+def test_saved_file_is_plain_data_for_weights_only_torch_load(tmp_path):
+    path = tmp_path / 'net.pt'
+    networks.save_network(golden_net('edm_adm_cond'), str(path), kimg=1)
+    data = torch.load(path, weights_only=True)
+    assert data['format'] == 'sida-network' and data['config']['class_name'] == 'EDMPrecond'
+    assert os.listdir(tmp_path) == ['net.pt']  # the temporary file was renamed, nothing left behind
+
+
+def test_loaded_network_is_in_eval_mode_without_gradients(tmp_path):
+    path = tmp_path / 'net.pt'
+    networks.save_network(golden_net('edm_adm_cond').train().requires_grad_(True), str(path))
+    net = networks.load_network(str(path))
+    assert not net.training and not any(p.requires_grad for p in net.parameters())
+
+
+def test_truncated_file_is_refused_naming_it(tmp_path):
+    path = tmp_path / 'net.pt'
+    networks.save_network(golden_net('edm_adm_cond'), str(path))
+    truncated = tmp_path / 'truncated.pt'
+    truncated.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(UserError) as error:
+        networks.load_network(str(truncated))
+    assert str(truncated) in str(error.value) and '\n' not in str(error.value)
+
+
+def test_garbage_file_is_refused_naming_it(tmp_path):
+    path = tmp_path / 'garbage.pkl'
+    path.write_bytes(b'this is not a network' * 10)
+    with pytest.raises(UserError, match='garbage.pkl') as error:
+        networks.load_network(str(path))
+    assert '\n' not in str(error.value)
+
+
+def test_missing_file_is_refused():
+    with pytest.raises(UserError, match='not found'):
+        networks.load_network('/nonexistent/teacher.pkl')
+
+# ----------------------------------------------------------------------------------------------------
+# Official pickles: built here in the official format (SPEC §8) with a stand-in torch_utils.persistence
+# whose embedded source would leave a trace file if anything executed it.
+
+@pytest.fixture
+def official_format(monkeypatch, tmp_path):
+    """A writer of official-format pickles and the path of the trace file that must never appear."""
+    trace = tmp_path / 'module_src_ran'
+    persistence = types.ModuleType('torch_utils.persistence')
+
+    def _reconstruct_persistent_obj(meta):
+        raise AssertionError('the loader must not call the real persistence module')
+    _reconstruct_persistent_obj.__module__ = persistence.__name__
+    _reconstruct_persistent_obj.__qualname__ = '_reconstruct_persistent_obj'
+    persistence._reconstruct_persistent_obj = _reconstruct_persistent_obj
+
+    class Persistent:
+        def __init__(self, class_name, state):
+            self.meta = dict(type='class', version=6, class_name=class_name, state=state,
+                             module_src=f'open({str(trace)!r}, "w").write("executed")\n')
+        def __reduce__(self):
+            return _reconstruct_persistent_obj, (self.meta,)
+
+    util = types.ModuleType('dnnlib.util')
+    EasyDict = type('EasyDict', (dict,), {'__module__': 'dnnlib.util'})
+    util.EasyDict = EasyDict
+    for name, module in [('torch_utils', types.ModuleType('torch_utils')), ('torch_utils.persistence', persistence),
+                         ('dnnlib', types.ModuleType('dnnlib')), ('dnnlib.util', util)]:
+        monkeypatch.setitem(sys.modules, name, module)
+
+    def as_pickled(module, skip=()):
+        children = OrderedDict((k, as_pickled(v, skip)) for k, v in module._modules.items() if k not in skip)
+        if isinstance(module, (nn.ModuleDict, nn.ModuleList, nn.Sequential)):
+            container = type(module)()  # written as the torch class with NEWOBJ + BUILD, as upstream
+            container.__dict__['_modules'] = children
+            return container
+        return Persistent(type(module).__name__, {
+            'training': False, '_parameters': OrderedDict(module._parameters), '_buffers': OrderedDict(module._buffers),
+            '_non_persistent_buffers_set': set(), '_modules': children, '_forward_hooks': OrderedDict()})
+
+    def write(net, class_name, init_kwargs, path, skip=()):
+        ema = as_pickled(net, skip)
+        ema.meta['class_name'] = class_name
+        ema.meta['state'].update(_init_args=(), _init_kwargs=EasyDict(init_kwargs))
+        data = {'ema': ema, 'loss_fn': Persistent('EDMLoss', {'P_mean': np.float64(-1.2), 'P_std': np.float32(1.2)}),
+                'augment_pipe': None, 'dataset_kwargs': EasyDict(path='data.zip', resolution=np.int64(16))}
+        with open(path, 'wb') as f:
+            pickle.dump(data, f)
+        return path
+
+    write.trace = trace
+    return write
+
+
+@pytest.mark.parametrize('name, class_name, model_type', [
+    ('edm_ddpmpp_uncond', 'EDMPrecond', None),
+    ('edm_ncsnpp_cond', 'EDMPrecond_EncoderDecoder', 'SongUNet_EncoderDecoder'),
+    ('edm_adm_cond', 'EDMPrecond_EncoderDecoder', 'DhariwalUNet_EncoderDecoder'),
+    ('edm2_cond', 'Precond', None),
+    ('edm2_cond', 'EDM_2_Precond_EncoderDecoder', None),
+])
+def test_official_pickle_loads_without_running_its_source(official_format, tmp_path, name, class_name, model_type):
+    kwargs = dict(golden(name)['kwargs'], use_fp16=False)
+    if model_type:
+        kwargs['model_type'] = model_type
+    if class_name == 'EDM_2_Precond_EncoderDecoder':
+        kwargs.update(force_normalization=True, use_gan=True)
+    path = official_format(golden_net(name), class_name, kwargs, str(tmp_path / 'official.pkl'))
+    net = networks.load_network(path)
+    with torch.no_grad():
+        outputs = net(*golden_inputs(name), return_logits=True)
+    assert max_diff(outputs[0], golden(name)['denoised']) <= 1e-5
+    assert max_diff(outputs[1], golden(name)['logits']) <= 1e-5
+    assert net.meta == {} and not net.training
+    assert not official_format.trace.exists()
+
+
+def test_official_edm2_generator_pickle_has_no_logvar_head(official_format, tmp_path):
+    kwargs = dict(golden('edm2_cond')['kwargs'], force_normalization=True, use_gan=False)
+    path = official_format(golden_net('edm2_cond'), 'EDM_2_Precond_Generator', kwargs, str(tmp_path / 'G.pkl'),
+                           skip=('logvar_fourier', 'logvar_linear'))
+    net = networks.load_network(path)
+    assert not net.use_logvar and not any(k.startswith('logvar') for k in net.state_dict())
+    with torch.no_grad():
+        assert max_diff(net(*golden_inputs('edm2_cond')), golden('edm2_cond')['denoised']) <= 1e-5
+    assert not official_format.trace.exists()
+
+
+def test_official_pickle_with_a_missing_tensor_is_refused_listing_it(official_format, tmp_path):
+    net = golden_net('edm_adm_cond')
+    del net.model.out_conv._parameters['bias']
+    path = official_format(net, 'EDMPrecond', golden('edm_adm_cond')['kwargs'], str(tmp_path / 'broken.pkl'))
+    with pytest.raises(UserError, match=r'missing model\.out_conv\.bias'):
+        networks.load_network(path)
+
+
+def test_official_pickle_with_an_unknown_class_is_refused(official_format, tmp_path):
+    kwargs = golden('edm_adm_cond')['kwargs']
+    path = official_format(golden_net('edm_adm_cond'), 'VEPrecond', kwargs, str(tmp_path / 've.pkl'))
+    with pytest.raises(UserError, match='VEPrecond'):
+        networks.load_network(path)
+
+# ----------------------------------------------------------------------------------------------------
+# Hostile files: refused with one line, nothing executed.
+
+class _SystemCall:
+    def __init__(self, trace):
+        self.trace = trace
+    def __reduce__(self):
+        return os.system, (f'touch {self.trace}',)
+
+
+class _Eval:
+    def __init__(self, trace):
+        self.trace = trace
+    def __reduce__(self):
+        return eval, (f'open({str(self.trace)!r}, "w")',)
+
+
+@pytest.mark.parametrize('payload, global_name', [(_SystemCall, os.system.__module__ + '.system'), (_Eval, 'builtins.eval')])
+def test_pickle_calling_code_is_refused(tmp_path, payload, global_name):
+    trace = tmp_path / 'executed'
+    path = tmp_path / 'hostile.pkl'
+    path.write_bytes(pickle.dumps({'ema': payload(trace)}))
+    with pytest.raises(UserError) as error:
+        networks.load_network(str(path))
+    message = str(error.value)
+    assert global_name in message and str(path) in message and '\n' not in message
+    assert not trace.exists()
+
+
+@pytest.mark.parametrize('payload', [_SystemCall, _Eval])
+def test_torch_save_file_with_hostile_object_is_refused(tmp_path, payload):
+    trace = tmp_path / 'executed'
+    path = tmp_path / 'hostile.pt'
+    net = golden_net('edm_adm_cond')
+    torch.save({'format': 'sida-network', 'config': net.config, 'state_dict': net.state_dict(),
+                'meta': {'note': payload(trace)}}, path)
+    with pytest.raises(UserError, match='refusing to load') as error:
+        networks.load_network(str(path))
+    assert str(path) in str(error.value) and '\n' not in str(error.value)
+    assert not trace.exists()
+
+
+def test_safe_pickle_load_reads_numpy_pickles_with_named_globals(tmp_path):
+    path = tmp_path / 'refs.pkl'
+    path.write_bytes(pickle.dumps({'fid': {'mu': np.arange(3.0), 'sigma': np.eye(3)}}))
+    core = 'numpy._core' if hasattr(np, '_core') else 'numpy.core'
+    allowed = {f'{core}.multiarray._reconstruct', f'{core}.multiarray.scalar', 'numpy.ndarray', 'numpy.dtype'}
+    data = networks.safe_pickle_load(str(path), allowed)
+    assert np.array_equal(data['fid']['sigma'], np.eye(3))
+    with pytest.raises(UserError, match='numpy.ndarray'):
+        networks.safe_pickle_load(str(path), allowed - {'numpy.ndarray'})
+
+# ----------------------------------------------------------------------------------------------------
+# Downloads.
+
+def test_open_url_on_a_missing_path_raises_user_error():
+    with pytest.raises(UserError, match='not found'):
+        networks.open_url('/nonexistent/file.pkl')
+
+
+def test_open_url_on_an_unreachable_url_raises_user_error(tmp_path):
+    with pytest.raises(UserError, match='could not reach http://127.0.0.1:9/x.*local file') as error:
+        networks.open_url('http://127.0.0.1:9/x', cache_dir=str(tmp_path))
+    assert '\n' not in str(error.value)
+    assert os.listdir(tmp_path) == []  # no partial download left
+
+
+def test_open_url_downloads_once_into_the_cache(tmp_path, capfd):
+    (tmp_path / 'served').mkdir()
+    (tmp_path / 'served' / 'net.pkl').write_bytes(b'x' * 1000)
+    class QuietHandler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+    handler = functools.partial(QuietHandler, directory=str(tmp_path / 'served'))
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f'http://127.0.0.1:{server.server_address[1]}/net.pkl'
+    try:
+        path = networks.open_url(url, cache_dir=str(tmp_path / 'cache'))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert open(path, 'rb').read() == b'x' * 1000
+    assert 'downloading' in capfd.readouterr().err
+    assert networks.open_url(url, cache_dir=str(tmp_path / 'cache')) == path  # server gone: served from the cache
+    assert os.listdir(tmp_path / 'cache') == [os.path.basename(path)]
+
+# ----------------------------------------------------------------------------------------------------
+# On a GPU (skipped elsewhere).
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+
+
+@cuda
+@pytest.mark.parametrize('name', FIXTURES)
+def test_cuda_fp32_matches_official(name, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
+    net = golden_net(name).cuda()
+    inputs = [t if t is None else t.cuda() for t in golden_inputs(name)]
+    with torch.no_grad():
+        denoised, logits = net(*inputs, return_logits=True)
+        disc = net.discriminate(*inputs)
+    assert max_diff(denoised.cpu(), golden(name)['denoised']) <= 1e-5
+    assert max_diff(logits.cpu(), golden(name)['logits']) <= 1e-5
+    assert max_diff(disc.cpu(), golden(name)['logits']) <= 1e-5
+
+
+@cuda
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('name', FIXTURES)
+def test_cuda_autocast_channels_last_stays_close_to_fp32(name, dtype):
+    net = golden_net(name).cuda()
+    inputs = [t if t is None else t.cuda() for t in golden_inputs(name)]
+    inputs[0] = inputs[0].contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast('cuda', dtype=dtype):
+        denoised, logits = net(*inputs, return_logits=True)
+    reference = golden(name)
+    assert denoised.dtype == torch.float32
+    assert max_diff(denoised.cpu(), reference['denoised']) <= 0.05 * reference['denoised'].abs().max().item()
+    assert max_diff(logits.cpu(), reference['logits']) <= 0.05 * reference['logits'].abs().max().item() + 0.05
+
+
+# ===================================================================================================
+# sida.py: the losses, the loop, distributed runs, resume, errors, benchmark
+# ===================================================================================================
+
+# ---------------------------------------------------------------------------------------------------
+# The losses equal the SPEC formulas on pinned draws (independent numpy re-statements).
+
+def _np(t):
+    return t.detach().double().numpy()
+
+
+def _bce(logit, target):
+    return np.maximum(logit, 0) - logit * target + np.log1p(np.exp(-np.abs(logit)))
+
+
+@pytest.fixture
+def draws():
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)
+    return dict(x_g=r(4, 3, 8, 8), d_real=r(4, 3, 8, 8), d_fake=r(4, 3, 8, 8), logit_a=r(4, 1, 2, 2) * 3,
+                logit_b=r(4, 1, 2, 2) * 3, sigma=torch.rand(4, 1, 1, 1, generator=g) * 5 + 0.01)
+
+
+def test_sid_sigma_maps_t_onto_the_karras_schedule():
+    t = torch.tensor([0.0, 0.4, 0.8])
+    expect = [(80 ** (1 / 7) + (1 - v) * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7 for v in t.tolist()]
+    assert torch.allclose(sida.sid_sigma(t), torch.tensor(expect), rtol=1e-5)
+    assert abs(sida.sid_sigma(torch.tensor(0.0)).item() - 0.002) < 1e-7
+    assert 24.0 < sida.sid_sigma(torch.tensor(0.8)).item() < 25.0
+
+
+def test_sid_generator_loss_equals_the_spec_formula(draws):
+    x, dr, df = _np(draws['x_g']), _np(draws['d_real']), _np(draws['d_fake'])
+    alpha = 1.2
+    w = np.maximum(np.abs(x - dr).mean(axis=(1, 2, 3), keepdims=True), 1e-5)
+    expect = (dr - df) * ((dr - x) - alpha * (dr - df)) / w
+    got = sida.sid_generator_loss(draws['x_g'], draws['d_real'], draws['d_fake'], alpha)
+    np.testing.assert_allclose(_np(got), expect, rtol=1e-5, atol=1e-6)
+
+
+def test_sid_weight_carries_no_gradient(draws):
+    x = draws['x_g'].clone().requires_grad_(True)
+    d_real = draws['d_real']
+    loss = sida.sid_generator_loss(x, d_real, draws['d_fake'], 1.0).sum()
+    loss.backward()
+    w = (x.detach() - d_real).abs().mean(dim=(1, 2, 3), keepdim=True)
+    expect = -(d_real - draws['d_fake']) / w             # d/dx of (dr - df)(dr - x)/w with w held fixed
+    assert torch.allclose(x.grad, expect, atol=1e-5)
+
+
+def test_denoising_loss_equals_edm_weighting(draws):
+    s, sd = _np(draws['sigma']), 0.5
+    expect = (s ** 2 + sd ** 2) / (s * sd) ** 2 * (_np(draws['d_fake']) - _np(draws['x_g'])) ** 2
+    got = sida.denoising_loss(draws['d_fake'], draws['x_g'], draws['sigma'], sd)
+    np.testing.assert_allclose(_np(got), expect, rtol=1e-5)
+
+
+def test_denoising_loss_with_logvar_equals_edm2_form(draws):
+    u = torch.linspace(-1, 1, 4).view(4, 1, 1, 1)
+    base = _np(sida.denoising_loss(draws['d_fake'], draws['x_g'], draws['sigma'], 0.5))
+    got = sida.denoising_loss(draws['d_fake'], draws['x_g'], draws['sigma'], 0.5, logvar=u)
+    np.testing.assert_allclose(_np(got), base / np.exp(_np(u)) + _np(u), rtol=1e-5)
+
+
+def test_discriminator_loss_equals_spec(draws):
+    lr, lf, s = _np(draws['logit_a']), _np(draws['logit_b']), _np(draws['sigma'])
+    weight = (s ** 2 + 0.25) / (s * 0.5) ** 2
+    expect = weight * (_bce(lr, 1).mean() + _bce(lf, 0).mean()) / 2
+    got = sida.discriminator_loss(draws['logit_a'], draws['logit_b'], sida.edm_weight(draws['sigma'], 0.5))
+    np.testing.assert_allclose(_np(got), expect, rtol=1e-5)
+
+
+def test_adversarial_loss_is_batch_mean_bce_divided_by_each_w(draws):
+    x, dr, logit = _np(draws['x_g']), _np(draws['d_real']), _np(draws['logit_a'])
+    w = np.maximum(np.abs(x - dr).mean(axis=(1, 2, 3), keepdims=True), 1e-5)
+    expect = np.broadcast_to(_bce(np.clip(logit, -10, 10), 1).mean() / w, x.shape)
+    got = sida.adversarial_loss(draws['logit_a'], draws['x_g'], draws['d_real'])
+    np.testing.assert_allclose(_np(got), expect, rtol=1e-5)
+
+
+def test_nonfinite_samples_are_dropped_from_the_losses(draws):
+    x = draws['x_g'].clone()
+    x[1, 0, 0, 0] = float('nan')
+    ok = sida.finite_samples(x, draws['d_real'])
+    assert ok.tolist() == [True, False, True, True]
+    loss = sida.keep(sida.sid_generator_loss(x, draws['d_real'], draws['d_fake'], 1.0), ok)
+    assert torch.isfinite(loss).all() and loss[1].abs().sum() == 0
+    adv = sida.adversarial_loss(draws['logit_a'], x, draws['d_real'], ok)
+    clean = sida.adversarial_loss(draws['logit_a'][ok], draws['x_g'][ok], draws['d_real'][ok])
+    assert torch.allclose(adv[ok], clean)
+
+
+def test_augment_labels_and_flip():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, 8, 8)
+    y, labels = sida.augment(x, 0.0, g)
+    assert labels.shape == (64, 9)
+    assert (labels[:, 1:] == 0).all(), 'with p = 0 only the x-flip acts'
+    flipped = labels[:, 0] == 1
+    assert 10 < flipped.sum() < 54
+    assert torch.allclose(y[flipped], x[flipped].flip(3), atol=1e-5)
+    assert torch.allclose(y[~flipped], x[~flipped], atol=1e-5)
+    y, labels = sida.augment(x, 1.0, g)
+    assert (labels[:, 2] != 0).all() and torch.isfinite(y).all()
+
+
+def test_ema_follows_the_half_life_rule():
+    class A:
+        ema, batch = 0.5, 256
+    s = sida.SiDA.__new__(sida.SiDA)
+    s.args = A
+    s.G, s.G_ema = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    for nimg in (1000, 10_000_000):
+        s.G.weight.data.fill_(1.0)
+        s.G_ema.weight.data.fill_(0.0)
+        s.update_ema(nimg)
+        halflife = min(0.5e6, nimg * 0.05)
+        assert abs(s.G_ema.weight.item() - (1 - 0.5 ** (256 / halflife))) < 1e-6
+
+# ---------------------------------------------------------------------------------------------------
+# The loop on tiny networks.
+
+TINY = {'class_name': 'EDMPrecond', 'kwargs': dict(img_resolution=16, img_channels=3, label_dim=4,
+        model_type='SongUNet', model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8],
+        augment_dim=9, dropout=0.0)}
+
+
+@pytest.fixture(scope='module')
+def tiny_teacher(tmp_path_factory):
+    torch.manual_seed(0)
+    net = networks.build_network(TINY)
+    path = str(tmp_path_factory.mktemp('teacher') / 'teacher.pt')
+    networks.save_network(net, path)
+    return path
+
+
+def run_sida(tmp, teacher, *extra, check=True, env=None, nproc=None):
+    cmd = [sys.executable, os.path.join(HERE, 'sida.py'), '--teacher', teacher, '--data', 'toy', '--cond',
+           '--batch', '8', '--lr', '1e-4', '--glr', '1e-4', '--ema', '0.0005', '--dropout', '0', '--augment', '0.1',
+           '--gen-start-kimg', '0.016', '--adv-start-kimg', '0.032', '--tick', '0.016', '--snap', '100',
+           '--dump', '100', '--metrics', 'none', '--device', 'cpu', '--outdir', str(tmp), *extra]
+    if nproc:
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] + cmd[1:]
+    e = dict(os.environ, OMP_NUM_THREADS='1', **(env or {}))
+    r = subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=300)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_teacher_gets_no_gradient_but_passes_it_to_the_generator(tiny_teacher):
+    teacher = networks.load_network(tiny_teacher)
+    images, labels = sida.toy_images(32, seed=0)
+    sampler = sida.Sampler(images, labels, 4, (3, 16, 16), torch.device('cpu'))
+    args = sida.parse_args(['--batch', '4', '--dropout', '0', '--device', 'cpu'])
+    s = sida.SiDA(args, teacher, teacher, sampler, 1, 4, torch.device('cpu'))
+    before = [p.detach().clone() for p in s.G.parameters()]
+    fake_before = [p.detach().clone() for p in s.fake_score.parameters()]
+    s.generator_step([sida.Slot(0, 0, torch.device('cpu'))], use_adv=True)
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is None for p in s.fake_score.parameters())
+    assert any(not torch.equal(a, p) for a, p in zip(before, s.G.parameters())), 'the generator moved'
+    assert all(torch.equal(a, p) for a, p in zip(fake_before, s.fake_score.parameters()))
+
+
+def test_warmup_schedule_switches_at_the_right_image_counts(tiny_teacher, monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(sida.SiDA, 'fake_score_step', lambda self, slots: calls.append(('fake', None)))
+    monkeypatch.setattr(sida.SiDA, 'generator_step', lambda self, slots, use_adv: calls.append(('gen', use_adv)))
+    sida.distill(sida.parse_args(['--teacher', tiny_teacher, '--data', 'toy', '--cond', '--batch', '8',
+                                  '--gen-start-kimg', '0.016', '--adv-start-kimg', '0.032', '--duration', '0.000048',
+                                  '--metrics', 'none', '--device', 'cpu', '--outdir', str(tmp_path)]))
+    # nimg before each iteration: 0, 8, 16, 24, 32, 40 -> generator from 16, adversarial from 32.
+    assert calls == [('fake', None), ('fake', None), ('fake', None), ('gen', False), ('fake', None),
+                     ('gen', False), ('fake', None), ('gen', True), ('fake', None), ('gen', True)]
+
+
+def test_two_process_gloo_run_matches_one_process(tiny_teacher, tmp_path):
+    run_sida(tmp_path / 'one', tiny_teacher, '--duration', '0.000048', '--batch-gpu', '4')
+    run_sida(tmp_path / 'two', tiny_teacher, '--duration', '0.000048', '--batch-gpu', '4', nproc=2)
+    one = networks.load_network(str(tmp_path / 'one' / 'generator-000000.pt')).state_dict()
+    two = networks.load_network(str(tmp_path / 'two' / 'generator-000000.pt')).state_dict()
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=1e-5, rtol=1e-4), k
+    state = torch.load(tmp_path / 'two' / 'training-state.pt', weights_only=True)
+    assert state['nimg'] == 48 and len(state['rng']) == 2
+
+
+def test_split_run_resumes_bit_identically(tiny_teacher, tmp_path):
+    run_sida(tmp_path / 'whole', tiny_teacher, '--duration', '0.000064')
+    run_sida(tmp_path / 'split', tiny_teacher, '--duration', '0.000032')
+    run_sida(tmp_path / 'x', tiny_teacher, '--duration', '0.000064', '--resume', str(tmp_path / 'split'))
+    a = torch.load(tmp_path / 'whole' / 'training-state.pt', weights_only=True)
+    b = torch.load(tmp_path / 'split' / 'training-state.pt', weights_only=True)
+    assert a['nimg'] == b['nimg'] == 64
+    for net in a['nets']:
+        for k, v in a['nets'][net].items():
+            assert torch.equal(v, b['nets'][net][k]), (net, k)
+
+
+def test_resume_with_different_method_flags_is_refused(tiny_teacher, tmp_path):
+    run_sida(tmp_path, tiny_teacher, '--duration', '0.000016')
+    r = run_sida(tmp_path, tiny_teacher, '--duration', '0.000032', '--method', 'sid', '--alpha', '1.2',
+                 '--resume', str(tmp_path), check=False)
+    assert r.returncode == 1 and 'Traceback' not in r.stderr
+    assert '--method' in r.stderr and '--alpha' in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_sigterm_saves_state_and_the_run_resumes(tiny_teacher, tmp_path):
+    cmd = [sys.executable, os.path.join(HERE, 'sida.py'), '--teacher', tiny_teacher, '--data', 'toy', '--cond',
+           '--batch', '8', '--duration', '1', '--tick', '1000', '--metrics', 'none', '--device', 'cpu',
+           '--gen-start-kimg', '0', '--outdir', str(tmp_path)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS='1'))
+    deadline = time.time() + 120
+    while time.time() < deadline and not os.path.exists(tmp_path / 'args.json'):
+        time.sleep(0.2)
+    time.sleep(3)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    state = torch.load(tmp_path / 'training-state.pt', weights_only=True)
+    assert 0 < state['nimg'] < 1_000_000
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'sida.py'), '--resume', str(tmp_path),
+                        '--duration', str((state['nimg'] + 16) / 1e6)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert torch.load(tmp_path / 'training-state.pt', weights_only=True)['nimg'] == state['nimg'] + 16
+
+
+def test_outputs_of_a_short_run(tiny_teacher, tmp_path):
+    run_sida(tmp_path, tiny_teacher, '--duration', '0.000048', '--metrics', 'fd', '--snap', '2')
+    rows = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
+    assert rows[-1]['kimg'] == 0.048
+    for key in ('loss_fake_score', 'loss_disc', 'loss_sid', 'loss_adv', 'sec_per_kimg', 'img_per_s', 'peak_gb'):
+        assert key in rows[-1], key
+    assert any('fd' in r for r in rows)
+    for name in ('samples-000000.png', 'generator-000000.pt', 'generator-best.pt', 'training-state.pt', 'metrics.png'):
+        assert (tmp_path / name).exists(), name
+    assert networks.load_network(str(tmp_path / 'generator-best.pt')).meta['method'] == 'sida'
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--teacher', '/nonexistent/teacher.pkl'], 'teacher.pkl'),
+    (['--batch', '10', '--batch-gpu', '4'], '--batch'),
+    (['--method', 'sida', '--data', None], '--data'),
+    (['--metrics', 'fid50k'], '--ref'),
+])
+def test_bad_inputs_give_one_line_errors(tiny_teacher, tmp_path, argv, message):
+    base = ['--teacher', tiny_teacher, '--data', 'toy', '--cond', '--metrics', 'none', '--device', 'cpu',
+            '--outdir', str(tmp_path / 'out')]
+    for flag, value in zip(argv[::2], argv[1::2]):
+        i = base.index(flag) if flag in base else None
+        if i is not None:
+            del base[i:i + 2]
+        if value is not None:
+            base += [flag, value]
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'sida.py'), *base], capture_output=True, text=True)
+    assert r.returncode == 1 and 'Traceback' not in r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_bench_runs_on_cpu():
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'sida.py'), '--bench', '--arch', 'ddpmpp',
+                        '--resolution', '8', '--cbase', '8', '--cres', '1,2', '--batch-gpu', '2', '--bench-iters', '1',
+                        '--device', 'cpu'], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result['img_per_s'] > 0 and result['gflop_per_iter'] > 0
+
+
+# ===================================================================================================
+# fid.py: statistics, distances, datasets, the command line, generator evaluation
+# ===================================================================================================
+
+class StandInDetector(torch.nn.Module):
+    """Same call as inception-2015-12-05.pt: uint8 [N, 3, H, W] -> features [N, dim] or probabilities [N, 1008]."""
+
+    def __init__(self, dim):
+        super().__init__()
+        g = torch.Generator().manual_seed(dim)
+        self.register_buffer('proj', torch.randn([48, dim], generator=g) / 4)
+        self.register_buffer('classes', torch.randn([dim, 1008], generator=g) / dim ** 0.5)
+
+    def forward(self, x, return_features: bool = False, no_output_bias: bool = False):
+        if x.dtype != torch.uint8 or x.shape[1] != 3:
+            raise ValueError('expected uint8 images [N, 3, H, W]')
+        features = torch.tanh(F.adaptive_avg_pool2d(x.to(torch.float32) / 255, 4).flatten(1) @ self.proj)
+        if return_features:
+            return features
+        return torch.softmax(features @ self.classes, dim=1)
+
+
+@pytest.fixture(scope='module')
+def detectors(tmp_path_factory):
+    """Paths of scripted stand-ins: 2048-d like Inception, and 64-d to keep the matrix square roots cheap."""
+    folder = tmp_path_factory.mktemp('detectors')
+    paths = {}
+    for dim in (2048, 64):
+        paths[dim] = str(folder / f'stand-in-{dim}.pt')
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', DeprecationWarning)
+            torch.jit.save(torch.jit.script(StandInDetector(dim)), paths[dim])
+    return paths
+
+
+def random_images(n, seed, channels=3, size=8):
+    return np.random.default_rng(seed).integers(0, 256, [n, channels, size, size], dtype=np.uint8)
+
+
+def write_pngs(folder, images, names=None):
+    os.makedirs(folder, exist_ok=True)
+    for i, image in enumerate(images):
+        name = names[i] if names else f'{i:04d}.png'
+        os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
+        PIL.Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(os.path.join(folder, name))
+
+
+def numpy_stats(features):
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def run_cli(argv, capsys):
+    code = fid.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def small_generator(label_dim=0):
+    torch.manual_seed(0)
+    return networks.EDMPrecond(img_resolution=8, img_channels=3, label_dim=label_dim, model_type='SongUNet',
+                               model_channels=16, channel_mult=[1, 1], num_blocks=1, attn_resolutions=[]).eval()
+
+# ----------------------------------------------------------------------------------------------------
+# Statistics and distances.
+
+def test_frechet_distance_of_gaussians_equals_closed_form():
+    rng = np.random.default_rng(0)
+    d = 32
+    a, b = rng.standard_normal([d, d]), rng.standard_normal([d, d])
+    sigma1, sigma2 = a @ a.T / d + 0.1 * np.eye(d), b @ b.T / d + 0.1 * np.eye(d)   # do not commute
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+
+    def sym_sqrt(m):
+        w, v = np.linalg.eigh(m)
+        return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    root1 = sym_sqrt(sigma1)
+    # W2^2 between N(mu1, sigma1) and N(mu2, sigma2): |mu1-mu2|^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2)
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(sigma1 + sigma2 - 2 * sym_sqrt(root1 @ sigma2 @ root1))
+    assert fid.frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-8)
+    assert fid.frechet_distance(mu1, sigma1, mu1, sigma1) == pytest.approx(0, abs=1e-8)
+
+
+def test_frechet_distance_of_diagonal_gaussians_is_sum_of_square_root_differences():
+    v1, v2 = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 9.0])
+    mu1, mu2 = np.zeros(3), np.array([1.0, 2.0, 0.0])
+    expected = 5 + np.sum((np.sqrt(v1) - np.sqrt(v2)) ** 2)
+    assert fid.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_streamed_statistics_equal_numpy_mean_and_covariance():
+    features = (np.random.default_rng(1).standard_normal([301, 16]) * 3 + 50).astype(np.float32)  # large mean
+    stats = fid.FeatureStats()
+    for chunk in np.array_split(features, [7, 8, 150]):                      # uneven batches, one of size 1
+        stats.update(torch.from_numpy(chunk))                                 # float32 like a detector's output
+    features = features.astype(np.float64)
+    mu, sigma = stats.mean_cov()
+    ref_mu, ref_sigma = numpy_stats(features)
+    assert stats.num == 301 and mu.dtype == np.float64
+    np.testing.assert_allclose(mu, ref_mu, rtol=1e-12)
+    np.testing.assert_allclose(sigma, ref_sigma, rtol=1e-9, atol=1e-9)
+
+
+def test_statistics_of_wrong_size_are_refused():
+    with pytest.raises(networks.UserError, match='different sizes'):
+        fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    stats = fid.FeatureStats(8)
+    with pytest.raises(networks.UserError, match='8'):
+        stats.update(torch.zeros([2, 9]))
+
+
+def test_inception_score_of_confident_balanced_predictions_is_number_of_classes():
+    probs = np.full([100, 1008], 1e-9)
+    probs[np.arange(100), np.arange(100) % 5] = 1
+    probs /= probs.sum(axis=1, keepdims=True)
+    mean, std = fid.inception_score(probs)
+    assert mean == pytest.approx(5, rel=1e-4) and std == pytest.approx(0, abs=1e-4)
+
+
+def test_inception_score_applies_softmax_to_logits():
+    logits = np.random.default_rng(2).standard_normal([50, 20]) * 3
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    assert fid.inception_score(logits) == pytest.approx(fid.inception_score(probs), rel=1e-10)
+
+# ----------------------------------------------------------------------------------------------------
+# Reference files.
+
+def test_load_ref_reads_npz_like_edm(tmp_path):
+    mu, sigma = np.arange(4.0), np.eye(4) * 2
+    np.savez(tmp_path / 'ref.npz', mu=mu, sigma=sigma)
+    got_mu, got_sigma = fid.load_ref(str(tmp_path / 'ref.npz'))
+    np.testing.assert_array_equal(got_mu, mu)
+    np.testing.assert_array_equal(got_sigma, sigma)
+
+
+def test_load_ref_reads_edm2_pickle_of_numpy_arrays(tmp_path):
+    mu, sigma = np.arange(4.0), np.eye(4) * 3
+    for protocol in (3, 4, 5):
+        path = tmp_path / f'img512-{protocol}.pkl'
+        with open(path, 'wb') as f:
+            pickle.dump({'fid': {'mu': mu, 'sigma': sigma}, 'fd_dinov2': {'mu': mu[:2], 'sigma': sigma[:2, :2]}},
+                        f, protocol=protocol)
+        got_mu, got_sigma = fid.load_ref(str(path))
+        np.testing.assert_array_equal(got_mu, mu)
+        np.testing.assert_array_equal(got_sigma, sigma)
+
+
+def test_load_ref_refuses_pickle_that_names_other_globals(tmp_path):
+    path = tmp_path / 'evil.pkl'
+    with open(path, 'wb') as f:
+        pickle.dump({'fid': {'mu': os.getcwd, 'sigma': None}}, f)
+    with pytest.raises(networks.UserError):
+        fid.load_ref(str(path))
+
+# ----------------------------------------------------------------------------------------------------
+# Reading datasets.
+
+def py2_cifar_batch(data, labels):
+    """A CIFAR-10 batch pickled the way the real file is (Python 2 cPickle, protocol 2, numpy.core names)."""
+    def s(b):
+        return b'U' + bytes([len(b)]) + b if len(b) < 256 else b'T' + struct.pack('<i', len(b)) + b
+
+    def i(v):
+        return b'K' + bytes([v]) if 0 <= v < 256 else b'M' + struct.pack('<H', v) if 0 <= v < 65536 else b'J' + struct.pack('<i', v)
+    p = b'\x80\x02}(' + s(b'batch_label') + s(b'training batch')
+    p += s(b'labels') + b'](' + b''.join(i(int(v)) for v in labels) + b'e'
+    p += s(b'data') + b'cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n' + i(0) + b'\x85' + s(b'b') + b'\x87R'
+    p += b'(' + i(1) + i(len(data)) + i(3072) + b'\x86cnumpy\ndtype\n' + s(b'u1') + i(0) + i(1) + b'\x87R'
+    p += b'(' + i(3) + s(b'|') + b'NNN' + i(-1) + i(-1) + i(0) + b'tb'
+    return p + b'\x89' + s(data.tobytes()) + b'tbu.'
+
+
+def test_cifar10_tarball_is_read_with_labels(tmp_path):
+    rng = np.random.default_rng(3)
+    data = rng.integers(0, 256, [5, 4, 3072], dtype=np.uint8)
+    labels = rng.integers(0, 10, [5, 4])
+    path = tmp_path / 'cifar-10-python.tar.gz'
+    with tarfile.open(path, 'w:gz') as tar:
+        for k in range(5):
+            blob = py2_cifar_batch(data[k], labels[k])
+            info = tarfile.TarInfo(f'cifar-10-batches-py/data_batch_{k + 1}')
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    images, got_labels = fid.load_images(str(path))
+    assert images.shape == (20, 3, 32, 32) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images, data.reshape(20, 3, 32, 32))   # R, G, B planes of 32x32
+    np.testing.assert_array_equal(got_labels, labels.reshape(20))
+
+
+def test_zip_dataset_labels_follow_dataset_json(tmp_path):
+    images = random_images(3, seed=4)
+    path = tmp_path / 'data.zip'
+    names = ['00000/img00000002.png', '00000/img00000000.png', '00000/img00000001.png']
+    with zipfile.ZipFile(path, 'w') as z:
+        for name, image in zip(names, images):
+            buffer = io.BytesIO()
+            PIL.Image.fromarray(image.transpose(1, 2, 0)).save(buffer, format='png')
+            z.writestr(name, buffer.getvalue())
+        z.writestr('dataset.json', json.dumps({'labels': [[n, k + 7] for k, n in enumerate(names)]}))
+    got, labels = fid.load_images(str(path))
+    np.testing.assert_array_equal(got, images[[1, 2, 0]])                 # sorted by name
+    np.testing.assert_array_equal(labels, [8, 9, 7])
+
+
+def test_folder_is_read_recursively_in_name_order_with_grayscale(tmp_path):
+    images = random_images(3, seed=5, channels=1)
+    write_pngs(tmp_path / 'data', images, ['b/1.png', 'a/2.png', 'c.png'])
+    got, labels = fid.load_images(str(tmp_path / 'data'))
+    assert got.shape == (3, 1, 8, 8) and labels is None
+    np.testing.assert_array_equal(got, images[[1, 0, 2]])
+
+# ----------------------------------------------------------------------------------------------------
+# Command line.
+
+def test_cli_ref_writes_inception_sized_statistics_equal_to_numpy(tmp_path, detectors, capsys):
+    images = random_images(24, seed=6)
+    write_pngs(tmp_path / 'data', images)
+    code, out, err = run_cli(['ref', '--data', tmp_path / 'data', '--dest', tmp_path / 'ref.npz',
+                              '--detector', detectors[2048], '--batch', 10, '--workers', 0], capsys)
+    assert code == 0, err
+    with torch.no_grad():
+        features = fid.load_detector(detectors[2048])(torch.from_numpy(images), return_features=True).double().numpy()
+    expected_mu, expected_sigma = numpy_stats(features)
+    with np.load(tmp_path / 'ref.npz') as ref:
+        assert ref['mu'].shape == (2048,) and ref['sigma'].shape == (2048, 2048)
+        np.testing.assert_allclose(ref['mu'], expected_mu, atol=1e-6)       # float32 features, CPU or GPU
+        np.testing.assert_allclose(ref['sigma'], expected_sigma, atol=1e-6)
+
+
+def test_cli_calc_prints_fid_against_ref_written_by_cli_ref(tmp_path, detectors, capsys):
+    real, fake = random_images(30, seed=10), random_images(40, seed=11) // 2    # darker: a clear distance
+    write_pngs(tmp_path / 'real', real)
+    write_pngs(tmp_path / 'fake', fake)
+    code, out, err = run_cli(['ref', '--data', tmp_path / 'real', '--dest', tmp_path / 'ref.npz',
+                              '--detector', detectors[64], '--workers', 0], capsys)
+    assert code == 0, err
+    fids = []
+    for folder in ('real', 'fake'):
+        code, out, err = run_cli(['calc', '--images', tmp_path / folder, '--ref', tmp_path / 'ref.npz', '--num', 30,
+                                  '--detector', detectors[64], '--batch', 7], capsys)
+        assert code == 0, err
+        fids.append(float(out.splitlines()[-1].split()[-1]))          # the FID is the last word printed
+    with torch.no_grad():
+        features = [fid.load_detector(detectors[64])(torch.from_numpy(x), return_features=True).double().numpy()
+                    for x in (real, fake[:30])]
+    assert fids[0] == pytest.approx(0, abs=1e-3)
+    assert fids[1] == pytest.approx(fid.frechet_distance(*numpy_stats(features[1]), *numpy_stats(features[0])), rel=1e-4)
+    assert fids[1] > 0.1
+
+
+def test_cli_gen_evaluates_small_generator_checkpoint(tmp_path, detectors, capsys):
+    G = small_generator()
+    networks.save_network(G, str(tmp_path / 'G.pt'))
+    real = random_images(40, seed=7)
+    with torch.no_grad():
+        features = fid.load_detector(detectors[64])(torch.from_numpy(real), return_features=True).double().numpy()
+    np.savez(tmp_path / 'ref.npz', mu=features.mean(0), sigma=np.cov(features, rowvar=False))
+    code, out, err = run_cli(['gen', '--network', tmp_path / 'G.pt', '--ref', tmp_path / 'ref.npz', '--num', 20,
+                              '--batch', 8, '--detector', detectors[64], '--outdir', tmp_path / 'out', '--is'], capsys)
+    assert code == 0, err
+    value = float(out.splitlines()[-1].split()[-1])
+    generated = fid.generate_images(G, torch.arange(20))
+    expected = fid.generator_metrics(lambda s: generated[s], 20, fid.load_detector(detectors[64]),
+                                     ref=fid.load_ref(str(tmp_path / 'ref.npz')))['fid']
+    assert value == pytest.approx(expected, abs=1e-4) and value > 0
+    assert out.splitlines()[0].startswith('is (20 images):')
+    saved = np.asarray(PIL.Image.open(tmp_path / 'out' / '000013.png')).transpose(2, 0, 1)
+    np.testing.assert_array_equal(saved, generated[13].numpy())
+
+
+@pytest.mark.parametrize('problem', ['empty folder', 'too few images', 'wrong size'])
+def test_cli_bad_input_gives_one_line_error(tmp_path, detectors, capsys, problem):
+    write_pngs(tmp_path / 'data', random_images(5, seed=8))
+    os.makedirs(tmp_path / 'empty')
+    np.savez(tmp_path / 'ref64.npz', mu=np.zeros(64), sigma=np.eye(64))
+    np.savez(tmp_path / 'ref10.npz', mu=np.zeros(10), sigma=np.eye(10))
+    images, num, ref = {'empty folder': ('empty', 5, 'ref64.npz'), 'too few images': ('data', 6, 'ref64.npz'),
+                        'wrong size': ('data', 5, 'ref10.npz')}[problem]
+    code, out, err = run_cli(['calc', '--images', tmp_path / images, '--ref', tmp_path / ref, '--num', num,
+                              '--detector', detectors[64], '--workers', 0], capsys)
+    assert code == 1 and out == ''
+    assert len(err.splitlines()) == 1 and err.startswith('error: ')
+    assert {'empty folder': 'no images', 'too few images': '--num 6', 'wrong size': '10-dimensional'}[problem] in err
+
+
+def test_cli_error_exits_1_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(HERE, 'fid.py'), 'calc', '--images', str(tmp_path / 'none'),
+                             '--ref', str(tmp_path / 'ref.npz'), '--detector', str(tmp_path / 'no-detector.pt')],
+                            capture_output=True, text=True, cwd=HERE)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert result.stderr.startswith('error: ') and len(result.stderr.splitlines()) == 1
+
+# ----------------------------------------------------------------------------------------------------
+# Generation and distributed evaluation.
+
+def test_generated_image_and_class_depend_on_seed_only():
+    G = small_generator(label_dim=10)
+    calls = []
+    forward = G.forward
+    G.forward = lambda x, sigma, labels=None, *args, **kwargs: calls.append(labels) or forward(x, sigma, labels)
+    together = fid.generate_images(G, torch.tensor([3, 4, 5]))
+    alone = fid.generate_images(G, torch.tensor([5]))
+    assert together.dtype == torch.uint8 and together.shape == (3, 3, 8, 8)
+    torch.testing.assert_close(together[2], alone[0])
+    torch.testing.assert_close(calls[0][2], calls[1][0])
+    assert calls[0].sum(dim=1).tolist() == [1, 1, 1]                    # one-hot classes
+
+
+def test_latent_generator_is_refused_with_user_error():
+    class Latent(torch.nn.Module):
+        img_channels, img_resolution, label_dim = 4, 8, 0
+    with pytest.raises(networks.UserError, match='VAE decoder'):
+        fid.generate_images(Latent(), torch.arange(2), device='cpu')
+
+
+def test_parse_seeds_reads_ranges_and_lists():
+    assert fid.parse_seeds('0-3,7') == [0, 1, 2, 3, 7]
+    with pytest.raises(networks.UserError, match='--seeds'):
+        fid.parse_seeds('a-b')
+
+
+def toy_generate(seeds):
+    """Images that depend on the seed only (for the distributed test)."""
+    return torch.stack([torch.from_numpy(random_images(1, seed=int(s), size=16)[0]) for s in seeds])
+
+
+def distributed_worker(rank, world_size, init_file, out_file):
+    torch.distributed.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world_size)
+    result = fid.generator_metrics(toy_generate, 23, fid.ToyFeatures(16, 3), batch=4, want_is=True, progress=False)
+    if rank == 1:
+        torch.save(result, out_file)
+    torch.distributed.destroy_process_group()
+
+
+def test_generator_metrics_on_two_ranks_equal_one_process(tmp_path):
+    single = fid.generator_metrics(toy_generate, 23, fid.ToyFeatures(16, 3), batch=5, want_is=True)
+    torch.multiprocessing.spawn(distributed_worker, args=(2, str(tmp_path / 'init'), str(tmp_path / 'out.pt')), nprocs=2)
+    double = torch.load(tmp_path / 'out.pt', weights_only=False)
+    np.testing.assert_allclose(double['mu'], single['mu'], rtol=1e-12)
+    np.testing.assert_allclose(double['sigma'], single['sigma'], rtol=1e-9, atol=1e-12)
+    assert double['is'] == pytest.approx(single['is'], rel=1e-9)        # same images in the same splits
+
+# ----------------------------------------------------------------------------------------------------
+# Toy feature extractor.
+
+def test_toy_features_are_fixed_and_see_structure_colour_and_noise():
+    rng = np.random.default_rng(9)
+    x = np.zeros([600, 3, 16, 16], np.float32)
+    for k in range(600):                       # squares of random position and colour on grey
+        r, c = rng.integers(0, 10, 2)
+        x[k, :, r:r + 6, c:c + 6] = rng.uniform(0.3, 1, [3, 1, 1])
+    x = (x + 0.2 + 0.05 * rng.standard_normal(x.shape)).clip(0, 1)
+    real = torch.from_numpy((x * 255).astype(np.uint8))
+    a, b = real[:300], real[300:]
+    torch.manual_seed(0)
+    changed = {'shuffled': a.flatten(2)[:, :, torch.randperm(256)].reshape(a.shape),   # same colours, no shapes
+               'tinted': (a.double() * torch.tensor([1.0, 0.8, 0.8])[:, None, None]).to(torch.uint8),
+               'noisy': (a.double() + 20 * torch.randn(a.shape)).clamp(0, 255).to(torch.uint8)}
+
+    toy = fid.ToyFeatures(16, 3)
+    assert torch.equal(toy(a, return_features=True), fid.ToyFeatures(16, 3)(a, return_features=True))
+    assert toy(a, return_features=True).shape == (300, toy.dim) and 64 <= toy.dim <= 256
+
+    def stats(images):
+        s = fid.FeatureStats()
+        s.update(toy(images, return_features=True))
+        return s.mean_cov()
+    same = fid.frechet_distance(*stats(b), *stats(a))
+    for name, images in changed.items():
+        assert fid.frechet_distance(*stats(b), *stats(images)) > 4 * same, name
+
+
+# ===================================================================================================
+# train_cifar.sh and train_imagenet.sh: published settings, downloads, data checks
+# ===================================================================================================
+
+CIFAR = ROOT / 'train_cifar.sh'
+IMAGENET = ROOT / 'train_imagenet.sh'
+METHODS = ['sid', 'sida', 'sid2a']
+SIZES = ['xs', 's', 'm', 'l', 'xl', 'xxl']
+RESOLUTIONS = ['64'] + [f'512-{size}' for size in SIZES]
+BOOLEAN_FLAGS = {'--cond', '--compile'}
+
+# SPEC §6, the SiDA row of each run; SiD and SiD²A differ as the scripts' headers say.
+CIFAR_SIDA = dict(batch=256, lr=1e-5, glr=1e-5, alpha=1.0, precision='fp32', dropout=0.13,
+                  augment=0.12, ema=0.5, lsg=100, lsd=1, lsg_gan=0.01, duration=300,
+                  tmax=800, init_sigma=2.5, p_mean=-1.2, p_std=1.2)
+IMAGENET64_SIDA = dict(batch=8192, lr=4e-6, glr=4e-6, alpha=1.0, precision='fp16', dropout=0.1,
+                       augment=0, ema=2, lsg=100, lsd=1, lsg_gan=0.01, duration=300,
+                       tmax=800, init_sigma=2.5, p_mean=-1.2, p_std=1.2)
+IMG512_SIDA = dict(batch=2048, lr=5e-5, glr=5e-5, alpha=1.0, precision='fp16', dropout=0.1,
+                   augment=0, ema=2, lsg=100, lsd=100, lsg_gan=0.01, duration=200,
+                   tmax=800, init_sigma=2.5, p_mean=-0.4, p_std=1.0)
+EDM2_TEACHERS = {'xs': 'edm2-img512-xs-2147483-0.135.pkl', 's': 'edm2-img512-s-2147483-0.130.pkl',
+                 'm': 'edm2-img512-m-2147483-0.100.pkl', 'l': 'edm2-img512-l-1879048-0.085.pkl',
+                 'xl': 'edm2-img512-xl-1342177-0.085.pkl', 'xxl': 'edm2-img512-xxl-0939524-0.070.pkl'}
+SID_GENERATORS = {
+    'cifar10-uncond': 'https://huggingface.co/UT-Austin-PML/SiD/resolve/main/cifar10-uncond/alpha1.2/network-snapshot-1.200000-403968.pkl',
+    'cifar10-cond': 'https://huggingface.co/UT-Austin-PML/SiD/resolve/main/cifar10-cond/alpha1.2/network-snapshot-1.200000-713312.pkl',
+    '64': 'https://huggingface.co/UT-Austin-PML/SiD/resolve/main/imagenet64/alpha1.2/network-snapshot-1.200000-939176.pkl',
+    **{f'512-{size}': 'https://huggingface.co/UT-Austin-PML/SiDA/resolve/main/EDM2_distillation/'
+       + f'edm2_img512_{size}_{"sida" if size == "xxl" else "sid"}_alpha1-{n}.pkl'
+       for size, n in [('xs', '249360'), ('s', '192010'), ('m', '226830'), ('l', '203788'),
+                       ('xl', '234004'), ('xxl', '077932')]},
+}
+INCEPTION = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt'
+
+
+def expected_settings(sida_row, method, sid_alpha, sid_duration):
+    settings = dict(sida_row, method=method)
+    if method == 'sid':
+        settings.update(alpha=sid_alpha, duration=sid_duration, lsd=None, lsg_gan=None)
+    if method == 'sid2a':
+        settings.update(duration=100)
+    return settings
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+
+def make_dataset(path, ext='png', labels=True, with_json=True):
+    with zipfile.ZipFile(path, 'w') as z:
+        z.writestr(f'00000/img00000000.{ext}', b'x')
+        if with_json:
+            z.writestr('dataset.json', json.dumps({'labels': [['00000/img00000000.' + ext, 3]] if labels else None}))
+    return path
+
+
+def make_tool(bindir, name, body):
+    bindir.mkdir(exist_ok=True)
+    tool = bindir / name
+    tool.write_text('#!/usr/bin/env bash\n' + body + '\n')
+    tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
+    return tool
+
+
+@pytest.fixture
+def env(tmp_path):
+    """A hermetic environment: fresh HOME and cache, eight GPUs, no multi-node variables."""
+    keep = {'PATH', 'LANG', 'LC_ALL', 'TMPDIR'}
+    e = {k: v for k, v in os.environ.items() if k in keep}
+    (tmp_path / 'home').mkdir()
+    e.update(HOME=str(tmp_path / 'home'), SIDA_CACHE=str(tmp_path / 'cache'), NGPU='8')
+    return e
+
+
+@pytest.fixture
+def data64(tmp_path):
+    return make_dataset(tmp_path / 'imagenet-64x64.zip', 'png')
+
+
+@pytest.fixture
+def data512(tmp_path):
+    return make_dataset(tmp_path / 'img512-sd.zip', 'npy')
+
+
+def run(script, *args, env, cwd=None, **more_env):
+    return subprocess.run(['bash', str(script), *map(str, args)], env={**env, **more_env},
+                          cwd=cwd or env['HOME'], capture_output=True, text=True, timeout=60)
+
+
+def torchrun_line(stdout):
+    lines = [line for line in stdout.splitlines() if line.startswith('torchrun ')]
+    assert len(lines) == 1, stdout
+    return lines[0]
+
+
+def split_command(stdout):
+    """-> (torchrun's own arguments, sida.py's flags as a dict, sida.py's argument list)."""
+    tokens = shlex.split(torchrun_line(stdout))
+    i = next(i for i, t in enumerate(tokens) if t.endswith('sida.py'))
+    launcher, sida_args = tokens[:i], tokens[i + 1:]
+    flags, j = {}, 0
+    while j < len(sida_args):
+        flag = sida_args[j]
+        assert flag.startswith('--'), sida_args
+        if flag in BOOLEAN_FLAGS:
+            flags[flag] = True
+            j += 1
+        else:
+            flags[flag] = sida_args[j + 1]
+            j += 2
+    return launcher, flags, sida_args
+
+
+def assert_settings(flags, settings):
+    for key, want in settings.items():
+        flag = '--' + key.replace('_', '-')
+        if want is None:
+            assert flag not in flags, f'{flag} should be absent'
+        elif isinstance(want, str):
+            assert flags.get(flag) == want, f'{flag}: {flags.get(flag)} != {want}'
+        else:
+            assert flag in flags, f'{flag} missing'
+            assert float(flags[flag]) == pytest.approx(want, rel=1e-12), f'{flag}: {flags[flag]} != {want}'
+
+
+# ---- the published settings --------------------------------------------------------------------
+
+@pytest.mark.parametrize('cond', ['uncond', 'cond'])
+@pytest.mark.parametrize('method', METHODS)
+def test_cifar_dry_run_carries_published_settings(env, method, cond):
+    r = run(CIFAR, method, cond, '--dry-run', env=env)
+    assert r.returncode == 0, r.stderr
+    launcher, flags, _ = split_command(r.stdout)
+    assert_settings(flags, expected_settings(CIFAR_SIDA, method, sid_alpha=1.2, sid_duration=500))
+    cache = Path(env['SIDA_CACHE'])
+    assert flags['--teacher'] == str(cache / f'edm-cifar10-32x32-{cond}-vp.pkl')
+    assert flags['--data'] == str(cache / 'cifar-10-python.tar.gz')
+    assert flags['--ref'] == str(cache / 'cifar10-32x32.npz')
+    assert flags['--detector'] == str(cache / 'inception-2015-12-05.pt')
+    assert flags['--metrics'] == 'fid50k'
+    assert ('--cond' in flags) == (cond == 'cond')
+    assert ('--init-generator' in flags) == (method == 'sid2a')
+    assert flags['--outdir'] == f'runs/cifar10-{cond}-{method}'
+    assert '--batch-gpu' not in flags
+    assert '--nproc_per_node=8' in launcher
+
+
+@pytest.mark.parametrize('res', RESOLUTIONS)
+@pytest.mark.parametrize('method', METHODS)
+def test_imagenet_dry_run_carries_published_settings(env, data64, data512, method, res):
+    data = data64 if res == '64' else data512
+    r = run(IMAGENET, method, res, '--dry-run', env=env, DATA=str(data))
+    assert r.returncode == 0, r.stderr
+    assert 'warning' not in r.stderr
+    launcher, flags, _ = split_command(r.stdout)
+    cache = Path(env['SIDA_CACHE'])
+    if res == '64':
+        want = expected_settings(IMAGENET64_SIDA, method, sid_alpha=1.2, sid_duration=300)
+        teacher, ref = 'edm-imagenet-64x64-cond-adm.pkl', 'imagenet-64x64.npz'
+    else:
+        size = res.split('-')[1]
+        want = expected_settings(IMG512_SIDA, method, sid_alpha=1.0, sid_duration=200)
+        want['dropout'] = 0 if size in ('xs', 's') else 0.1
+        teacher, ref = EDM2_TEACHERS[size], 'img512.pkl'
+    assert_settings(flags, want)
+    assert flags['--teacher'] == str(cache / teacher)
+    assert flags['--ref'] == str(cache / ref)
+    assert flags['--detector'] == str(cache / 'inception-2015-12-05.pt')
+    assert flags['--data'] == str(data)
+    assert flags['--cond'] is True
+    assert flags['--metrics'] == 'fid50k'
+    assert ('--init-generator' in flags) == (method == 'sid2a')
+    assert '--nproc_per_node=8' in launcher
+
+
+@pytest.mark.parametrize('script, setting', [(CIFAR, 'uncond'), (CIFAR, 'cond')]
+                         + [(IMAGENET, res) for res in RESOLUTIONS])
+def test_sid2a_starts_from_the_released_sid_generator(env, data512, script, setting):
+    r = run(script, 'sid2a', setting, '--dry-run', env=env, DATA=str(data512))
+    assert r.returncode == 0, r.stderr
+    key = f'cifar10-{setting}' if script == CIFAR else setting
+    url = SID_GENERATORS[key]
+    downloads = [line for line in r.stdout.splitlines() if line.startswith(('curl ', 'wget '))]
+    download = next(line for line in downloads if line.endswith(url))
+    _, flags, _ = split_command(r.stdout)
+    tmp = shlex.split(download)[-2]
+    assert f'mv {tmp} {flags["--init-generator"]}' in r.stdout
+
+
+# ---- downloads ---------------------------------------------------------------------------------
+
+def test_dry_run_prints_every_download_and_touches_nothing(env, tmp_path):
+    r = run(CIFAR, 'sida', 'uncond', '--dry-run', env=env)
+    assert r.returncode == 0, r.stderr
+    for url in ['https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-vp.pkl',
+                'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz',
+                'https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz', INCEPTION]:
+        assert any(line.startswith(('curl ', 'wget ')) and line.endswith(url)
+                   for line in r.stdout.splitlines()), url
+    assert f'mkdir -p {env["SIDA_CACHE"]}' in r.stdout
+    assert not Path(env['SIDA_CACHE']).exists()
+    assert list(Path(env['HOME']).iterdir()) == []
+
+
+def test_imagenet_dry_run_downloads_the_edm2_teacher_and_reference(env, data512):
+    r = run(IMAGENET, 'sida', '512-m', '--dry-run', env=env, DATA=str(data512))
+    assert r.returncode == 0, r.stderr
+    assert 'https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/edm2-img512-m-2147483-0.100.pkl' in r.stdout
+    assert 'https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img512.pkl' in r.stdout
+    assert INCEPTION in r.stdout
+    assert not Path(env['SIDA_CACHE']).exists()
+
+
+def test_dry_run_lines_are_valid_shell(env):
+    r = run(CIFAR, 'sid2a', 'cond', '--dry-run', '--note', "it's a test", env=env)
+    for line in r.stdout.splitlines():
+        assert subprocess.run(['bash', '-n', '-c', line]).returncode == 0, line
+    *_, sida_args = split_command(r.stdout)
+    assert sida_args[-2:] == ['--note', "it's a test"]
+
+
+def test_cached_files_are_not_downloaded_again(env):
+    cache = Path(env['SIDA_CACHE'])
+    cache.mkdir()
+    for name in ['edm-cifar10-32x32-uncond-vp.pkl', 'cifar-10-python.tar.gz', 'cifar10-32x32.npz',
+                 'inception-2015-12-05.pt']:
+        (cache / name).write_bytes(b'cached')
+    r = run(CIFAR, 'sida', 'uncond', '--dry-run', env=env)
+    assert r.returncode == 0, r.stderr
+    assert not any(line.startswith(('curl ', 'wget ', 'mkdir ', 'mv ')) for line in r.stdout.splitlines())
+    assert r.stdout.count('# cached: ') == 4
+
+
+@pytest.fixture
+def fake_torchrun(tmp_path):
+    """A torchrun on PATH that records its arguments, one per line, instead of training."""
+    record = tmp_path / 'torchrun-args'
+    bindir = tmp_path / 'bin'
+    make_tool(bindir, 'torchrun', f'printf "%s\\n" "$@" > {shlex.quote(str(record))}')
+    return bindir, record
+
+
+def test_real_run_downloads_atomically_then_launches_torchrun(env, tmp_path, fake_torchrun):
+    bindir, record = fake_torchrun
+    cache = Path(env['SIDA_CACHE'])
+    cache.mkdir()
+    for name in ['edm-cifar10-32x32-cond-vp.pkl', 'cifar-10-python.tar.gz', 'cifar10-32x32.npz',
+                 'inception-2015-12-05.pt']:
+        (cache / name).write_bytes(b'cached')
+    source = tmp_path / 'my-sid.pkl'
+    source.write_bytes(b'generator weights')
+    env = dict(env, PATH=f'{bindir}:{env["PATH"]}', INIT_GENERATOR=source.as_uri())
+    r = run(CIFAR, 'sid2a', 'cond', '--seed', '5', env=env)
+    assert r.returncode == 0, r.stderr
+    assert (cache / 'sid-cifar10-cond-my-sid.pkl').read_bytes() == b'generator weights'
+    assert not list(cache.glob('*.part*'))
+    launched = record.read_text().splitlines()
+    printed = shlex.split(torchrun_line(r.stdout))
+    assert launched == printed[1:]
+    assert launched[launched.index('--init-generator') + 1] == str(cache / 'sid-cifar10-cond-my-sid.pkl')
+    assert launched[-2:] == ['--seed', '5']
+
+
+def test_failed_download_leaves_no_partial_file_and_exits_1(env, tmp_path, fake_torchrun):
+    bindir, record = fake_torchrun
+    env = dict(env, PATH=f'{bindir}:{env["PATH"]}', INIT_GENERATOR=(tmp_path / 'absent.pkl').as_uri())
+    cache = Path(env['SIDA_CACHE'])
+    cache.mkdir()
+    for name in ['edm-cifar10-32x32-uncond-vp.pkl', 'cifar-10-python.tar.gz', 'cifar10-32x32.npz',
+                 'inception-2015-12-05.pt']:
+        (cache / name).write_bytes(b'cached')
+    r = run(CIFAR, 'sid2a', 'uncond', env=env)
+    assert r.returncode == 1
+    assert 'could not download' in r.stderr and 'absent.pkl' in r.stderr
+    assert sorted(p.name for p in cache.iterdir()) == ['cifar-10-python.tar.gz', 'cifar10-32x32.npz',
+                                                       'edm-cifar10-32x32-uncond-vp.pkl',
+                                                       'inception-2015-12-05.pt']
+    assert not record.exists()
+
+
+def test_wget_is_used_when_curl_is_missing(env, tmp_path):
+    bindir = tmp_path / 'bin'
+    bindir.mkdir()
+    for tool in ['bash', 'dirname', 'python3']:
+        (bindir / tool).symlink_to(shutil.which(tool))
+    make_tool(bindir, 'wget', 'exit 0')
+    r = run(CIFAR, 'sida', 'uncond', '--dry-run', env=env, PATH=str(bindir))
+    assert r.returncode == 0, r.stderr
+    downloads = [line for line in r.stdout.splitlines() if line.startswith(('curl ', 'wget '))]
+    assert len(downloads) == 4 and all(line.startswith('wget -O ') for line in downloads)
+
+
+def test_local_init_generator_is_used_without_download(env, tmp_path):
+    r = run(CIFAR, 'sid2a', 'uncond', '--dry-run', env=env, INIT_GENERATOR=str(tmp_path / 'g.pkl'))
+    _, flags, _ = split_command(r.stdout)
+    assert flags['--init-generator'] == str(tmp_path / 'g.pkl')
+    assert 'huggingface' not in r.stdout
+
+
+# ---- ImageNet dataset check --------------------------------------------------------------------
+
+@pytest.mark.parametrize('res, words', [
+    ('64', ['dataset_tool.py', '--resolution=64x64', 'dataset.json', 'labels', 'github.com/NVlabs/edm']),
+    ('512-xs', ['dataset_tool.py convert', 'dataset_tool.py encode', '--resolution=512x512',
+                'sida.py --prepare-latents', "this project's", 'dataset.json', '.npy', 'github.com/NVlabs/edm2']),
+])
+@pytest.mark.parametrize('method', METHODS)
+def test_missing_imagenet_data_prints_instructions_and_exits_1(env, tmp_path, fake_torchrun, method, res, words):
+    bindir, record = fake_torchrun
+    env = dict(env, PATH=f'{bindir}:{env["PATH"]}', DATA=str(tmp_path / 'absent.zip'))
+    r = run(IMAGENET, method, res, env=env)
+    assert r.returncode == 1
+    assert 'absent.zip' in r.stderr and 'no such file' in r.stderr
+    for word in words + ['cannot be downloaded', 'DATA=', 'SiD uses only the labels']:
+        assert word in r.stderr, word
+    assert r.stdout == ''
+    assert not record.exists()
+    assert not Path(env['SIDA_CACHE']).exists()
+
+
+@pytest.mark.parametrize('make, reason', [
+    (lambda p: p.write_text('not a zip'), 'not a zip file'),
+    (lambda p: make_dataset(p, 'png', with_json=False), 'no dataset.json'),
+    (lambda p: make_dataset(p, 'png', labels=False), 'no class labels'),
+    (lambda p: make_dataset(p, 'npy'), 'no .png files'),
+])
+def test_malformed_imagenet_data_is_refused(env, tmp_path, make, reason):
+    data = tmp_path / 'bad.zip'
+    make(data)
+    r = run(IMAGENET, 'sida', '64', env=env, DATA=str(data))
+    assert r.returncode == 1
+    assert reason in r.stderr and 'dataset_tool.py' in r.stderr
+
+
+def test_latent_zip_is_required_at_512(env, data64):
+    r = run(IMAGENET, 'sida', '512-l', env=env, DATA=str(data64))
+    assert r.returncode == 1
+    assert 'no .npy files' in r.stderr
+
+
+def test_dry_run_with_missing_imagenet_data_warns_and_still_prints(env, tmp_path):
+    r = run(IMAGENET, 'sid', '64', '--dry-run', env=env, DATA=str(tmp_path / 'absent.zip'))
+    assert r.returncode == 0
+    assert 'warning' in r.stderr and 'absent.zip' in r.stderr
+    _, flags, _ = split_command(r.stdout)
+    assert flags['--data'] == str(tmp_path / 'absent.zip')
+
+
+def test_imagenet_data_defaults_to_the_edm_file_names(env):
+    for res, name in [('64', 'datasets/imagenet-64x64.zip'), ('512-s', 'datasets/img512-sd.zip')]:
+        r = run(IMAGENET, 'sida', res, '--dry-run', env=env)
+        _, flags, _ = split_command(r.stdout)
+        assert flags['--data'] == name
+
+
+# ---- arguments and environment -----------------------------------------------------------------
+
+@pytest.mark.parametrize('script, args', [
+    (CIFAR, []), (CIFAR, ['sida']), (CIFAR, ['sidb', 'uncond']), (CIFAR, ['sida', 'conditional']),
+    (CIFAR, ['--dry-run']), (IMAGENET, []), (IMAGENET, ['sida']), (IMAGENET, ['sida', '128']),
+    (IMAGENET, ['sida', '512-xxxl']), (IMAGENET, ['gan', '64']), (IMAGENET, ['sida', '512']),
+])
+def test_wrong_arguments_print_usage_and_exit_2(env, script, args):
+    r = run(script, *args, env=env)
+    assert r.returncode == 2
+    assert 'usage:' in r.stderr
+    assert r.stdout == ''
+
+
+@pytest.mark.parametrize('script', [CIFAR, IMAGENET])
+def test_bad_gpu_count_is_a_usage_error(env, script):
+    r = run(script, 'sida', 'cond' if script == CIFAR else '64', '--dry-run', env=env, NGPU='eight')
+    assert r.returncode == 2 and 'NGPU' in r.stderr
+
+
+@pytest.mark.parametrize('script, setting', [(CIFAR, 'uncond'), (IMAGENET, '512-xl')])
+def test_extra_arguments_pass_through_verbatim(env, data512, script, setting):
+    extra = ['--seed', '7', '--tick', '10', '--outdir', 'my run']
+    r = run(script, 'sida', setting, *extra, '--dry-run', env=env, DATA=str(data512))
+    assert r.returncode == 0, r.stderr
+    *_, sida_args = split_command(r.stdout)
+    assert sida_args[-len(extra):] == extra
+
+
+@pytest.mark.parametrize('script, setting', [(CIFAR, 'cond'), (IMAGENET, '64')])
+def test_batch_gpu_is_passed_only_when_set(env, data64, script, setting):
+    _, flags, _ = split_command(run(script, 'sida', setting, '--dry-run', env=env, DATA=str(data64)).stdout)
+    assert '--batch-gpu' not in flags
+    r = run(script, 'sida', setting, '--dry-run', env=env, DATA=str(data64), BATCH_GPU='16')
+    _, flags, _ = split_command(r.stdout)
+    assert flags['--batch-gpu'] == '16'
+
+
+@pytest.mark.parametrize('script, setting', [(CIFAR, 'uncond'), (IMAGENET, '512-xxl')])
+def test_multi_node_variables_reach_torchrun(env, data512, script, setting):
+    r = run(script, 'sida', setting, '--dry-run', env=env, DATA=str(data512), NGPU='4', NNODES='2',
+            NODE_RANK='1', MASTER_ADDR='10.1.2.3', MASTER_PORT='12345')
+    assert r.returncode == 0, r.stderr
+    launcher, _, _ = split_command(r.stdout)
+    assert launcher == ['torchrun', '--nnodes=2', '--node_rank=1', '--nproc_per_node=4',
+                        '--master_addr=10.1.2.3', '--master_port=12345']
+
+
+def test_single_node_is_standalone(env):
+    launcher, _, _ = split_command(run(CIFAR, 'sid', 'uncond', '--dry-run', env=env).stdout)
+    assert launcher == ['torchrun', '--standalone', '--nproc_per_node=8']
+
+
+def test_multi_node_without_master_addr_is_a_usage_error(env):
+    r = run(CIFAR, 'sida', 'uncond', '--dry-run', env=env, NNODES='2')
+    assert r.returncode == 2 and 'MASTER_ADDR' in r.stderr
+
+
+@pytest.mark.parametrize('smi, ngpu', [('printf "GPU 0: H100\\nGPU 1: H100\\nGPU 2: H100\\n"', 3),
+                                       ('exit 9', 1)])
+def test_gpu_count_comes_from_nvidia_smi(env, tmp_path, smi, ngpu):
+    bindir = tmp_path / 'bin'
+    make_tool(bindir, 'nvidia-smi', smi)
+    env = {k: v for k, v in env.items() if k != 'NGPU'}
+    r = run(CIFAR, 'sida', 'uncond', '--dry-run', env=env, PATH=f'{bindir}:{env["PATH"]}')
+    launcher, _, _ = split_command(r.stdout)
+    assert f'--nproc_per_node={ngpu}' in launcher
+
+
+@pytest.mark.parametrize('script, setting', [(CIFAR, 'cond'), (IMAGENET, '64')])
+def test_duration_and_outdir_can_be_overridden(env, data64, script, setting):
+    r = run(script, 'sid2a', setting, '--dry-run', env=env, DATA=str(data64), DURATION='20',
+            OUTDIR='/runs/x')
+    _, flags, _ = split_command(r.stdout)
+    assert flags['--duration'] == '20' and flags['--outdir'] == '/runs/x'
+
+
+# ---- static checks -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('script', [CIFAR, IMAGENET])
+def test_script_parses_with_bash_n(script):
+    r = subprocess.run(['bash', '-n', str(script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize('script', [CIFAR, IMAGENET])
+def test_script_passes_shellcheck(script):
+    if shutil.which('shellcheck') is None:
+        pytest.skip('shellcheck is not installed')
+    r = subprocess.run(['shellcheck', str(script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
+
+
+@pytest.mark.parametrize('script', [CIFAR, IMAGENET])
+def test_script_is_executable(script):
+    assert os.access(script, os.X_OK)
