@@ -506,12 +506,14 @@ def dataset_metrics(source, detector, num=None, ref=None, batch=64, device='cpu'
 # ----------------------------------------------------------------------------------------------------
 # One-step generation.
 
-def generate_images(G, seeds, sigma_init=SIGMA_INIT, device=None):
+_vae = {}
+
+
+def generate_images(G, seeds, sigma_init=SIGMA_INIT, device=None, vae=None):
     """x = G(sigma_init * z, sigma_init, c) as uint8 [n, C, H, W]. Each image depends on its seed only:
     z ~ N(0, I) is drawn from torch.Generator().manual_seed(seed), and for a conditional G the class
-    is the next draw of that generator, randint(label_dim) (so z is the same with or without labels)."""
-    if G.img_channels == 4:
-        raise UserError('latent generators need the VAE decoder: not yet supported')
+    is the next draw of that generator, randint(label_dim) (so z is the same with or without labels).
+    EDM2 latent generators (4 channels) are decoded with the Stable Diffusion VAE (loaded once)."""
     if device is None:
         device = next(G.parameters()).device
     shape = [G.img_channels, G.img_resolution, G.img_resolution]
@@ -525,6 +527,10 @@ def generate_images(G, seeds, sigma_init=SIGMA_INIT, device=None):
     labels = F.one_hot(torch.tensor(classes), G.label_dim).to(device, torch.float32) if G.label_dim else None
     with torch.no_grad():
         x = G(sigma_init * z, sigma_init, labels)
+    if G.img_channels == 4:
+        if vae is None:
+            vae = _vae.get(str(device)) or _vae.setdefault(str(device), networks.load_vae(device=device))
+        return networks.decode_latents(vae, x)
     return (x.to(torch.float32) * 127.5 + 128).clip(0, 255).to(torch.uint8)   # [-1, 1] -> 0..255 (EDM)
 
 
@@ -575,12 +581,11 @@ def cmd_gen(args, device):
     if len(seeds) < num:
         raise UserError(f'--seeds {args.seeds} gives {len(seeds)} seeds, fewer than --num {num}')
     G = networks.load_network(args.network, device)
-    if G.img_channels == 4:
-        raise UserError(f'--network {args.network}: latent generators need the VAE decoder: not yet supported')
+    vae = networks.load_vae(args.vae, device) if G.img_channels == 4 else None     # EDM2 latent generators
     detector = load_detector(args.detector, device)
 
     def generate(batch_seeds):
-        images = generate_images(G, batch_seeds, args.init_sigma, device)
+        images = generate_images(G, batch_seeds, args.init_sigma, device, vae=vae)
         if args.outdir:
             save_images(images, batch_seeds, args.outdir)
         return images
@@ -616,6 +621,7 @@ def parse_args(argv=None):
     gen.add_argument('--seeds', help='seeds to generate, e.g. 0-49999 (default 0..num-1)')
     gen.add_argument('--outdir', help='also save the images as PNGs here')
     gen.add_argument('--init-sigma', type=float, default=SIGMA_INIT, help='sigma_init of the one-step generator')
+    gen.add_argument('--vae', default=networks.VAE_NAME, help='EDM2 latent generators: the VAE (hub name or folder)')
     for p in (calc, gen):
         p.add_argument('--ref', required=True, help='reference statistics: npz or EDM2 pkl, path or URL')
         p.add_argument('--is', dest='inception_score', action='store_true', help='also print the Inception Score')

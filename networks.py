@@ -1102,3 +1102,59 @@ def load_network(source, device='cpu'):
         net = _load_official_pickle(path)
         net.meta = {}
     return net.eval().requires_grad_(False).to(device)
+
+# ----------------------------------------------------------------------------------------------------
+# EDM2's latent space: the Stable Diffusion VAE (SPEC §7), through diffusers, imported only on this path.
+
+VAE_NAME = 'stabilityai/sd-vae-ft-mse'
+LATENT_MEAN = (5.81, 3.25, 0.12, -2.15)     # statistics of the raw VAE latents of ImageNet 512 (EDM2)
+LATENT_STD = (4.17, 4.62, 3.71, 3.28)
+LATENT_FINAL_STD = 0.5                      # the normalised latents have this standard deviation
+
+
+def load_vae(source=VAE_NAME, device='cpu'):
+    """diffusers.AutoencoderKL from a hub name or a local folder, in eval mode without gradients."""
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:
+        raise UserError('EDM2 latents need the Stable Diffusion VAE through diffusers: pip install diffusers') from None
+    try:
+        vae = AutoencoderKL.from_pretrained(source)
+    except Exception as e:
+        raise UserError(f'could not load the VAE {source} ({type(e).__name__}); download it once with internet '
+                        f'or pass a local folder') from None
+    return vae.eval().requires_grad_(False).to(device)
+
+
+def _latent_stats(x):
+    shape = (1, -1, 1, 1)
+    mean = torch.tensor(LATENT_MEAN, device=x.device).view(shape)
+    std = torch.tensor(LATENT_STD, device=x.device).view(shape)
+    return mean, std
+
+
+def normalize_latents(raw):
+    """Raw VAE latents -> the network's space: (raw - mean) * final_std / std (SPEC §7)."""
+    mean, std = _latent_stats(raw)
+    return (raw - mean) * (LATENT_FINAL_STD / std)
+
+
+def denormalize_latents(x):
+    mean, std = _latent_stats(x)
+    return x * (std / LATENT_FINAL_STD) + mean
+
+
+@torch.no_grad()
+def encode_images(vae, images):
+    """uint8 images [N, 3, H, W] -> float32 [N, 8, H/8, W/8]: the VAE posterior's mean and std, as EDM2 stores them."""
+    x = images.to(next(vae.parameters()).device, torch.float32) / 127.5 - 1
+    posterior = vae.encode(x).latent_dist
+    return torch.cat([posterior.mean, posterior.std], dim=1).float()
+
+
+@torch.no_grad()
+def decode_latents(vae, x):
+    """Normalised latents [N, 4, h, w] -> uint8 images [N, 3, 8h, 8w]."""
+    raw = denormalize_latents(x.float()).to(next(vae.parameters()).device)
+    images = vae.decode(raw).sample
+    return (images.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)

@@ -26,7 +26,9 @@ import os
 import signal
 import sys
 import time
+import zipfile
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -79,6 +81,7 @@ def parse_args(argv=None):
     a('--metrics',        default='fid50k', help='comma list of fidNk, isNk, fd, fdNk, or none')
     a('--ref',            default=None,  help='reference statistics for FID (npz/pkl path or URL)')
     a('--detector',       default=None,  help='Inception detector (path or URL; default: the official URL)')
+    a('--vae',            default=networks.VAE_NAME, help='EDM2 latents: the Stable Diffusion VAE (hub name or folder)')
     a('--device',         default=None,  help='cuda or cpu (default: cuda when available)')
     a('--resume',         default=None,  help='continue the run in this folder from its training-state.pt')
     a('--max-nonfinite',  type=int,   default=100, help='stop after this many iterations in a row with no finite sample')
@@ -87,6 +90,7 @@ def parse_args(argv=None):
     a('--arch',           default='ddpmpp', choices=['ddpmpp', 'ncsnpp', 'adm', 'edm2'], help='toy/bench architecture')
     a('--teacher-kimg',   type=float, default=None, help='toy: images to train the toy teacher on, kimg')
     a('--bench',          action='store_true', help='time full SiDA iterations on random networks and exit')
+    a('--prepare-latents', nargs=2, metavar=('SRC', 'DEST'), help='encode 512x512 images into an EDM2 latent zip')
     a('--bench-iters',    type=int,   default=10)
     a('--resolution',     type=int,   default=32)
     a('--cbase',          type=int,   default=128)
@@ -99,7 +103,7 @@ def parse_args(argv=None):
     if args.preset == 'toy':
         # Only flags left at their defaults are changed, so `--preset toy --method sid` etc. still work.
         toy = dict(teacher=None, data='toy', cond=True, outdir='runs/toy', batch=64, lr=1e-4, glr=1e-4,
-                   ema=0.002, duration=0.024, dropout=0.0, augment=0.0, gen_start_kimg=0.5, adv_start_kimg=1.0,
+                   ema=0.002, duration=0.02, dropout=0.0, augment=0.0, gen_start_kimg=0.5, adv_start_kimg=1.0,
                    tick=2., snap=2, dump=2, metrics='fd', teacher_kimg=100.)
         for k, v in toy.items():
             if getattr(args, k) == p.get_default(k):
@@ -267,16 +271,73 @@ def toy_images(n, seed):
 
 
 def load_dataset(path, resolution, channels):
-    """Images and labels (or None) of a dataset: 'toy', an EDM zip or folder, or the CIFAR-10 tarball."""
-    if path == 'toy':
-        images, labels = toy_images(4096, seed=1)
+    """Images (uint8 [N, C, H, W]) and labels (or None) of an EDM zip or folder or the CIFAR-10 tarball;
+    for EDM2 teachers (4 latent channels) an EDM2 latent zip, read on demand."""
+    if channels == 4:
+        data = LatentData(path)
+        images, labels, shape = data, data.labels, data.shape
     else:
         images, labels = fid.load_images(path)
         images, labels = torch.from_numpy(images), None if labels is None else torch.from_numpy(labels).long()
-    if images.shape[1:] != (channels, resolution, resolution):
-        raise UserError(f'--data {path}: images are {tuple(images.shape[1:])} (C, H, W) but the teacher '
-                        f'expects {(channels, resolution, resolution)}')
+        shape = tuple(images.shape[1:])
+    if shape != (channels, resolution, resolution):
+        raise UserError(f'--data {path}: {"latents" if channels == 4 else "images"} are {shape} (C, H, W) but the '
+                        f'teacher expects {(channels, resolution, resolution)}')
     return images, labels
+
+
+class LatentData:
+    """EDM2's latent dataset (SPEC §7): a zip of per-image .npy files holding the Stable Diffusion VAE's
+    posterior mean and std (8 x 64 x 64 for ImageNet 512) and EDM's dataset.json labels. ImageNet's
+    latents do not fit in memory, so they are read from the zip on demand."""
+
+    def __init__(self, path):
+        try:
+            self.zip = zipfile.ZipFile(path)
+            self.names = sorted(n for n in self.zip.namelist() if n.endswith('.npy'))
+            first = np.load(io.BytesIO(self.zip.read(self.names[0]))) if self.names else None
+        except (OSError, zipfile.BadZipFile, ValueError) as e:
+            raise UserError(f'--data {path}: not an EDM2 latent zip ({type(e).__name__})') from None
+        if first is None or first.ndim != 3 or first.shape[0] % 2:
+            raise UserError(f'--data {path}: expected .npy files of the VAE mean and std [2C, H, W]')
+        self.shape = (first.shape[0] // 2, *first.shape[1:])
+        self.labels = None
+        if 'dataset.json' in self.zip.namelist():
+            labels = dict(json.loads(self.zip.read('dataset.json')).get('labels') or [])
+            if labels:
+                self.labels = torch.tensor([labels[n] for n in self.names], dtype=torch.int64)
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, idx):
+        """Mean and std of the latents of the given indices: float32 [n, 2C, H, W]."""
+        return torch.from_numpy(np.stack([np.load(io.BytesIO(self.zip.read(self.names[i]))) for i in idx.tolist()])).float()
+
+
+def prepare_latents(src, dest, device):
+    """Encode a dataset of 512x512 images (EDM-style zip or folder, e.g. from EDM2's dataset_tool.py
+    convert) into an EDM2 latent zip with the Stable Diffusion VAE."""
+    if os.path.exists(dest):
+        raise UserError(f'--prepare-latents: {dest} exists; not overwriting it')
+    vae = networks.load_vae(device=device)
+    dataset = fid.ImageDataset(src)
+    labels, tmp = {}, f'{dest}.tmp{os.getpid()}'
+    with zipfile.ZipFile(tmp, 'w', zipfile.ZIP_STORED) as z:
+        index = 0
+        for images, batch_labels in fid.iterate_images(dataset, batch=32):
+            for mean_std, label in zip(networks.encode_images(vae, images).cpu().numpy(), batch_labels.tolist()):
+                name = f'{index // 1000:05d}/img{index:08d}.npy'
+                buf = io.BytesIO()
+                np.save(buf, mean_std)
+                z.writestr(name, buf.getvalue())
+                if label >= 0:
+                    labels[name] = label
+                index += 1
+            print(f'encoded {index}/{len(dataset)} images', flush=True)
+        z.writestr('dataset.json', json.dumps({'labels': [[k, v] for k, v in labels.items()] or None}))
+    os.replace(tmp, dest)
+    print(f'wrote {dest}')
 
 
 class Slot:
@@ -293,19 +354,28 @@ class Sampler:
     """Draws generator inputs and real data for one micro-batch from a slot's random stream."""
 
     def __init__(self, images, labels, label_dim, shape, device):
-        on_gpu = images is not None and device.type == 'cuda' and images.numel() < 0.2 * torch.cuda.mem_get_info(device)[0]
-        self.images = None if images is None else images.to(device if on_gpu or device.type == 'cpu' else 'cpu')
-        self.labels = None if labels is None else labels.to(self.images.device)
+        self.latent = isinstance(images, LatentData)
+        if isinstance(images, torch.Tensor):
+            fits = device.type == 'cpu' or images.numel() < 0.2 * torch.cuda.mem_get_info(device)[0]
+            images = images.to(device if fits else 'cpu')
+        self.images = images
+        self.data_device = images.device if isinstance(images, torch.Tensor) else torch.device('cpu')
+        self.labels = None if labels is None else labels.to(self.data_device)
         self.label_dim, self.shape, self.device = label_dim, shape, device
 
     def draw(self, slot, n):
         idx = torch.randint(len(self.images), (n,), generator=slot.gen, device=self.device)
-        return idx.to(self.images.device)        # a host copy only when the data does not fit on the GPU
+        return idx.to(self.data_device)          # a host copy only when the data are not on the GPU
 
     def real(self, slot, n):
-        """Real images in [-1, 1] and their one-hot labels, from one data batch."""
+        """Real images in [-1, 1] (EDM2: normalised latents mean + std * eps) and one-hot labels, from one batch."""
         idx = self.draw(slot, n)
-        x = self.images[idx].to(self.device, non_blocking=True).float() / 127.5 - 1
+        if self.latent:
+            mean, std = self.images[idx].to(self.device, non_blocking=True).chunk(2, dim=1)
+            eps = torch.randn(mean.shape, generator=slot.gen, device=self.device)
+            x = networks.normalize_latents(mean + std * eps)
+        else:
+            x = self.images[idx].to(self.device, non_blocking=True).float() / 127.5 - 1
         return x, self.one_hot(None if self.labels is None else self.labels[idx].to(self.device))
 
     def labels_only(self, slot, n):
@@ -652,7 +722,7 @@ RUN_FLAGS = ('method', 'cond', 'alpha', 'tmax', 'init_sigma', 'batch', 'lr', 'gl
              'ema', 'dropout', 'augment', 'p_mean', 'p_std', 'logvar', 'force_norm', 'gen_start_kimg', 'adv_start_kimg',
              'precision', 'seed', 'arch')                 # a resumed run must keep these
 SESSION_FLAGS = ('teacher', 'init_generator', 'data', 'duration', 'batch_gpu', 'tick', 'snap', 'dump', 'metrics',
-                 'ref', 'detector', 'compile', 'max_nonfinite')   # restored when not given again; may change
+                 'ref', 'detector', 'vae', 'compile', 'max_nonfinite')   # restored when not given again; may change
 
 
 def save_state(path, sida, slots, nimg, tick, best, args, rank):
@@ -753,11 +823,17 @@ def train_teacher(args, images, labels, device, path):
     batch = 128
     steps = int(args.teacher_kimg * 1000 / batch)
     t0 = time.time()
+    edm2 = is_edm2(net)
+    p_mean, p_std = (-0.4, 1.0) if edm2 else (-1.2, 1.2)
     for step in range(steps):
+        if edm2:
+            net.normalize_weights_()
         x, c = sampler.real(slot, batch)
-        sigma = (torch.randn(batch, 1, 1, 1, generator=slot.gen, device=device) * 1.2 - 1.2).exp()
+        sigma = (torch.randn(batch, 1, 1, 1, generator=slot.gen, device=device) * p_std + p_mean).exp()
         n = sampler.noise(slot, batch)
-        loss = denoising_loss(net(x + sigma * n, sigma, c), x, sigma, net.sigma_data).mean()
+        out = net(x + sigma * n, sigma, c, return_logvar=edm2)
+        denoised, logvar = out if edm2 else (out, None)
+        loss = denoising_loss(denoised, x, sigma, net.sigma_data, logvar).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for g in opt.param_groups:
@@ -780,6 +856,7 @@ class Evaluator:
         self.args, self.device = args, device
         self.metrics = parse_metrics(args.metrics)
         self.detector = self.ref = self.toy_features = self.toy_ref = None
+        self.vae = networks.load_vae(args.vae, device) if shape[0] == 4 else None    # EDM2: decode latents
         kinds = {kind for _, kind, _ in self.metrics}
         if 'fd' in kinds:
             self.toy_features = fid.ToyFeatures(shape[1], shape[0]).to(device)
@@ -810,7 +887,7 @@ class Evaluator:
         return {'fd_data': round(data['fid'], 5), 'fd_teacher': round(teacher_fd['fid'], 5)}
 
     def __call__(self, G):
-        generate = lambda seeds: fid.generate_images(G, seeds, self.args.init_sigma, self.device)
+        generate = lambda seeds: fid.generate_images(G, seeds, self.args.init_sigma, self.device, self.vae)
         results = {}
         for name, kind, num in self.metrics:
             if kind == 'fd':
@@ -911,7 +988,7 @@ def distill(args):
             if evaluator.metrics:
                 row.update({k: round(v, 5) for k, v in evaluator(sida.G_ema).items()})
             if master:
-                best = save_snapshot(sida.G_ema, row, best, evaluator.metrics, args, outdir, device)
+                best = save_snapshot(sida.G_ema, row, best, evaluator, args, outdir, device)
             best = broadcast_object(best, rank)
         if master:
             log(json.dumps(row))
@@ -923,6 +1000,7 @@ def distill(args):
 
     if not args.resume:       # tick 0: the initial generator; in the toy run also the data and the teacher
         write_row({'tick': 0, 'kimg': 0.0, **evaluator.toy_baselines(teacher)}, snap=True)
+        tick_time = time.time()
     while True:
         if nimg < total:
             sida.fake_score_step(slots)                      # every iteration from the start
@@ -986,10 +1064,10 @@ def any_rank(flag, device):
     return t.item() > 0
 
 
-def save_snapshot(G_ema, row, best, metrics, args, outdir, device):
+def save_snapshot(G_ema, row, best, evaluator, args, outdir, device):
     """Sample grid and EMA generator at this kimg; generator-best.pt when the main metric improves."""
-    tag = f'{int(row["kimg"]):06d}'
-    save_grid(fid.generate_images(G_ema, torch.arange(64), args.init_sigma, device),
+    tag, metrics = f'{int(row["kimg"]):06d}', evaluator.metrics
+    save_grid(fid.generate_images(G_ema, torch.arange(64), args.init_sigma, device, evaluator.vae),
               os.path.join(outdir, f'samples-{tag}.png'))
     meta = dict(kimg=row['kimg'], method=args.method, teacher=str(args.teacher))
     networks.save_network(G_ema, os.path.join(outdir, f'generator-{tag}.pt'), **meta)
@@ -1078,7 +1156,12 @@ def bench(args):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        bench(args) if args.bench else distill(args)
+        if args.prepare_latents:
+            prepare_latents(*args.prepare_latents, device=args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+        elif args.bench:
+            bench(args)
+        else:
+            distill(args)
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(1)

@@ -783,6 +783,105 @@ def test_bad_inputs_give_one_line_errors(tiny_teacher, tmp_path, argv, message):
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+def write_dataset(folder, n, size, labels=None):
+    """A folder of n random PNGs (write_pngs, below) with EDM's dataset.json labels when given."""
+    write_pngs(folder, random_images(n, seed=0, size=size))
+    if labels is not None:
+        with open(os.path.join(folder, 'dataset.json'), 'w') as f:
+            json.dump({'labels': [[f'{i:04d}.png', int(labels[i % len(labels)])] for i in range(n)]}, f)
+    return str(folder)
+
+
+@pytest.mark.parametrize('case, message', [
+    ('resolution', '(3, 8, 8)'),
+    ('unlabeled', 'class labels'),
+    ('labels beyond classes', 'teacher has 4 classes'),
+])
+def test_data_that_does_not_fit_the_teacher_is_refused(tiny_teacher, tmp_path, case, message):
+    data = {'resolution': lambda: write_dataset(tmp_path / 'd', 4, 8, labels=[0]),
+            'unlabeled': lambda: write_dataset(tmp_path / 'd', 4, 16),
+            'labels beyond classes': lambda: write_dataset(tmp_path / 'd', 4, 16, labels=[0, 9])}[case]()
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'sida.py'), '--teacher', tiny_teacher, '--data', data,
+                        '--cond', '--metrics', 'none', '--device', 'cpu', '--outdir', str(tmp_path / 'out')],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not os.path.exists(tmp_path / 'out' / 'training-state.pt')
+
+
+def test_new_run_refuses_to_overwrite_an_existing_one(tiny_teacher, tmp_path):
+    run_sida(tmp_path, tiny_teacher, '--duration', '0.000008')
+    before = (tmp_path / 'training-state.pt').read_bytes()
+    r = run_sida(tmp_path, tiny_teacher, '--duration', '0.000008', check=False)
+    assert r.returncode == 1 and '--resume' in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert (tmp_path / 'training-state.pt').read_bytes() == before
+
+
+def write_latent_zip(path, n=6, channels=4, res=8, labels=True):
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(path, 'w') as z:
+        names = []
+        for i in range(n):
+            mean_std = np.concatenate([rng.normal(5, 4, (channels, res, res)), np.zeros((channels, res, res))])
+            buf = io.BytesIO()
+            np.save(buf, mean_std.astype(np.float32))
+            names.append(f'00000/img{i:08d}.npy')
+            z.writestr(names[-1], buf.getvalue())
+        z.writestr('dataset.json', json.dumps({'labels': [[m, i % 3] for i, m in enumerate(names)] if labels else None}))
+    return str(path)
+
+
+def test_latent_zip_reads_and_normalises_like_edm2(tmp_path):
+    path = write_latent_zip(tmp_path / 'latents.zip')
+    images, labels = sida.load_dataset(path, 8, 4)
+    assert isinstance(images, sida.LatentData) and len(images) == 6 and labels.tolist() == [0, 1, 2, 0, 1, 2]
+    sampler = sida.Sampler(images, labels, 3, (4, 8, 8), torch.device('cpu'))
+    slot = sida.Slot(0, 0, torch.device('cpu'))
+    x, c = sampler.real(slot, 5)
+    slot = sida.Slot(0, 0, torch.device('cpu'))
+    idx = sampler.draw(slot, 5)
+    mean = images[idx][:, :4]                      # std is 0 here, so the latent is the mean itself
+    expect = (mean - torch.tensor(networks.LATENT_MEAN).view(1, 4, 1, 1)) * (0.5 / torch.tensor(networks.LATENT_STD).view(1, 4, 1, 1))
+    assert torch.allclose(x, expect, atol=1e-5)
+    assert torch.equal(c.argmax(1), labels[idx])
+    assert torch.allclose(networks.denormalize_latents(x), mean, atol=1e-4)
+
+
+def test_latent_zip_of_the_wrong_size_is_refused(tmp_path):
+    path = write_latent_zip(tmp_path / 'latents.zip', res=4)
+    with pytest.raises(networks.UserError, match='latents are'):
+        sida.load_dataset(path, 8, 4)
+    with open(tmp_path / 'bad.zip', 'wb') as f:
+        f.write(b'not a zip')
+    with pytest.raises(networks.UserError, match='not an EDM2 latent zip'):
+        sida.load_dataset(str(tmp_path / 'bad.zip'), 8, 4)
+
+
+def test_edm2_sida_runs_in_latent_space_with_forced_weight_normalisation(tmp_path):
+    torch.manual_seed(0)
+    teacher = networks.build_network({'class_name': 'EDM2Precond', 'kwargs': dict(
+        img_resolution=8, img_channels=4, label_dim=3, model_channels=8, channel_mult=[1, 2], num_blocks=1,
+        attn_resolutions=[4], logvar_channels=8)})
+    networks.save_network(teacher, str(tmp_path / 'teacher.pt'))
+    data = write_latent_zip(tmp_path / 'latents.zip')
+    tiny_vae().save_pretrained(str(tmp_path / 'vae'))
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'sida.py'), '--teacher', str(tmp_path / 'teacher.pt'),
+                        '--data', data, '--vae', str(tmp_path / 'vae'), '--cond', '--batch', '4', '--duration', '0.000016', '--gen-start-kimg', '0',
+                        '--adv-start-kimg', '0', '--tick', '0.004', '--metrics', 'none', '--device', 'cpu',
+                        '--lr', '1e-2', '--glr', '1e-2', '--dropout', '0', '--outdir', str(tmp_path / 'run')],
+                       capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert r.returncode == 0, r.stderr
+    state = torch.load(tmp_path / 'run' / 'training-state.pt', weights_only=True)
+    for name in ('G', 'fake_score'):
+        for key, w in state['nets'][name].items():
+            if w.ndim >= 2:                                # MP layers: unit RMS per output channel after steps
+                rms = w.flatten(1).square().mean(dim=1).sqrt()
+                assert torch.allclose(rms, torch.ones_like(rms), atol=0.05), (name, key)
+    assert 'logvar_linear.weight' not in state['nets']['G'] and 'logvar_linear.weight' in state['nets']['fake_score']
+    with PIL.Image.open(tmp_path / 'run' / 'samples-000000.png') as grid:    # decoded by the VAE: 16x16 images
+        assert grid.size == (256, 256)
+
+
 def test_bench_runs_on_cpu():
     r = subprocess.run([sys.executable, os.path.join(HERE, 'sida.py'), '--bench', '--arch', 'ddpmpp',
                         '--resolution', '8', '--cbase', '8', '--cres', '1,2', '--batch-gpu', '2', '--bench-iters', '1',
@@ -1099,11 +1198,39 @@ def test_generated_image_and_class_depend_on_seed_only():
     assert calls[0].sum(dim=1).tolist() == [1, 1, 1]                    # one-hot classes
 
 
-def test_latent_generator_is_refused_with_user_error():
-    class Latent(torch.nn.Module):
-        img_channels, img_resolution, label_dim = 4, 8, 0
-    with pytest.raises(networks.UserError, match='VAE decoder'):
-        fid.generate_images(Latent(), torch.arange(2), device='cpu')
+class LatentG(torch.nn.Module):
+    img_channels, img_resolution, label_dim = 4, 8, 0
+
+    def forward(self, x, sigma, labels=None):
+        return x / sigma
+
+
+def tiny_vae():
+    diffusers = pytest.importorskip('diffusers')
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                                   down_block_types=('DownEncoderBlock2D',) * 2, up_block_types=('UpDecoderBlock2D',) * 2,
+                                   layers_per_block=1, norm_num_groups=4).eval()
+
+
+def test_latent_generator_is_decoded_by_the_vae_to_uint8_images():
+    images = fid.generate_images(LatentG(), torch.arange(3), device='cpu', vae=tiny_vae())
+    assert images.dtype == torch.uint8 and images.shape == (3, 3, 16, 16)   # two VAE blocks: x2
+
+
+def test_vae_encode_gives_mean_and_std_that_decode_back_to_images():
+    vae = tiny_vae()
+    mean_std = networks.encode_images(vae, torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8))
+    assert mean_std.shape == (2, 8, 8, 8) and (mean_std[:, 4:] > 0).all()
+    x = networks.normalize_latents(mean_std[:, :4])
+    assert torch.allclose(networks.denormalize_latents(x), mean_std[:, :4], atol=1e-5)
+    assert networks.decode_latents(vae, x).shape == (2, 3, 16, 16)
+
+
+def test_missing_diffusers_gives_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, 'diffusers', None)
+    with pytest.raises(networks.UserError, match='pip install diffusers'):
+        networks.load_vae()
 
 
 def test_parse_seeds_reads_ranges_and_lists():
