@@ -92,6 +92,7 @@ def open_url(source, cache_dir=None):
             print(file=sys.stderr)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)                  # mkstemp creates 0600; a checkpoint is an ordinary file
         os.replace(tmp, path)
     except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as e:
         reason = getattr(e, 'reason', None) or e
@@ -904,6 +905,7 @@ def save_network(net, path, **meta):
             torch.save(data, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)                  # mkstemp creates 0600; a checkpoint is an ordinary file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -246,7 +246,7 @@ def broadcast_object(obj, rank):
 # Data: images in memory as uint8 [N, C, H, W] (on the GPU when they fit) plus integer labels.
 
 TOY_RES, TOY_CLASSES = 16, 4
-TOY_SAMPLER_STEPS = 12          # Heun steps of the toy teacher's EDM sampler (23 network evaluations)
+TOY_SAMPLER_STEPS = 9           # Heun steps of the toy teacher's EDM sampler (17 network evaluations)
 
 
 def toy_images(n, seed):
@@ -468,43 +468,50 @@ def save_grid(images, path):
 def atomic_write(path, write):
     """Write through a temporary file, flush, fsync and rename: readers never see a partial file."""
     tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'wb') as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def plot_metrics(rows, path):
-    """A small line plot of every metric against kimg, drawn with PIL (no plotting dependency)."""
+    """Every metric against kimg, drawn with PIL (no plotting dependency). A metric measured once
+    (the toy run's fd_data and fd_teacher) is drawn as a horizontal reference line; log scale."""
     from PIL import ImageDraw
-    names = sorted({k for r in rows for k in r if k.startswith(('fid', 'is', 'fd'))})
+    names = sorted({k for r in rows for k in r if k.startswith(('fid', 'is', 'fd')) and r[k] > 0})
     if not names:
         return
-    W, H, m = 640, 400, 50
+    W, H, m = 640, 400, 60
     img = Image.new('RGB', (W, H), 'white')
     d = ImageDraw.Draw(img)
     colours = ['#1f77b4', '#d62728', '#2ca02c', '#9467bd', '#ff7f0e']
-    pts = [(r['kimg'], r[n]) for n in names for r in rows if n in r]
-    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
-    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    kimgs = [r['kimg'] for r in rows]
+    values = [math.log10(r[n]) for n in names for r in rows if n in r and r[n] > 0]
+    x0, x1, y0, y1 = min(kimgs), max(kimgs), min(values), max(values)
     x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
     px = lambda x: m + (x - x0) / (x1 - x0) * (W - 2 * m)
-    py = lambda y: H - m - (y - y0) / (y1 - y0) * (H - 2 * m)
+    py = lambda v: H - m - (math.log10(v) - y0) / (y1 - y0) * (H - 2 * m)
     d.rectangle([m, m, W - m, H - m], outline='black')
     for k in range(5):
-        fx, fy = x0 + (x1 - x0) * k / 4, y0 + (y1 - y0) * k / 4
+        fx, fy = x0 + (x1 - x0) * k / 4, 10 ** (y0 + (y1 - y0) * k / 4)
         d.text((px(fx) - 10, H - m + 5), f'{fx:g}', fill='black')
         d.text((5, py(fy) - 5), f'{fy:.3g}', fill='black')
-    d.text((W // 2 - 15, H - 20), 'kimg', fill='black')
+    d.text((W // 2 - 15, H - 25), 'kimg', fill='black')
     for i, n in enumerate(names):
-        xy = [(px(r['kimg']), py(r[n])) for r in rows if n in r]
+        xy = [(px(r['kimg']), py(r[n])) for r in rows if n in r and r[n] > 0]
         c = colours[i % len(colours)]
-        if len(xy) > 1:
+        if len(xy) == 1:
+            d.line([(m, xy[0][1]), (W - m, xy[0][1])], fill=c, width=1)
+        else:
             d.line(xy, fill=c, width=2)
-        for x, y in xy:
-            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
-        d.text((m + 10 + 80 * i, m - 20), n, fill=c)
+            for x, y in xy:
+                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
+        d.text((m + 10 + 110 * i, m - 20), n, fill=c)
     atomic_write(path, lambda f: img.save(f, format='PNG'))
 
 # ----------------------------------------------------------------------------------------------------
@@ -831,7 +838,7 @@ def train_teacher(args, images, labels, device, path):
         x, c = sampler.real(slot, batch)
         sigma = (torch.randn(batch, 1, 1, 1, generator=slot.gen, device=device) * p_std + p_mean).exp()
         n = sampler.noise(slot, batch)
-        out = net(x + sigma * n, sigma, c, return_logvar=edm2)
+        out = net(x + sigma * n, sigma, c, **({'return_logvar': True} if edm2 else {}))
         denoised, logvar = out if edm2 else (out, None)
         loss = denoising_loss(denoised, x, sigma, net.sigma_data, logvar).mean()
         opt.zero_grad(set_to_none=True)

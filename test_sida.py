@@ -687,6 +687,22 @@ def test_teacher_gets_no_gradient_but_passes_it_to_the_generator(tiny_teacher):
     assert all(torch.equal(a, p) for a, p in zip(fake_before, s.fake_score.parameters()))
 
 
+@pytest.mark.parametrize('precision', ['bf16'])
+def test_losses_under_autocast_stay_within_tolerance_of_fp32(tiny_teacher, precision):
+    """bf16 autocast (fp32 master weights, fp32 loss arithmetic): recorded losses within 5% of fp32."""
+    teacher = networks.load_network(tiny_teacher)
+    images, labels = sida.toy_images(32, seed=0)
+    stats = {}
+    for p in ('fp32', precision):
+        sampler = sida.Sampler(images, labels, 4, (3, 16, 16), torch.device('cpu'))
+        args = sida.parse_args(['--batch', '8', '--dropout', '0', '--augment', '0', '--precision', p])
+        s = sida.SiDA(args, teacher, teacher, sampler, 1, 8, torch.device('cpu'))
+        s.fake_score_step([sida.Slot(0, 0, torch.device('cpu'))])
+        s.generator_step([sida.Slot(1, 0, torch.device('cpu'))], use_adv=True)
+        stats[p] = {k: float(v[0]) for k, v in s.stats.items() if k.startswith('loss')}
+    for k, v in stats['fp32'].items():
+        assert abs(stats[precision][k] - v) <= 0.05 * abs(v) + 1e-4, (k, v, stats[precision][k])
+
 def test_warmup_schedule_switches_at_the_right_image_counts(tiny_teacher, monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(sida.SiDA, 'fake_score_step', lambda self, slots: calls.append(('fake', None)))
@@ -781,6 +797,57 @@ def test_bad_inputs_give_one_line_errors(tiny_teacher, tmp_path, argv, message):
     r = subprocess.run([sys.executable, os.path.join(HERE, 'sida.py'), *base], capture_output=True, text=True)
     assert r.returncode == 1 and 'Traceback' not in r.stderr
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_truncated_teacher_is_refused_in_one_line(tiny_teacher, tmp_path):
+    data = open(tiny_teacher, 'rb').read()
+    with open(tmp_path / 'cut.pt', 'wb') as f:
+        f.write(data[:len(data) // 2])
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'sida.py'), '--teacher', str(tmp_path / 'cut.pt'),
+                        '--data', 'toy', '--cond', '--device', 'cpu', '--outdir', str(tmp_path / 'out')],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and 'Traceback' not in r.stderr and 'cut.pt' in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_run_that_stays_nonfinite_stops_and_keeps_the_last_good_state(tmp_path):
+    torch.manual_seed(0)
+    net = networks.build_network(TINY)
+    networks.save_network(net, str(tmp_path / 'good.pt'))
+    with torch.no_grad():
+        net.model.dec['16x16_aux_conv'].bias.fill_(float('nan'))     # every denoised output is NaN
+    networks.save_network(net, str(tmp_path / 'nan.pt'))
+    run_sida(tmp_path / 'run', str(tmp_path / 'good.pt'), '--duration', '0.000016')
+    good = (tmp_path / 'run' / 'training-state.pt').read_bytes()
+    r = run_sida(tmp_path / 'run', str(tmp_path / 'nan.pt'), '--duration', '0.0001', '--resume', str(tmp_path / 'run'),
+                 '--max-nonfinite', '2', '--tick', '0.024', '--dump', '1', check=False)
+    assert r.returncode == 1 and 'no finite generated sample' in r.stderr, r.stderr
+    assert (tmp_path / 'run' / 'training-state.pt').read_bytes() == good
+    rows = [json.loads(line) for line in open(tmp_path / 'run' / 'log.jsonl')]
+    assert rows[-1]['dropped_gen'] == 24                               # 3 iterations x 8 samples, all dropped
+
+
+def test_a_crash_while_writing_leaves_the_previous_file_intact(tmp_path):
+    path = str(tmp_path / 'state.pt')
+    sida.atomic_write(path, lambda f: f.write(b'good'))
+    def crash(f):
+        f.write(b'partial')
+        raise RuntimeError('killed')
+    with pytest.raises(RuntimeError):
+        sida.atomic_write(path, crash)
+    assert open(path, 'rb').read() == b'good' and os.listdir(tmp_path) == ['state.pt']
+
+
+def test_short_toy_distillation_lowers_fd(tmp_path):
+    # tests_data/toy_teacher.pt is the teacher that `python sida.py --preset toy` trains (100 kimg).
+    teacher = os.path.join(HERE, 'tests_data', 'toy_teacher.pt')
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'sida.py'), '--preset', 'toy', '--teacher', teacher,
+                        '--duration', '0.003', '--tick', '1', '--snap', '3', '--outdir', str(tmp_path), '--device', 'cpu'],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
+    fds = [row['fd'] for row in rows if 'fd' in row]
+    assert fds[-1] < 0.5 * fds[0], fds
 
 
 def write_dataset(folder, n, size, labels=None):
