@@ -92,7 +92,7 @@ def open_url(source, cache_dir=None):
             print(file=sys.stderr)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)                  # mkstemp creates 0600; a checkpoint is an ordinary file
+        os.chmod(tmp, 0o644)                  # mkstemp creates 0600; the cached file is an ordinary one
         os.replace(tmp, path)
     except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as e:
         reason = getattr(e, 'reason', None) or e

@@ -1,4 +1,4 @@
-"""The specification of sida, as tests: pytest (about N minutes on 2 CPU cores, no GPU, no downloads).
+"""The specification of sida, as tests: pytest (about 5 minutes on 2 CPU cores, no GPU, no downloads).
 
 Golden fixtures (tiny networks made with the official EDM/EDM2 code) are in tests_data/ (or $SIDA_FIXTURES).
 The real Inception detector, official checkpoints and datasets are replaced by stand-ins the tests build.
@@ -781,6 +781,7 @@ def test_outputs_of_a_short_run(tiny_teacher, tmp_path):
 
 @pytest.mark.parametrize('argv, message', [
     (['--teacher', '/nonexistent/teacher.pkl'], 'teacher.pkl'),
+    (['--teacher', 'http://127.0.0.1:9/teacher.pkl'], 'could not reach http://127.0.0.1:9/teacher.pkl'),
     (['--batch', '10', '--batch-gpu', '4'], '--batch'),
     (['--method', 'sida', '--data', None], '--data'),
     (['--metrics', 'fid50k'], '--ref'),
