@@ -7,13 +7,16 @@ the training loop, then the entry points (the offline toy run and the benchmark)
 
 One process (CPU or one GPU):
     python sida.py --preset toy                     # offline toy run: trains a small teacher, distills it
-    python sida.py --teacher edm-cifar10-32x32-uncond-vp --data cifar-10-python.tar.gz --outdir runs/c10
+    python sida.py --teacher edm-cifar10-32x32-uncond-vp --data cifar-10-python.tar.gz \
+        --ref https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz --outdir runs/c10
 One node with 8 GPUs:
     torchrun --standalone --nproc_per_node=8 sida.py --teacher edm-cifar10-32x32-uncond-vp --data ...
 Two nodes (run on both, NODE_RANK=0 and 1):
     torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 --master_addr=$MASTER_ADDR \
         --master_port=29500 sida.py --teacher ... --data ...
-The paper's runs, with every setting: train_cifar.sh and train_imagenet.sh.
+The paper's runs, with every setting: train_cifar.sh and train_imagenet.sh. Other entry points:
+    python sida.py --bench --arch ddpmpp --batch-gpu 64 --precision bf16   # throughput, random networks
+    python sida.py --prepare-latents IMAGES.zip LATENTS.zip                 # EDM2 latent dataset (diffusers)
 """
 
 import argparse
@@ -315,12 +318,12 @@ class LatentData:
         return torch.from_numpy(np.stack([np.load(io.BytesIO(self.zip.read(self.names[i]))) for i in idx.tolist()])).float()
 
 
-def prepare_latents(src, dest, device):
+def prepare_latents(src, dest, device, vae=networks.VAE_NAME):
     """Encode a dataset of 512x512 images (EDM-style zip or folder, e.g. from EDM2's dataset_tool.py
     convert) into an EDM2 latent zip with the Stable Diffusion VAE."""
     if os.path.exists(dest):
         raise UserError(f'--prepare-latents: {dest} exists; not overwriting it')
-    vae = networks.load_vae(device=device)
+    vae = networks.load_vae(vae, device=device)
     dataset = fid.ImageDataset(src)
     labels, tmp = {}, f'{dest}.tmp{os.getpid()}'
     with zipfile.ZipFile(tmp, 'w', zipfile.ZIP_STORED) as z:
@@ -445,10 +448,6 @@ class EDMSampler(torch.nn.Module):
 
     def forward(self, x, sigma, class_labels=None):
         return edm_sampler(self.net, x / sigma, class_labels, self.steps)
-
-
-def to_uint8(x):
-    return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
 
 def save_grid(images, path):
@@ -1164,7 +1163,8 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         if args.prepare_latents:
-            prepare_latents(*args.prepare_latents, device=args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+            prepare_latents(*args.prepare_latents, device=args.device or ('cuda' if torch.cuda.is_available() else 'cpu'),
+                            vae=args.vae)
         elif args.bench:
             bench(args)
         else:

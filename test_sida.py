@@ -925,6 +925,20 @@ def test_latent_zip_of_the_wrong_size_is_refused(tmp_path):
         sida.load_dataset(str(tmp_path / 'bad.zip'), 8, 4)
 
 
+def test_prepare_latents_writes_an_edm2_latent_zip_with_labels(tmp_path):
+    tiny_vae().save_pretrained(str(tmp_path / 'vae'))
+    images = write_dataset(tmp_path / 'images', 5, 16, labels=[2, 0, 1])
+    dest = str(tmp_path / 'latents.zip')
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'sida.py'), '--prepare-latents', images, dest,
+                        '--vae', str(tmp_path / 'vae'), '--device', 'cpu'], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    data = sida.LatentData(dest)
+    assert len(data) == 5 and data.shape == (4, 8, 8) and data.labels.tolist() == [2, 0, 1, 2, 0]
+    assert (data[torch.arange(5)][:, 4:] > 0).all()            # the stored std of the VAE posterior
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'sida.py'), '--prepare-latents', images, dest,
+                        '--vae', str(tmp_path / 'vae'), '--device', 'cpu'], capture_output=True, text=True)
+    assert r.returncode == 1 and 'not overwriting' in r.stderr
+
 def test_edm2_sida_runs_in_latent_space_with_forced_weight_normalisation(tmp_path):
     torch.manual_seed(0)
     teacher = networks.build_network({'class_name': 'EDM2Precond', 'kwargs': dict(
