@@ -506,14 +506,11 @@ def dataset_metrics(source, detector, num=None, ref=None, batch=64, device='cpu'
 # ----------------------------------------------------------------------------------------------------
 # One-step generation.
 
-_vae = {}
-
-
 def generate_images(G, seeds, sigma_init=SIGMA_INIT, device=None, vae=None):
     """x = G(sigma_init * z, sigma_init, c) as uint8 [n, C, H, W]. Each image depends on its seed only:
     z ~ N(0, I) is drawn from torch.Generator().manual_seed(seed), and for a conditional G the class
     is the next draw of that generator, randint(label_dim) (so z is the same with or without labels).
-    EDM2 latent generators (4 channels) are decoded with the Stable Diffusion VAE (loaded once)."""
+    EDM2 latent generators (4 channels) are decoded with `vae` (networks.load_vae)."""
     if device is None:
         device = next(G.parameters()).device
     shape = [G.img_channels, G.img_resolution, G.img_resolution]
@@ -529,7 +526,7 @@ def generate_images(G, seeds, sigma_init=SIGMA_INIT, device=None, vae=None):
         x = G(sigma_init * z, sigma_init, labels)
     if G.img_channels == 4:
         if vae is None:
-            vae = _vae.get(str(device)) or _vae.setdefault(str(device), networks.load_vae(device=device))
+            raise UserError('a latent (4-channel) generator needs the VAE to decode its images: pass --vae')
         return networks.decode_latents(vae, x)
     return (x.to(torch.float32) * 127.5 + 128).clip(0, 255).to(torch.uint8)   # [-1, 1] -> 0..255 (EDM)
 

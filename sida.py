@@ -325,21 +325,24 @@ def prepare_latents(src, dest, device, vae=networks.VAE_NAME):
         raise UserError(f'--prepare-latents: {dest} exists; not overwriting it')
     vae = networks.load_vae(vae, device=device)
     dataset = fid.ImageDataset(src)
-    labels, tmp = {}, f'{dest}.tmp{os.getpid()}'
-    with zipfile.ZipFile(tmp, 'w', zipfile.ZIP_STORED) as z:
-        index = 0
-        for images, batch_labels in fid.iterate_images(dataset, batch=32):
-            for mean_std, label in zip(networks.encode_images(vae, images).cpu().numpy(), batch_labels.tolist()):
-                name = f'{index // 1000:05d}/img{index:08d}.npy'
-                buf = io.BytesIO()
-                np.save(buf, mean_std)
-                z.writestr(name, buf.getvalue())
-                if label >= 0:
-                    labels[name] = label
-                index += 1
-            print(f'encoded {index}/{len(dataset)} images', flush=True)
-        z.writestr('dataset.json', json.dumps({'labels': [[k, v] for k, v in labels.items()] or None}))
-    os.replace(tmp, dest)
+
+    def write(f):
+        labels = {}
+        with zipfile.ZipFile(f, 'w', zipfile.ZIP_STORED) as z:
+            index = 0
+            for images, batch_labels in fid.iterate_images(dataset, batch=32):
+                for mean_std, label in zip(networks.encode_images(vae, images).cpu().numpy(), batch_labels.tolist()):
+                    name = f'{index // 1000:05d}/img{index:08d}.npy'
+                    buf = io.BytesIO()
+                    np.save(buf, mean_std)
+                    z.writestr(name, buf.getvalue())
+                    if label >= 0:
+                        labels[name] = label
+                    index += 1
+                print(f'encoded {index}/{len(dataset)} images', flush=True)
+            z.writestr('dataset.json', json.dumps({'labels': [[k, v] for k, v in labels.items()] or None}))
+
+    atomic_write(dest, write)
     print(f'wrote {dest}')
 
 
