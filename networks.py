@@ -106,6 +106,15 @@ def open_url(source, cache_dir=None):
 # ----------------------------------------------------------------------------------------------------
 # EDM layers (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models").
 
+def box_resample(x, mode):
+    """Resampling by 2 with the box filter [1,1] of DDPM++, ADM and EDM2: exactly 2x2 average pooling
+    ('down') and nearest-neighbour repetition ('up'), the depthwise (transposed) convolutions with that
+    filter without their cost (grouped convolutions are slow on GPUs, the transposed ones most)."""
+    if mode == 'down':
+        return F.avg_pool2d(x, 2)
+    return F.interpolate(x, scale_factor=2, mode='nearest')
+
+
 def weight_init(shape, mode, fan_in, fan_out):
     # The four initialisations EDM's networks choose from (Glorot & Bengio 2010; He et al. 2015).
     if mode == 'xavier_uniform':
@@ -159,31 +168,32 @@ class Conv2d(nn.Module):
         self.register_buffer('resample_filter', f if up or down else None)
 
     def _upsample(self, x, padding):
+        if self.resample_filter.shape[-1] == 2:   # box filter: the same as nearest-neighbour upsampling
+            return box_resample(x, 'up')
         f = self.resample_filter.to(x.dtype) * 4  # x4: the filter sums to 1 but each output gets a quarter of the taps
         return F.conv_transpose2d(x, f.tile(x.shape[1], 1, 1, 1), groups=x.shape[1], stride=2, padding=padding)
 
     def _downsample(self, x, padding):
+        if self.resample_filter.shape[-1] == 2:   # box filter: the same as 2x2 average pooling
+            return box_resample(x, 'down')
         f = self.resample_filter.to(x.dtype)
         return F.conv2d(x, f.tile(x.shape[1], 1, 1, 1), groups=x.shape[1], stride=2, padding=padding)
 
     def forward(self, x):
         w = None if self.weight is None else self.weight.to(x.dtype)
+        b = None if self.bias is None else self.bias.to(x.dtype)
         w_pad = 0 if w is None else w.shape[-1] // 2
         f_pad = 0 if self.resample_filter is None else (self.resample_filter.shape[-1] - 1) // 2
-        if self.fused_resample and w is not None and self.up:
-            x = F.conv2d(self._upsample(x, max(f_pad - w_pad, 0)), w, padding=max(w_pad - f_pad, 0))
-        elif self.fused_resample and w is not None and self.down:
+        if self.fused_resample and w is not None and self.down:
             x = self._downsample(F.conv2d(x, w, padding=w_pad + f_pad), 0)
-        else:
-            if self.up:
-                x = self._upsample(x, f_pad)
-            if self.down:
-                x = self._downsample(x, f_pad)
-            if w is not None:
-                x = F.conv2d(x, w, padding=w_pad)
-        if self.bias is not None:
-            x = x + self.bias.to(x.dtype).reshape(1, -1, 1, 1)
-        return x
+            return x if b is None else x + b.reshape(1, -1, 1, 1)
+        if self.fused_resample and w is not None and self.up:
+            return F.conv2d(self._upsample(x, max(f_pad - w_pad, 0)), w, b, padding=max(w_pad - f_pad, 0))
+        if self.up:
+            x = self._upsample(x, f_pad)
+        if self.down:
+            x = self._downsample(x, f_pad)
+        return x if w is None else F.conv2d(x, w, b, padding=w_pad)
 
 
 class GroupNorm(nn.Module):
@@ -557,6 +567,8 @@ def mp_resample(x, mode='keep', taps=(1, 1)):
     # Up/downsampling by 2 with a normalised separable FIR filter; EDM2 uses the box filter [1,1].
     if mode == 'keep':
         return x
+    if len(taps) == 2:
+        return box_resample(x, mode)
     taps = torch.as_tensor(taps, dtype=torch.float32, device=x.device)
     f = (torch.outer(taps, taps) / taps.sum() ** 2)[None, None].to(x.dtype).tile(x.shape[1], 1, 1, 1)
     pad = (len(taps) - 1) // 2

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils._python_dispatch
 import torch.utils.flop_counter
 from PIL import Image
 
@@ -395,7 +396,8 @@ class Sampler:
     def one_hot(self, idx):
         if self.label_dim == 0:
             return None
-        return F.one_hot(idx, self.label_dim).float()
+        # A comparison, not F.one_hot: that reads the labels back to the host to check them (on the CPU).
+        return (idx[:, None] == torch.arange(self.label_dim, device=idx.device)).float()
 
     def noise(self, slot, n):
         return torch.randn(n, *self.shape, generator=slot.gen, device=self.device)
@@ -418,9 +420,10 @@ def is_edm2(net):
     return net.config['class_name'] == 'EDM2Precond'
 
 
-def one_step(G, z, sigma_init, labels, augment_labels=None):
+def one_step(G, z, sigma_init, labels, augment_labels=None, **kwargs):
     """The generator: x_g = G(sigma_init z, sigma_init, c) (SPEC §1)."""
-    return G(z * sigma_init, torch.full((z.shape[0],), sigma_init, device=z.device), labels, augment_labels)
+    return G(z * sigma_init, torch.full((z.shape[0], 1, 1, 1), sigma_init, device=z.device), labels, augment_labels,
+             **kwargs)
 
 
 @torch.no_grad()
@@ -539,10 +542,24 @@ def precision_setup(precision, device):
     tf32 = precision == 'tf32'
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = True      # fixed shapes: time the convolution algorithms once
     if precision in ('bf16', 'fp16'):
         dtype = torch.bfloat16 if precision == 'bf16' else torch.float16
         return lambda: torch.autocast(device.type, dtype=dtype), precision == 'fp16'
     return contextlib.nullcontext, False
+
+
+def compile_fn(enabled, device):
+    """torch.compile for --compile; the identity when off or when compiling cannot work here (warned)."""
+    if not enabled:
+        return lambda fn: fn
+    import torch._dynamo
+    from torch.utils._triton import has_triton
+    if device.type == 'cuda' and not has_triton():
+        print('warning: --compile: Triton is not installed, running eagerly', flush=True)
+        return lambda fn: fn
+    torch._dynamo.config.suppress_errors = True    # a graph that fails to compile runs eagerly (logged)
+    return torch.compile
 
 
 def sanitize_grads(params, clip):
@@ -585,8 +602,7 @@ class SiDA:
         self.fake_score_ddp = ddp(self.fake_score) if world > 1 else self.fake_score
         self.G_ddp = ddp(self.G) if world > 1 else self.G
         self.autocast, fp16 = precision_setup(args.precision, device)
-        adam = lambda params, lr: torch.optim.Adam(params, lr=lr, betas=(0.0, 0.999), eps=1e-6 if fp16 else 1e-8,
-                                                   fused=device.type == 'cuda')
+        adam = lambda params, lr: torch.optim.Adam(params, lr=lr, betas=(0.0, 0.999), eps=1e-6 if fp16 else 1e-8, fused=True)
         self.opt_f, self.opt_g = adam(self.fake_score.parameters(), args.lr), adam(self.G.parameters(), args.glr)
         self.scaler_f = torch.amp.GradScaler(device.type, enabled=fp16)
         self.scaler_g = torch.amp.GradScaler(device.type, enabled=fp16)
@@ -595,8 +611,13 @@ class SiDA:
         self.worst_streak = torch.zeros((), device=device)
         # The fake score network serves two roles: trained through DDP in its own step, frozen (plain module)
         # in the generator step, where DDP must not see it.
-        compile_ = torch.compile if args.compile else (lambda fn: fn)
-        self.teacher_fn, self.G_fn = compile_(teacher), compile_(self.G_ddp)
+        # Compile note: torch.compile keeps a graph per call signature, shared by instances of one class. So the
+        # teacher and fake score calls all ask for the same outputs, and G asks for logits too (unused): with
+        # EDM networks 4 graphs cover the 6 calls (G + fake score training, frozen teacher + fake score,
+        # G without gradients, discriminator).
+        compile_ = compile_fn(args.compile, device)
+        self.fake_kw = dict(return_logits=True, return_logvar=True) if self.use_logvar else dict(return_logits=True)
+        self.teacher_fn, self.G_fn, self.G_eval_fn = compile_(teacher), compile_(self.G_ddp), compile_(self.G)
         self.fake_train_fn, self.fake_fn = compile_(self.fake_score_ddp), compile_(self.fake_score)
         self.discriminate_fn = compile_(self.fake_score.discriminate)
         # SPEC §5: unaugmented queries pass zero augmentation labels (this also keeps map_augment in every
@@ -637,7 +658,7 @@ class SiDA:
                     x_real, c = None, s.labels_only(slot, self.batch_gpu)
                 z = s.noise(slot, self.batch_gpu)
                 with torch.no_grad(), self.autocast():
-                    x_g = one_step(self.G, z, a.init_sigma, c).float()
+                    x_g = one_step(self.G_eval_fn, z, a.init_sigma, c, self.no_aug(self.batch_gpu)).float()
                 sigma = (torch.randn(self.batch_gpu, 1, 1, 1, generator=slot.gen, device=self.device)
                          * self.p_std + self.p_mean).exp()
                 n = s.noise(slot, self.batch_gpu)
@@ -645,7 +666,7 @@ class SiDA:
                 if self.use_aug:
                     x_g, aug = augment(x_g, a.augment, slot.gen)
                 with self.autocast():
-                    out = self.fake_train_fn(x_g + sigma * n, sigma, c, aug, return_logits=True, **self.logvar_kw())
+                    out = self.fake_train_fn(x_g + sigma * n, sigma, c, aug, **self.fake_kw)
                 denoised, logit_fake = out[0].float(), out[1].float()
                 loss_psi = denoising_loss(denoised, x_g, sigma, sd, out[2].float() if self.use_logvar else None)
                 ok = finite_samples(loss_psi, logit_fake)
@@ -683,11 +704,12 @@ class SiDA:
                 t = torch.rand(self.batch_gpu, 1, 1, 1, generator=slot.gen, device=self.device) * (a.tmax / 1000)
                 sigma = sid_sigma(t)
                 eps = s.noise(slot, self.batch_gpu)
-                with self.autocast():
-                    x_g = one_step(self.G_fn, z, a.init_sigma, c, self.no_aug(self.batch_gpu)).float()
+                with self.autocast():   # call signatures shared with the fake score step: see the compile note
+                    x_g = one_step(self.G_fn, z, a.init_sigma, c, self.no_aug(self.batch_gpu), return_logits=True)[0].float()
                     x_t = x_g + sigma * eps
-                    d_real = self.teacher_fn(x_t, sigma, c, self.no_aug(self.batch_gpu)).float()
-                    out = self.fake_fn(x_t, sigma, c, self.no_aug(self.batch_gpu), return_logits=True, **self.logvar_kw())
+                    out = self.teacher_fn(x_t, sigma, c, self.no_aug(self.batch_gpu), **self.fake_kw)
+                    d_real = out[0].float()
+                    out = self.fake_fn(x_t, sigma, c, self.no_aug(self.batch_gpu), **self.fake_kw)
                 d_fake, logit_g = out[0].float(), out[1].float()
                 ok = finite_samples(x_g, d_real, d_fake, logit_g)
                 all_bad &= ~ok.any()
@@ -721,8 +743,6 @@ class SiDA:
         beta = 0.5 ** (self.args.batch / max(halflife, 1e-8))
         torch._foreach_lerp_(list(self.G_ema.parameters()), list(self.G.parameters()), 1 - beta)
 
-    def logvar_kw(self):
-        return {'return_logvar': True} if self.use_logvar else {}
 
 # ----------------------------------------------------------------------------------------------------
 # Training state: everything needed to continue bit-identically.
@@ -1099,6 +1119,19 @@ def peak_rss():
 PEAK_TFLOPS = {'H100': 989, 'H200': 989, 'A100': 312}     # dense bf16/fp16 tensor-core peaks
 
 
+class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the tensor operations (views excluded) an iteration dispatches: the kernels eager mode launches,
+    each costing host time whatever the tensor size."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
 def bench_config(args):
     """The teacher architecture of --arch at --resolution / --cbase / --cres (official defaults otherwise)."""
     mult = [int(m) for m in args.cres.split(',')]
@@ -1129,14 +1162,16 @@ def bench(args):
     slots = [Slot(0, args.seed, device)]
     iteration = lambda: (sida.fake_score_step(slots), sida.generator_step(slots, use_adv=sida.adversarial))
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-    names = ('teacher_fn', 'G_fn', 'fake_train_fn', 'fake_fn', 'discriminate_fn')
-    compiled = [getattr(sida, k) for k in names]
-    for k, fn in zip(names, (teacher, sida.G_ddp, sida.fake_score_ddp, sida.fake_score, sida.fake_score.discriminate)):
+    eager = {'teacher_fn': teacher, 'G_fn': sida.G_ddp, 'G_eval_fn': sida.G, 'fake_train_fn': sida.fake_score_ddp,
+             'fake_fn': sida.fake_score, 'discriminate_fn': sida.fake_score.discriminate}
+    compiled = {k: getattr(sida, k) for k in eager}
+    for k, fn in eager.items():
         setattr(sida, k, fn)
-    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:   # model FLOPs, counted eagerly once
+    iteration()                                               # creates the optimizer state
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter, OpCounter() as ops:   # counted eagerly
         iteration()
     flops = counter.get_total_flops()
-    for k, fn in zip(names, compiled):
+    for k, fn in compiled.items():
         setattr(sida, k, fn)
     for _ in range(3):                                        # warm-up (and compilation)
         iteration()
@@ -1154,7 +1189,7 @@ def bench(args):
               'compile': args.compile, 'device': name, 'img_per_s': round(args.batch_gpu / sec, 2),
               'sec_per_iter': round(sec, 4),
               'peak_gb': round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == 'cuda' else None,
-              'gflop_per_iter': round(flops / 1e9, 1),
+              'gflop_per_iter': round(flops / 1e9, 1), 'eager_ops_per_iter': ops.count,
               'mfu': round(flops / sec / (peak * 1e12), 4) if peak else None}
     print(json.dumps(result), flush=True)
     return result

@@ -32,6 +32,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -702,6 +703,73 @@ def test_losses_under_autocast_stay_within_tolerance_of_fp32(tiny_teacher, preci
         stats[p] = {k: float(v[0]) for k, v in s.stats.items() if k.startswith('loss')}
     for k, v in stats['fp32'].items():
         assert abs(stats[precision][k] - v) <= 0.05 * abs(v) + 1e-4, (k, v, stats[precision][k])
+
+def bench_sida(arch, *flags):
+    """A SiDA instance on a randomly initialised --arch network (as --bench builds it), 10 classes, 16x16."""
+    args = sida.parse_args(['--bench', '--device', 'cpu', '--arch', arch, '--resolution', '16', '--cbase', '16',
+                            '--cres', '1,2', '--label-dim', '10', '--batch', '2', '--dropout', '0', *flags])
+    torch.manual_seed(0)
+    teacher = networks.build_network(sida.bench_config(args)).eval().requires_grad_(False)
+    shape = (teacher.img_channels, 16, 16)
+    images = torch.randint(0, 256, (8, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    sampler = sida.Sampler(images, torch.arange(8) % 10, 10, shape, torch.device('cpu'))
+    return sida.SiDA(args, teacher, teacher, sampler, 1, 2, torch.device('cpu'))
+
+
+class HostReads(TorchDispatchMode):
+    """Records the ops that read tensor values back to the host: each is a device synchronisation on a GPU."""
+    OPS = {'aten._local_scalar_dense', 'aten.nonzero', 'aten.masked_select', 'aten.is_nonzero', 'aten.equal',
+           'aten._unique2', 'aten.unique_consecutive', 'aten.repeat_interleave', 'aten.masked_scatter_'}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func.overloadpacket) in self.OPS:
+            self.seen.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('arch, precision', [('ddpmpp', 'fp32'), ('edm2', 'fp16')])
+def test_training_iteration_never_reads_tensors_back_to_the_host(arch, precision):
+    s = bench_sida(arch, '--precision', precision)
+    slots = [sida.Slot(0, 0, torch.device('cpu'))]
+    s.fake_score_step(slots)                                 # first steps create the optimizer state
+    s.generator_step(slots, use_adv=True)
+    with HostReads() as reads:
+        s.fake_score_step(slots)
+        s.generator_step(slots, use_adv=True)
+        s.update_ema(10_000)
+    assert reads.seen == []
+    assert len(s.stats['loss_sid'][0].shape) == 0            # statistics stay on the device until a tick
+
+
+def test_compiled_iteration_equals_eager_without_graph_breaks(monkeypatch):
+    """--compile traces every network call whole (no graph breaks) into 4 shared graphs; the aot_eager
+    backend (no code generation, so quick on a CPU) gives the eager losses."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(torch._dynamo.config, 'suppress_errors', False)
+    monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile, backend='aot_eager'))
+    torch._dynamo.reset()
+    counters.clear()
+    stats = {}
+    try:
+        for flags in ((), ('--compile',)):
+            s = bench_sida('ddpmpp', *flags)
+            torch._dynamo.config.suppress_errors = False        # compile_fn turns it on; a failure must show here
+            slot = sida.Slot(0, 0, torch.device('cpu'))
+            for _ in range(2):
+                s.fake_score_step([slot])
+                s.generator_step([slot], use_adv=True)
+            stats[flags] = {k: float(v[0]) / v[1] for k, v in s.stats.items()}
+        assert not counters['graph_break'], dict(counters['graph_break'])
+        assert counters['stats']['unique_graphs'] == 4
+    finally:
+        torch._dynamo.reset()
+    for k, v in stats[()].items():
+        assert abs(stats[('--compile',)][k] - v) <= 1e-4 * abs(v) + 1e-5, (k, v, stats[('--compile',)][k])
+
 
 def test_warmup_schedule_switches_at_the_right_image_counts(tiny_teacher, monkeypatch, tmp_path):
     calls = []
