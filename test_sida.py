@@ -745,9 +745,10 @@ def test_training_iteration_never_reads_tensors_back_to_the_host(arch, precision
     assert len(s.stats['loss_sid'][0].shape) == 0            # statistics stay on the device until a tick
 
 
-def test_compiled_iteration_equals_eager_without_graph_breaks(monkeypatch):
-    """--compile traces every network call whole (no graph breaks) into 4 shared graphs; the aot_eager
-    backend (no code generation, so quick on a CPU) gives the eager losses."""
+@pytest.mark.parametrize('arch, graphs', [('ddpmpp', 4), ('edm2', 5)])   # EDM2's G has no logvar head of its own
+def test_compiled_iteration_equals_eager_without_graph_breaks(monkeypatch, arch, graphs):
+    """--compile traces every network call whole (no graph breaks) into graphs shared between calls; the
+    aot_eager backend (no code generation, so quick on a CPU) gives the eager losses."""
     from torch._dynamo.utils import counters
     monkeypatch.setattr(torch._dynamo.config, 'suppress_errors', False)
     monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile, backend='aot_eager'))
@@ -756,7 +757,7 @@ def test_compiled_iteration_equals_eager_without_graph_breaks(monkeypatch):
     stats = {}
     try:
         for flags in ((), ('--compile',)):
-            s = bench_sida('ddpmpp', *flags)
+            s = bench_sida(arch, *flags)
             torch._dynamo.config.suppress_errors = False        # compile_fn turns it on; a failure must show here
             slot = sida.Slot(0, 0, torch.device('cpu'))
             for _ in range(2):
@@ -764,7 +765,7 @@ def test_compiled_iteration_equals_eager_without_graph_breaks(monkeypatch):
                 s.generator_step([slot], use_adv=True)
             stats[flags] = {k: float(v[0]) / v[1] for k, v in s.stats.items()}
         assert not counters['graph_break'], dict(counters['graph_break'])
-        assert counters['stats']['unique_graphs'] == 4
+        assert counters['stats']['unique_graphs'] == graphs
     finally:
         torch._dynamo.reset()
     for k, v in stats[()].items():
