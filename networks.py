@@ -206,7 +206,10 @@ class GroupNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x):
-        return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+        # In x's precision even under autocast (which would run it in fp32): the statistics accumulate in
+        # fp32 inside the kernel, and the next convolution needs no cast back.
+        with torch.autocast(x.device.type, enabled=False):
+            return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
 def attention(qkv, num_heads, normalize_qkv=False):
