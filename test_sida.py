@@ -750,24 +750,25 @@ def test_compiled_iteration_equals_eager_without_graph_breaks(monkeypatch, arch,
     """--compile traces every network call whole (no graph breaks) into graphs shared between calls; the
     aot_eager backend (no code generation, so quick on a CPU) gives the eager losses."""
     from torch._dynamo.utils import counters
-    monkeypatch.setattr(torch._dynamo.config, 'suppress_errors', False)
     monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile, backend='aot_eager'))
     torch._dynamo.reset()
     counters.clear()
     stats = {}
-    try:
-        for flags in ((), ('--compile',)):
-            s = bench_sida(arch, *flags)
-            torch._dynamo.config.suppress_errors = False        # compile_fn turns it on; a failure must show here
-            slot = sida.Slot(0, 0, torch.device('cpu'))
-            for _ in range(2):
-                s.fake_score_step([slot])
-                s.generator_step([slot], use_adv=True)
-            stats[flags] = {k: float(v[0]) / v[1] for k, v in s.stats.items()}
-        assert not counters['graph_break'], dict(counters['graph_break'])
-        assert counters['stats']['unique_graphs'] == graphs
-    finally:
-        torch._dynamo.reset()
+    # config.patch restores the dynamo settings (compile_fn turns suppress_errors on; a failure must show here).
+    with torch._dynamo.config.patch(suppress_errors=False):
+        try:
+            for flags in ((), ('--compile',)):
+                s = bench_sida(arch, *flags)
+                torch._dynamo.config.suppress_errors = False
+                slot = sida.Slot(0, 0, torch.device('cpu'))
+                for _ in range(2):
+                    s.fake_score_step([slot])
+                    s.generator_step([slot], use_adv=True)
+                stats[flags] = {k: float(v[0]) / v[1] for k, v in s.stats.items()}
+            assert not counters['graph_break'], dict(counters['graph_break'])
+            assert counters['stats']['unique_graphs'] == graphs
+        finally:
+            torch._dynamo.reset()
     for k, v in stats[()].items():
         assert abs(stats[('--compile',)][k] - v) <= 1e-4 * abs(v) + 1e-5, (k, v, stats[('--compile',)][k])
 
