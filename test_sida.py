@@ -1041,6 +1041,7 @@ def test_bench_runs_on_cpu():
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result['img_per_s'] > 0 and result['gflop_per_iter'] > 0
+    assert result['eager_ops_per_iter'] > 1000          # two updates of networks with dozens of layers each
 
 
 # ===================================================================================================
