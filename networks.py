@@ -106,13 +106,27 @@ def open_url(source, cache_dir=None):
 # ----------------------------------------------------------------------------------------------------
 # EDM layers (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models").
 
-def box_resample(x, mode):
-    """Resampling by 2 with the box filter [1,1] of DDPM++, ADM and EDM2: exactly 2x2 average pooling
-    ('down') and nearest-neighbour repetition ('up'), the depthwise (transposed) convolutions with that
-    filter without their cost (grouped convolutions are slow on GPUs, the transposed ones most)."""
+def fir_filter(taps):
+    # The separable 2D filter [1, 1, k, k] of the 1D taps, normalised to unit sum.
+    taps = torch.as_tensor(taps, dtype=torch.float32)
+    return (torch.outer(taps, taps) / taps.sum() ** 2)[None, None]
+
+
+def is_box(taps):
+    return len(taps) == 2 and taps[0] == taps[1]
+
+
+def resample(x, mode, f=None, padding=0):
+    """Up ('up') or downsampling ('down') by 2 with a separable FIR filter f [1, 1, k, k] of unit sum.
+    f=None is the box filter [1,1] (DDPM++, ADM, EDM2): exactly 2x2 average pooling and nearest-neighbour
+    repetition, computed so, as depthwise (transposed) convolutions are slow on GPUs."""
+    if f is None:
+        return F.avg_pool2d(x, 2) if mode == 'down' else F.interpolate(x, scale_factor=2, mode='nearest')
+    f = f.to(x.device, x.dtype).tile(x.shape[1], 1, 1, 1)
     if mode == 'down':
-        return F.avg_pool2d(x, 2)
-    return F.interpolate(x, scale_factor=2, mode='nearest')
+        return F.conv2d(x, f, groups=x.shape[1], stride=2, padding=padding)
+    # x4: the filter sums to 1 but each output pixel receives a quarter of the taps.
+    return F.conv_transpose2d(x, f * 4, groups=x.shape[1], stride=2, padding=padding)
 
 
 def weight_init(shape, mode, fan_in, fan_out):
@@ -163,36 +177,24 @@ class Conv2d(nn.Module):
         shape = [out_channels, in_channels, kernel, kernel]
         self.weight = nn.Parameter(weight_init(shape, **fans) * init_weight) if kernel else None
         self.bias = nn.Parameter(weight_init([out_channels], **fans) * init_bias) if kernel and bias else None
-        taps = torch.as_tensor(resample_filter, dtype=torch.float32)
-        f = (torch.outer(taps, taps) / taps.sum() ** 2)[None, None]  # separable 2D filter with unit sum
-        self.register_buffer('resample_filter', f if up or down else None)
-
-    def _upsample(self, x, padding):
-        if self.resample_filter.shape[-1] == 2:   # box filter: the same as nearest-neighbour upsampling
-            return box_resample(x, 'up')
-        f = self.resample_filter.to(x.dtype) * 4  # x4: the filter sums to 1 but each output gets a quarter of the taps
-        return F.conv_transpose2d(x, f.tile(x.shape[1], 1, 1, 1), groups=x.shape[1], stride=2, padding=padding)
-
-    def _downsample(self, x, padding):
-        if self.resample_filter.shape[-1] == 2:   # box filter: the same as 2x2 average pooling
-            return box_resample(x, 'down')
-        f = self.resample_filter.to(x.dtype)
-        return F.conv2d(x, f.tile(x.shape[1], 1, 1, 1), groups=x.shape[1], stride=2, padding=padding)
+        self.register_buffer('resample_filter', fir_filter(resample_filter) if up or down else None)
+        self.box = is_box(resample_filter)
 
     def forward(self, x):
         w = None if self.weight is None else self.weight.to(x.dtype)
         b = None if self.bias is None else self.bias.to(x.dtype)
         w_pad = 0 if w is None else w.shape[-1] // 2
+        f = None if self.box else self.resample_filter
         f_pad = 0 if self.resample_filter is None else (self.resample_filter.shape[-1] - 1) // 2
         if self.fused_resample and w is not None and self.down:
-            x = self._downsample(F.conv2d(x, w, padding=w_pad + f_pad), 0)
+            x = resample(F.conv2d(x, w, padding=w_pad + f_pad), 'down', f)
             return x if b is None else x + b.reshape(1, -1, 1, 1)
         if self.fused_resample and w is not None and self.up:
-            return F.conv2d(self._upsample(x, max(f_pad - w_pad, 0)), w, b, padding=max(w_pad - f_pad, 0))
+            return F.conv2d(resample(x, 'up', f, max(f_pad - w_pad, 0)), w, b, padding=max(w_pad - f_pad, 0))
         if self.up:
-            x = self._upsample(x, f_pad)
+            x = resample(x, 'up', f, f_pad)
         if self.down:
-            x = self._downsample(x, f_pad)
+            x = resample(x, 'down', f, f_pad)
         return x if w is None else F.conv2d(x, w, b, padding=w_pad)
 
 
@@ -570,14 +572,7 @@ def mp_resample(x, mode='keep', taps=(1, 1)):
     # Up/downsampling by 2 with a normalised separable FIR filter; EDM2 uses the box filter [1,1].
     if mode == 'keep':
         return x
-    if len(taps) == 2:
-        return box_resample(x, mode)
-    taps = torch.as_tensor(taps, dtype=torch.float32, device=x.device)
-    f = (torch.outer(taps, taps) / taps.sum() ** 2)[None, None].to(x.dtype).tile(x.shape[1], 1, 1, 1)
-    pad = (len(taps) - 1) // 2
-    if mode == 'down':
-        return F.conv2d(x, f, groups=x.shape[1], stride=2, padding=pad)
-    return F.conv_transpose2d(x, f * 4, groups=x.shape[1], stride=2, padding=pad)
+    return resample(x, mode, None if is_box(taps) else fir_filter(taps), (len(taps) - 1) // 2)
 
 
 class MPFourier(nn.Module):

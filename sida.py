@@ -1148,21 +1148,26 @@ def bench_config(args):
     return {'class_name': 'EDMPrecond', 'kwargs': dict(common, img_channels=3, **song)}
 
 
-def bench(args):
-    _, world, device = setup_distributed(args.device)
+def random_sida(args, world, device):
+    """SiDA on a randomly initialised teacher of --arch and 1024 random images (the benchmark's set-up)."""
     torch.manual_seed(args.seed)
     teacher = networks.build_network(bench_config(args)).to(device).eval().requires_grad_(False)
-    args.batch_gpu = args.batch_gpu or 64
-    args.batch = args.batch_gpu * world
     shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
     images = torch.randint(0, 256, (1024, *shape), dtype=torch.uint8)
     labels = torch.randint(args.label_dim, (1024,)) if args.label_dim else None
     sampler = Sampler(images, labels, args.label_dim, shape, device)
-    sida = SiDA(args, teacher, teacher, sampler, world, args.batch_gpu, device)
+    return SiDA(args, teacher, teacher, sampler, world, args.batch_gpu, device)
+
+
+def bench(args):
+    _, world, device = setup_distributed(args.device)
+    args.batch_gpu = args.batch_gpu or 64
+    args.batch = args.batch_gpu * world
+    sida = random_sida(args, world, device)
     slots = [Slot(0, args.seed, device)]
     iteration = lambda: (sida.fake_score_step(slots), sida.generator_step(slots, use_adv=sida.adversarial))
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-    eager = {'teacher_fn': teacher, 'G_fn': sida.G_ddp, 'G_eval_fn': sida.G, 'fake_train_fn': sida.fake_score_ddp,
+    eager = {'teacher_fn': sida.teacher, 'G_fn': sida.G_ddp, 'G_eval_fn': sida.G, 'fake_train_fn': sida.fake_score_ddp,
              'fake_fn': sida.fake_score, 'discriminate_fn': sida.fake_score.discriminate}
     compiled = {k: getattr(sida, k) for k in eager}
     for k, fn in eager.items():

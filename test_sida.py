@@ -705,15 +705,11 @@ def test_losses_under_autocast_stay_within_tolerance_of_fp32(tiny_teacher, preci
         assert abs(stats[precision][k] - v) <= 0.05 * abs(v) + 1e-4, (k, v, stats[precision][k])
 
 def bench_sida(arch, *flags):
-    """A SiDA instance on a randomly initialised --arch network (as --bench builds it), 10 classes, 16x16."""
+    """The benchmark's SiDA on a randomly initialised --arch network, 10 classes, 16x16, batch 2."""
     args = sida.parse_args(['--bench', '--device', 'cpu', '--arch', arch, '--resolution', '16', '--cbase', '16',
-                            '--cres', '1,2', '--label-dim', '10', '--batch', '2', '--dropout', '0', *flags])
-    torch.manual_seed(0)
-    teacher = networks.build_network(sida.bench_config(args)).eval().requires_grad_(False)
-    shape = (teacher.img_channels, 16, 16)
-    images = torch.randint(0, 256, (8, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    sampler = sida.Sampler(images, torch.arange(8) % 10, 10, shape, torch.device('cpu'))
-    return sida.SiDA(args, teacher, teacher, sampler, 1, 2, torch.device('cpu'))
+                            '--cres', '1,2', '--label-dim', '10', '--batch', '2', '--batch-gpu', '2', '--dropout', '0',
+                            *flags])
+    return sida.random_sida(args, 1, torch.device('cpu'))
 
 
 class HostReads(TorchDispatchMode):
