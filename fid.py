@@ -284,14 +284,7 @@ def load_ref(source):
 
 def save_ref(path, mu, sigma):
     """Write statistics as an npz with `mu` and `sigma`, like EDM's reference files (atomically)."""
-    if os.path.dirname(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'wb') as f:
-        np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    networks.atomic_write(path, lambda f: np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64)))
 
 
 def _as_ref(ref):
@@ -537,6 +530,20 @@ def save_images(images, seeds, outdir):
     for image, seed in zip(images.cpu().numpy(), torch.as_tensor(seeds).tolist()):
         PIL.Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(
             os.path.join(outdir, f'{seed:06d}.png'))
+
+
+def save_grid(images, path):
+    """Save uint8 [N, C, H, W] images as a square grid PNG, atomically."""
+    n, c, h, w = images.shape
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = (n + cols - 1) // cols
+    grid = torch.zeros(rows * cols, c, h, w, dtype=torch.uint8)
+    grid[:n] = images.cpu()
+    grid = grid.view(rows, cols, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, c)
+    img = PIL.Image.fromarray(grid.squeeze(-1).numpy() if c == 1 else grid.numpy())
+    scale = max(1, 256 // (cols * w))        # tiny images are enlarged so a person can see them
+    img = img.resize((img.width * scale, img.height * scale), PIL.Image.NEAREST)
+    networks.atomic_write(path, lambda f: img.save(f, format='PNG'))
 
 
 def parse_seeds(text):

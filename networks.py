@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 # ----------------------------------------------------------------------------------------------------
-# Errors and downloads.
+# Errors, files and downloads.
 
 class UserError(Exception):
     """A problem with the user's input (a file, flag or URL). The message is one line naming it."""
@@ -65,10 +65,29 @@ def _one_line(text):
     return ' '.join(str(text).split())
 
 
+def atomic_write(path, write):
+    """Create or replace `path` through write(f) on a temporary file in the same folder, fsync'd and
+    renamed into place: readers (and a crash) never see a partial file, and a failed write leaves
+    the previous file intact."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)                  # mkstemp creates 0600; the result is an ordinary file
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def open_url(source, cache_dir=None):
     """A local path for `source`: a file path as it is, an http(s) URL downloaded once into the cache
-    ($SIDA_CACHE or ~/.cache/sida). The download goes to a temporary name and is renamed when complete,
-    so an interrupted download never looks cached."""
+    ($SIDA_CACHE or ~/.cache/sida). The download is written atomically, so an interrupted download
+    never looks cached."""
     source = str(source)
     if not re.match(r'https?://', source):
         if not os.path.isfile(source):
@@ -79,10 +98,9 @@ def open_url(source, cache_dir=None):
     path = os.path.join(cache_dir, f'{hashlib.sha256(source.encode()).hexdigest()[:12]}-{name}')
     if os.path.isfile(path):
         return path
-    os.makedirs(cache_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f'.{name}.', suffix='.part')
-    try:
-        with os.fdopen(fd, 'wb') as f, urllib.request.urlopen(source, timeout=60) as response:
+
+    def download(f):
+        with urllib.request.urlopen(source, timeout=60) as response:
             total, done = int(response.headers.get('Content-Length') or 0), 0
             while chunk := response.read(1 << 20):
                 f.write(chunk)
@@ -90,17 +108,13 @@ def open_url(source, cache_dir=None):
                 size = f'{done / 2**20:.0f}/{total / 2**20:.0f} MiB' if total else f'{done / 2**20:.0f} MiB'
                 print(f'\rdownloading {source}: {size}', end='', file=sys.stderr, flush=True)
             print(file=sys.stderr)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)                  # mkstemp creates 0600; the cached file is an ordinary one
-        os.replace(tmp, path)
+
+    try:
+        atomic_write(path, download)
     except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as e:
         reason = getattr(e, 'reason', None) or e
         raise UserError(_one_line(f'could not reach {source} ({reason}); '
                                   'download it yourself and pass the local file instead')) from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 # ----------------------------------------------------------------------------------------------------
@@ -902,24 +916,12 @@ def build_network(config):
 
 
 def save_network(net, path, **meta):
-    """Write `net` as plain data {'format', 'config', 'state_dict', 'meta'}; atomic (temp file, fsync, rename)."""
+    """Write `net` as plain data {'format', 'config', 'state_dict', 'meta'}, atomically."""
     while isinstance(net, nn.parallel.DistributedDataParallel) or hasattr(net, '_orig_mod'):  # DDP / torch.compile
         net = net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net._orig_mod
     data = {'format': 'sida-network', 'config': net.config, 'meta': meta,
             'state_dict': {name: t.detach().cpu() for name, t in net.state_dict().items()}}
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)                  # mkstemp creates 0600; a checkpoint is an ordinary file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda f: torch.save(data, f))
 
 
 def safe_pickle_load(file, allowed, **unpickler_kwargs):

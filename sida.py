@@ -343,7 +343,7 @@ def prepare_latents(src, dest, device, vae=networks.VAE_NAME):
                 print(f'encoded {index}/{len(dataset)} images', flush=True)
             z.writestr('dataset.json', json.dumps({'labels': [[k, v] for k, v in labels.items()] or None}))
 
-    atomic_write(dest, write)
+    networks.atomic_write(dest, write)
     print(f'wrote {dest}')
 
 
@@ -456,34 +456,6 @@ class EDMSampler(torch.nn.Module):
         return edm_sampler(self.net, x / sigma, class_labels, self.steps)
 
 
-def save_grid(images, path):
-    """Save uint8 [N, C, H, W] images as a square grid PNG, atomically."""
-    n, c, h, w = images.shape
-    cols = int(math.ceil(math.sqrt(n)))
-    rows = (n + cols - 1) // cols
-    grid = torch.zeros(rows * cols, c, h, w, dtype=torch.uint8)
-    grid[:n] = images.cpu()
-    grid = grid.view(rows, cols, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, c)
-    img = Image.fromarray(grid.squeeze(-1).numpy() if c == 1 else grid.numpy())
-    scale = max(1, 256 // (cols * w))        # tiny images are enlarged so a person can see them
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    atomic_write(path, lambda f: img.save(f, format='PNG'))
-
-
-def atomic_write(path, write):
-    """Write through a temporary file, flush, fsync and rename: readers never see a partial file."""
-    tmp = f'{path}.tmp{os.getpid()}'
-    try:
-        with open(tmp, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def plot_metrics(rows, path):
     """Every metric against kimg, drawn with PIL (no plotting dependency). A metric measured once
     (the toy run's fd_data and fd_teacher) is drawn as a horizontal reference line; log scale."""
@@ -517,7 +489,7 @@ def plot_metrics(rows, path):
             for x, y in xy:
                 d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
         d.text((m + 10 + 110 * i, m - 20), n, fill=c)
-    atomic_write(path, lambda f: img.save(f, format='PNG'))
+    networks.atomic_write(path, lambda f: img.save(f, format='PNG'))
 
 # ----------------------------------------------------------------------------------------------------
 # Evaluation.
@@ -777,7 +749,7 @@ def save_state(path, sida, slots, nimg, tick, best, args, rank):
     }
     buf = io.BytesIO()
     torch.save(state, buf)
-    atomic_write(path, lambda f: f.write(buf.getvalue()))
+    networks.atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
 def read_state(path, args):
@@ -995,7 +967,7 @@ def distill(args):
         nimg, cur_tick, best = restore_state(state, state_path, teacher, sida, slots, rank, world)
         log(f'resumed from {state_path} at {nimg / 1000:g} kimg')
     elif master:
-        atomic_write(os.path.join(outdir, 'args.json'), lambda f: f.write(json.dumps(vars(args), indent=2).encode()))
+        networks.atomic_write(os.path.join(outdir, 'args.json'), lambda f: f.write(json.dumps(vars(args), indent=2).encode()))
 
     # SIGTERM / SIGINT: finish the iteration, save the state, exit cleanly.
     stop = []
@@ -1096,7 +1068,7 @@ def any_rank(flag, device):
 def save_snapshot(G_ema, row, best, evaluator, args, outdir, device):
     """Sample grid and EMA generator at this kimg; generator-best.pt when the main metric improves."""
     tag, metrics = f'{int(row["kimg"]):06d}', evaluator.metrics
-    save_grid(fid.generate_images(G_ema, torch.arange(64), args.init_sigma, device, evaluator.vae),
+    fid.save_grid(fid.generate_images(G_ema, torch.arange(64), args.init_sigma, device, evaluator.vae),
               os.path.join(outdir, f'samples-{tag}.png'))
     meta = dict(kimg=row['kimg'], method=args.method, teacher=str(args.teacher))
     networks.save_network(G_ema, os.path.join(outdir, f'generator-{tag}.pt'), **meta)

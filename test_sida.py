@@ -896,12 +896,12 @@ def test_run_that_stays_nonfinite_stops_and_keeps_the_last_good_state(tmp_path):
 
 def test_a_crash_while_writing_leaves_the_previous_file_intact(tmp_path):
     path = str(tmp_path / 'state.pt')
-    sida.atomic_write(path, lambda f: f.write(b'good'))
+    networks.atomic_write(path, lambda f: f.write(b'good'))
     def crash(f):
         f.write(b'partial')
         raise RuntimeError('killed')
     with pytest.raises(RuntimeError):
-        sida.atomic_write(path, crash)
+        networks.atomic_write(path, crash)
     assert open(path, 'rb').read() == b'good' and os.listdir(tmp_path) == ['state.pt']
 
 
