@@ -3,7 +3,7 @@
 A teacher, the fake score network and the generator all share one denoiser architecture: EDM's
 SongUNet (DDPM++/NCSN++) or DhariwalUNet (ADM) inside EDMPrecond, or EDM2's magnitude-preserving
 UNet inside EDM2Precond. SiDA adds no parameters for its discriminator: the logits are the channel
-mean of the UNet encoder's last feature map (SPEC §4), available from the same pass as the denoised
+mean of the UNet encoder's last feature map (SiDA paper), available from the same pass as the denoised
 image (`net(x, sigma, c, return_logits=True)`) or from the encoder alone (`net.discriminate(...)`).
 
     net = load_network('edm-cifar10-32x32-uncond-vp')          # official name, URL or file
@@ -649,17 +649,15 @@ class MPBlock(nn.Module):
 
     def forward(self, x, emb):
         x = mp_resample(x, self.resample_mode, self.resample_filter)
-        if self.flavor == 'enc':
-            if self.conv_skip is not None:
-                x = self.conv_skip(x)
-            x = normalize(x, dim=1)  # pixel norm
-        y = self.conv_res0(mp_silu(x))
-        c = self.emb_linear(emb, gain=self.emb_gain) + 1
-        y = mp_silu(y * c[:, :, None, None].to(y.dtype))
-        y = self.conv_res1(F.dropout(y, p=self.dropout, training=self.training))
-        if self.flavor == 'dec' and self.conv_skip is not None:
+        if self.flavor == 'enc':            # the encoder projects its input first and pixel-normalises it
+            x = normalize(x if self.conv_skip is None else self.conv_skip(x), dim=1)
+        modulation = 1 + self.emb_linear(emb, gain=self.emb_gain)          # per channel, from the embedding
+        h = self.conv_res0(mp_silu(x))
+        h = mp_silu(h * modulation.to(h.dtype)[..., None, None])
+        h = self.conv_res1(F.dropout(h, p=self.dropout, training=self.training))
+        if self.flavor == 'dec' and self.conv_skip is not None:   # the decoder projects only the skip path
             x = self.conv_skip(x)
-        x = mp_sum(x, y, t=self.res_balance)
+        x = mp_sum(x, h, t=self.res_balance)
         if self.num_heads:
             y = attention(self.attn_qkv(x), self.num_heads, normalize_qkv=True)
             x = mp_sum(x, self.attn_proj(y), t=self.attn_balance)
@@ -761,7 +759,7 @@ class EDM2UNet(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------
 # Preconditioners: the denoiser D(x, sigma, c) = c_skip x + c_out F(c_in x, c_noise, c) (EDM, Table 1)
-# and the SiDA discriminator on the same preconditioned input (SPEC §4).
+# and the SiDA discriminator on the same preconditioned input (SiDA paper).
 
 def _plain(value):
     # A JSON-able copy: tuples become lists, numpy scalars Python numbers, dict subclasses dicts.
@@ -822,12 +820,18 @@ class EDMPrecond(nn.Module):
             raise ValueError(f'unknown model_type {model_type!r}')
         self.img_resolution, self.img_channels = img_resolution, img_channels
         self.label_dim, self.sigma_data = label_dim, sigma_data
+        # What a training loop needs to know: pixels, no log-variance head, EDM's noise distribution.
+        self.latent, self.use_logvar, self.magnitude_preserving = False, False, False
+        self.augment_dim = model_kwargs.get('augment_dim', 0)   # width of the augmentation labels (0: none)
+        self.P_mean, self.P_std = -1.2, 1.2                     # ln(sigma) of EDM's training (Karras et al. 2022)
         self.model = unets[model_type](img_resolution, img_channels, img_channels, label_dim=label_dim, **model_kwargs)
         self.config = {'class_name': 'EDMPrecond', 'kwargs': _plain(dict(
             img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
             model_type=model_type, sigma_data=sigma_data, **model_kwargs))}
 
-    def forward(self, x, sigma, class_labels=None, augment_labels=None, return_logits=False):
+    def forward(self, x, sigma, class_labels=None, augment_labels=None, return_logits=False, return_logvar=False):
+        if return_logvar:
+            raise ValueError('EDM networks have no log-variance head')
         x, sigma, class_labels = _prepare(x, sigma, class_labels, self.label_dim)
         c_skip, c_out, c_in, c_noise = _coefficients(sigma, self.sigma_data)
         emb = self.model.embed(c_noise, class_labels, augment_labels)
@@ -860,10 +864,14 @@ class EDM2Precond(nn.Module):
         super().__init__()
         self.img_resolution, self.img_channels = img_resolution, img_channels
         self.label_dim, self.sigma_data = label_dim, sigma_data
-        self.use_logvar = use_logvar
+        # What a training loop needs to know. EDM2 works on the 4 channels of the Stable Diffusion VAE's
+        # latents (the toy run uses the same network on pixels); EDM2's noise distribution (Karras et al. 2024).
+        self.latent, self.use_logvar, self.magnitude_preserving = img_channels == 4, use_logvar, True
+        self.augment_dim = 0
+        self.P_mean, self.P_std = -0.4, 1.0
         self.unet = EDM2UNet(img_resolution, img_channels, label_dim, **unet_kwargs)
         if use_logvar:
-            # The uncertainty u(sigma) of the EDM2 loss (SPEC §3).
+            # The uncertainty u(sigma) of EDM2's loss weighting (Karras et al. 2024, the learned log-variance).
             self.logvar_fourier = MPFourier(logvar_channels)
             self.logvar_linear = MPConv(logvar_channels, 1, [])
         self.force_normalization = force_normalization

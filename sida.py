@@ -2,18 +2,22 @@
 """SiDA: Score identity Distillation with an Adversarial loss (Zhou et al., ICLR 2025).
 
 The whole distillation loop in one file. A pretrained EDM/EDM2 denoiser (the teacher) becomes a one-step
-generator. Read it top to bottom: the method (noise levels, augmentation, the losses), data, networks,
-the training loop, then the entry points (the offline toy run and the benchmark).
+generator. It reads top to bottom as the paper does: settings; the method (noise levels, augmentation,
+the losses); data; networks; one iteration (the fake score update, then the generator update); the
+training state; evaluation and the console; the loop; the entry points (the toy teacher, latent
+preparation, the benchmark).
 
 One process (CPU or one GPU):
-    python sida.py --preset toy                     # offline toy run: trains a small teacher, distills it
+    python sida.py --preset toy                     # offline toy run on the CPU (no downloads)
     python sida.py --teacher edm-cifar10-32x32-uncond-vp --data cifar-10-python.tar.gz \
-        --ref https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz --outdir runs/c10
+        --ref cifar10-32x32 --outdir runs/c10
 One node with 8 GPUs:
     torchrun --standalone --nproc_per_node=8 sida.py --teacher edm-cifar10-32x32-uncond-vp --data ...
 Two nodes (run on both, NODE_RANK=0 and 1):
     torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 --master_addr=$MASTER_ADDR \
         --master_port=29500 sida.py --teacher ... --data ...
+Continue a run (run flags come from its saved state):
+    python sida.py --resume runs/c10
 The paper's runs, with every setting: train_cifar.sh and train_imagenet.sh. Other entry points:
     python sida.py --bench --arch ddpmpp --batch-gpu 64 --precision bf16   # throughput, random networks
     python sida.py --prepare-latents IMAGES.zip LATENTS.zip                 # EDM2 latent dataset (diffusers)
@@ -30,6 +34,7 @@ import signal
 import sys
 import time
 import zipfile
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -37,29 +42,26 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import torch.utils._python_dispatch
 import torch.utils.flop_counter
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import fid
 import networks
 from networks import UserError
 
 # ----------------------------------------------------------------------------------------------------
-# Settings. Defaults are the CIFAR-10 unconditional SiDA run of the paper (SPEC §6).
+# Settings. Defaults are the paper's CIFAR-10 unconditional SiDA run. Flags come in groups: the run's
+# (saved with its state and kept on resume), the session's (may change on resume) and the tools'.
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description='SiD / SiDA / SiD²A distillation of EDM and EDM2 teachers.')
-    a = p.add_argument
+def build_parser():
+    p = argparse.ArgumentParser(description='SiD / SiDA / SiD²A distillation of EDM and EDM2 teachers.',
+                                allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument_group('run', 'fixed for a run: --resume keeps them (given again, they must agree)').add_argument
     a('--method',         default='sida', choices=['sid', 'sida', 'sid2a'], help='SiD, SiDA, or SiDA from a SiD generator')
-    a('--teacher',        default='edm-cifar10-32x32-uncond-vp', help='teacher: path, URL or official name')
-    a('--init-generator', default=None,   help='SiD²A: generator to start from (path or URL)')
-    a('--data',           default=None,   help='real images: zip, folder, CIFAR-10 tarball or "toy" (SiD needs none)')
     a('--cond',           action='store_true', help='class-conditional distillation (teacher must be conditional)')
-    a('--outdir',         default='runs/sida', help='where logs, samples and checkpoints go')
     a('--alpha',          type=float, default=1.0,  help='weight of the bias-correction term of the SiD loss')
     a('--tmax',           type=int,   default=800,  help='largest noise step of the generator loss, out of 1000')
     a('--init-sigma',     type=float, default=2.5,  help='noise level at which the generator denoises z')
     a('--batch',          type=int,   default=256,  help='total batch over all GPUs and accumulation rounds')
-    a('--batch-gpu',      type=int,   default=None, help='per-GPU batch of one accumulation round')
     a('--lr',             type=float, default=1e-5, help='fake score network learning rate')
     a('--glr',            type=float, default=1e-5, help='generator learning rate')
     a('--ls',             type=float, default=1.0,  help='fake score loss scale')
@@ -67,121 +69,95 @@ def parse_args(argv=None):
     a('--lsd',            type=float, default=1.0,  help='discriminator loss scale')
     a('--lsg-gan',        type=float, default=0.01, help='adversarial generator loss scale')
     a('--ema',            type=float, default=0.5,  help='EMA half-life of the generator, Mimg')
-    a('--duration',       type=float, default=300., help='training length, Mimg')
     a('--dropout',        type=float, default=0.13, help='dropout of the trained networks')
     a('--augment',        type=float, default=0.12, help='augmentation probability on the fake-score side')
-    a('--p-mean',         type=float, default=None, help='log-normal mean of the fake-score noise (EDM -1.2, EDM2 -0.4)')
-    a('--p-std',          type=float, default=None, help='log-normal std of the fake-score noise (EDM 1.2, EDM2 1.0)')
+    a('--p-mean',         type=float, default=None, help="log-normal mean of the fake-score noise (default: the teacher's, EDM -1.2, EDM2 -0.4)")
+    a('--p-std',          type=float, default=None, help="log-normal std of the fake-score noise (default: the teacher's, EDM 1.2, EDM2 1.0)")
     a('--logvar',         action=argparse.BooleanOptionalAction, default=True, help='EDM2: log-variance weighting of the losses')
-    a('--force-norm',     action=argparse.BooleanOptionalAction, default=True, help='EDM2: forced weight normalisation')
+    a('--force-norm',     action=argparse.BooleanOptionalAction, default=True, help="EDM2: forced weight normalisation of the generator's stored weights")
+    a('--force-norm-fake-score', action=argparse.BooleanOptionalAction, default=False,
+      help="EDM2 with --force-norm: also renormalise the fake score network's (upstream's runs never do)")
     a('--gen-start-kimg', type=float, default=100., help='generator steps start after this many kimg (SiDA)')
     a('--adv-start-kimg', type=float, default=200., help='adversarial generator term starts after this many kimg')
     a('--precision',      default='fp32', choices=['fp32', 'tf32', 'bf16', 'fp16'], help='arithmetic of the networks')
-    a('--compile',        action='store_true', help='torch.compile the networks')
     a('--seed',           type=int,   default=0,    help='random seed')
-    a('--tick',           type=float, default=50.,  help='log every this many kimg')
+    a('--arch',           default='ddpmpp', choices=['ddpmpp', 'ncsnpp', 'adm', 'edm2'], help='toy/bench architecture')
+    a = p.add_argument_group('session', 'may change when a run is resumed (restored when not given again)').add_argument
+    a('--teacher',        default='edm-cifar10-32x32-uncond-vp', help='teacher: path, URL or official name')
+    a('--init-generator', default=None,   help='SiD²A: generator to start from (path, URL or release name)')
+    a('--data',           default=None,   help='real images: zip, folder, CIFAR-10 tarball or "toy" (SiD needs none)')
+    a('--duration',       type=float, default=300., help='training length, Mimg')
+    a('--batch-gpu',      type=int,   default=None, help='per-GPU batch of one accumulation round (default: all of it)')
+    a('--tick',           type=float, default=50.,  help='one status line every this many kimg')
     a('--snap',           type=int,   default=50,   help='samples, generator snapshot and metrics every N ticks')
     a('--dump',           type=int,   default=50,   help='training state every N ticks')
     a('--metrics',        default='fid50k', help='comma list of fidNk, isNk, fd, fdNk, or none')
-    a('--ref',            default=None,  help='reference statistics for FID (npz/pkl path or URL)')
+    a('--ref',            default=None,  help='reference statistics for FID (npz/pkl path, URL or name)')
     a('--detector',       default=None,  help='Inception detector (path or URL; default: the official URL)')
     a('--vae',            default=networks.VAE_NAME, help='EDM2 latents: the Stable Diffusion VAE (hub name or folder)')
-    a('--device',         default=None,  help='cuda or cpu (default: cuda when available)')
-    a('--resume',         default=None,  help='continue the run in this folder from its training-state.pt')
+    a('--compile',        action='store_true', help='torch.compile the networks')
     a('--max-nonfinite',  type=int,   default=100, help='stop after this many iterations in a row with no finite sample')
-    # The offline toy run and the benchmark.
+    a = p.add_argument_group('where and how', 'not saved with the run').add_argument
+    a('--outdir',         default='runs/sida', help='where logs, samples and checkpoints go')
+    a('--resume',         default=None,  help='continue the run in this folder from its training-state.pt')
+    a('--device',         default=None,  help='cuda or cpu (default: cuda when available)')
     a('--preset',         default=None, choices=['toy'], help='toy: offline run on procedurally generated images')
-    a('--arch',           default='ddpmpp', choices=['ddpmpp', 'ncsnpp', 'adm', 'edm2'], help='toy/bench architecture')
     a('--teacher-kimg',   type=float, default=None, help='toy: images to train the toy teacher on, kimg')
-    a('--bench',          action='store_true', help='time full SiDA iterations on random networks and exit')
     a('--prepare-latents', nargs=2, metavar=('SRC', 'DEST'), help='encode 512x512 images into an EDM2 latent zip')
-    a('--bench-iters',    type=int,   default=10)
-    a('--resolution',     type=int,   default=32)
-    a('--cbase',          type=int,   default=128)
-    a('--cres',           default='2,2,2')
-    a('--label-dim',      type=int,   default=0)
+    a('--bench',          action='store_true', help='time full SiDA iterations on random networks and exit')
+    a('--bench-iters',    type=int,   default=10,  help='bench: timed iterations')
+    a('--resolution',     type=int,   default=32,  help='bench: image resolution')
+    a('--cbase',          type=int,   default=128, help='bench: channels at multiplier 1')
+    a('--cres',           default='2,2,2',         help='bench: channel multipliers per resolution')
+    a('--label-dim',      type=int,   default=0,   help='bench: number of classes')
+    return p
+
+
+def flag_groups(parser):
+    """{group title: [flag dests]} for the run, session and tool groups."""
+    return {g.title: [act.dest for act in g._group_actions] for g in parser._action_groups if g._group_actions}
+
+
+RUN_FLAGS, SESSION_FLAGS = (tuple(flag_groups(build_parser())[g]) for g in ('run', 'session'))
+TOY_PRESET = dict(teacher=None, data='toy', cond=True, outdir='runs/toy', batch=64, lr=1e-4, glr=1e-4, ema=0.002,
+                  duration=0.02, dropout=0.0, augment=0.0, gen_start_kimg=0.5, adv_start_kimg=1.0, tick=2.,
+                  snap=2, dump=2, metrics='fd', teacher_kimg=100.)
+
+
+def parse_args(argv=None):
+    p = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
-    # Flags given on the command line (a resumed run takes every other run flag from its saved state).
-    given = [a.split('=')[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith('--')]
-    args.explicit = sorted({act.dest for act in p._actions for opt in act.option_strings if opt in given})
+    # The flags given on the command line: a resumed run takes every other run flag from its state,
+    # and a preset changes only flags that were not given.
+    given = {a.split('=')[0] for a in argv if a.startswith('--')}
+    args.explicit = sorted({act.dest for act in p._actions if given & set(act.option_strings)})
     if args.preset == 'toy':
-        # Only flags left at their defaults are changed, so `--preset toy --method sid` etc. still work.
-        toy = dict(teacher=None, data='toy', cond=True, outdir='runs/toy', batch=64, lr=1e-4, glr=1e-4,
-                   ema=0.002, duration=0.02, dropout=0.0, augment=0.0, gen_start_kimg=0.5, adv_start_kimg=1.0,
-                   tick=2., snap=2, dump=2, metrics='fd', teacher_kimg=100.)
-        for k, v in toy.items():
-            if getattr(args, k) == p.get_default(k):
+        for k, v in TOY_PRESET.items():
+            if k not in args.explicit:
                 setattr(args, k, v)
     return args
 
 # ----------------------------------------------------------------------------------------------------
 # The method. Every random draw can be passed in, so the tests pin them.
 
-SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0   # EDM's Karras schedule
+SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0   # EDM's Karras schedule (Karras et al. 2022, Eq. 5)
+
+
+def karras_sigma(u):
+    """The Karras schedule: u = 0 gives SIGMA_MAX, u = 1 SIGMA_MIN, uniform steps in sigma^(1/rho)."""
+    a, b = SIGMA_MAX ** (1 / RHO), SIGMA_MIN ** (1 / RHO)
+    return (a + u * (b - a)) ** RHO
 
 
 def sid_sigma(t):
-    """Noise level of the SiD generator loss: t in [0, tmax/1000] on the Karras schedule (SPEC §2)."""
-    a, b = SIGMA_MAX ** (1 / RHO), SIGMA_MIN ** (1 / RHO)
-    return (a + (1 - t) * (b - a)) ** RHO
+    """Noise level of the SiD generator loss for t ~ U(0, tmax/1000): t = 0 is the smallest (SiD, Sec. 4)."""
+    return karras_sigma(1 - t)
 
 
 def edm_weight(sigma, sigma_data):
-    """EDM's loss weight lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2."""
+    """EDM's loss weight lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 (Karras et al. 2022, Table 1)."""
     return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
-
-
-def sid_generator_loss(x_g, d_real, d_fake, alpha):
-    """SiD generator loss per pixel (SPEC §2): (d_r - d_f)((d_r - x_g) - alpha (d_r - d_f)) / w."""
-    with torch.no_grad():
-        w = (x_g - d_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-5)
-    return (d_real - d_fake) * ((d_real - x_g) - alpha * (d_real - d_fake)) / w
-
-
-def denoising_loss(denoised, x, sigma, sigma_data, logvar=None):
-    """EDM's denoising loss per pixel (SPEC §3); with EDM2's log-variance u: weight/e^u (...)^2 + u."""
-    loss = edm_weight(sigma, sigma_data) * (denoised - x) ** 2
-    return loss if logvar is None else loss / logvar.exp() + logvar
-
-
-def masked_mean(x, ok):
-    """Mean over the kept samples (ok: [B] bool); dropped samples count for nothing, with no host sync."""
-    per_sample = x.flatten(1).mean(dim=1)
-    return keep(per_sample, ok).sum() / ok.sum().clamp(min=1)
-
-
-def discriminator_loss(logit_real, logit_fake, weight, ok=None):
-    """SiDA discriminator loss per sample (SPEC §4): weight * (BCE(real, 1) + BCE(fake, 0)) / 2,
-    each BCE a mean over the batch and the logit map (over kept samples only, when ok is given)."""
-    ok = torch.ones(len(weight), dtype=torch.bool, device=weight.device) if ok is None else ok
-    bce = lambda logit, target: F.binary_cross_entropy_with_logits(
-        logit, torch.full_like(logit, target), reduction='none')
-    loss = (masked_mean(bce(logit_real, 1.0), ok) + masked_mean(bce(logit_fake, 0.0), ok)) / 2
-    return keep(weight * loss, ok)
-
-
-def adversarial_loss(logit_g, x_g, d_real, ok=None):
-    """SiDA generator adversarial loss per pixel (SPEC §4): BCE(clamp(logit, -10, 10), 1) averaged over
-    the per-GPU batch (its average fakeness), then divided by each sample's w."""
-    ok = torch.ones(len(x_g), dtype=torch.bool, device=x_g.device) if ok is None else ok
-    with torch.no_grad():
-        w = (x_g - d_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-5)
-    logit = logit_g.clamp(-10, 10)
-    bce = masked_mean(F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit), reduction='none'), ok)
-    return keep((bce / w).expand_as(x_g), ok)
-
-
-def finite_samples(*tensors):
-    """Per-sample mask: True where every value of every tensor is finite (SPEC §4 NaN guard)."""
-    ok = torch.ones(tensors[0].shape[0], dtype=torch.bool, device=tensors[0].device)
-    for t in tensors:
-        ok &= torch.isfinite(t).flatten(1).all(dim=1)
-    return ok
-
-
-def keep(loss, ok):
-    """Zero the loss of dropped samples without a host sync (where, not indexing: NaN * 0 is NaN)."""
-    return torch.where(ok.view(-1, *[1] * (loss.ndim - 1)), loss, torch.zeros_like(loss))
 
 
 def augment(x, p, gen):
@@ -221,33 +197,101 @@ def augment(x, p, gen):
                           aniso * aniso_rot.cos(), aniso * aniso_rot.sin(), tx, ty], dim=1)
     return out, labels
 
+def finite(x):
+    """Per-sample mask [B]: True where every value of the sample is finite."""
+    return torch.isfinite(x).flatten(1).all(dim=1)
+
+
+def per_sample(mask, x):
+    """mask [B] shaped to broadcast against x [B, ...]."""
+    return mask.view(-1, *[1] * (x.ndim - 1))
+
+
+def drop_nonfinite(ok, *tensors):
+    """The NaN guard: samples with a non-finite value in any of `tensors` (or ok False already) are
+    dropped *before* a loss sees them: ok is narrowed to the finite samples and each tensor gets zeros
+    at the dropped ones, so neither a loss nor its derivative is ever evaluated at NaN and the other
+    samples' gradients stay finite (upstream removes such samples by indexing; `where` needs no host sync)."""
+    for t in tensors:
+        if t is not None:
+            ok = ok & finite(t)
+    return ok, [None if t is None else torch.where(per_sample(ok, t), t, torch.zeros_like(t)) for t in tensors]
+
+
+def masked_mean(x, ok):
+    """Mean over the kept samples (ok: [B] bool) of the per-sample means of x, with no host sync."""
+    per_sample_mean = x.flatten(1).mean(dim=1)
+    return torch.where(ok, per_sample_mean, torch.zeros_like(per_sample_mean)).sum() / ok.sum().clamp(min=1)
+
+
+def bce(logits, target):
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target), reduction='none')
+
+
+def sid_w(x_g, d_real):
+    """SiD's per-sample normaliser w = mean over pixels of |x_g - f_phi(x_t)|, no gradient, at least 1e-5."""
+    return (x_g - d_real).detach().abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-5)
+
+
+def denoising_loss(denoised, x, sigma, sigma_data, logvar=None):
+    """L_psi per pixel, EDM's denoising loss weight * (D(x + sigma n) - x)^2; with EDM2's log-variance u:
+    weight / e^u * (...)^2 + u (Karras et al. 2024)."""
+    loss = edm_weight(sigma, sigma_data) * (denoised - x) ** 2
+    return loss if logvar is None else loss / logvar.exp() + logvar
+
+
+def discriminator_loss(logit_real, logit_fake, sigma, sigma_data, ok, logvar=None):
+    """L_D per sample (SiDA, Eq. 8): weight * (BCE(real, 1) + BCE(fake, 0)) / 2, each BCE a mean over the
+    kept samples of the batch and over the logit map; EDM2 divides it by e^u of the fake score network."""
+    loss = edm_weight(sigma, sigma_data) * ((masked_mean(bce(logit_real, 1.0), ok) + masked_mean(bce(logit_fake, 0.0), ok)) / 2)
+    return loss if logvar is None else loss / logvar.exp()
+
+
+def sid_loss(x_g, d_real, d_fake, alpha):
+    """L_sid per pixel (SiD, Eq. 23): (d_r - d_f)((d_r - x_g) - alpha (d_r - d_f)) / w."""
+    return (d_real - d_fake) * ((d_real - x_g) - alpha * (d_real - d_fake)) / sid_w(x_g, d_real)
+
+
+def adversarial_loss(logit_g, x_g, d_real, ok):
+    """L_adv per pixel (SiDA, Eq. 9): BCE(clamp(logit, -10, 10), 1) averaged over the kept samples of the
+    per-GPU batch (its average fakeness), divided by each sample's w and broadcast to every pixel."""
+    fakeness = masked_mean(bce(logit_g.clamp(-10, 10), 1.0), ok)
+    return (fakeness / sid_w(x_g, d_real)).expand_as(x_g)
+
+
+def fake_score_objective(fake, x_g, sigma, sigma_data, ok, logit_real, ls, lsd, batch):
+    """What the fake score update minimises: sum(L_psi) ls / B, plus for SiDA sum(L_D) lsd / B, in one
+    backward (B: the per-GPU batch). `fake` is f_psi's pass on the noisy generated images (its logits
+    are the discriminator's on them); logit_real its encoder's on the noisy real images, or None (SiD)."""
+    ok, (denoised, logit_fake, logvar, logit_real) = drop_nonfinite(ok, fake.denoised, fake.logits, fake.logvar, logit_real)
+    loss_psi = denoising_loss(denoised, x_g, sigma, sigma_data, logvar) * per_sample(ok, x_g)
+    total = loss_psi.sum() / batch * ls
+    stats = {'loss_fake_score': loss_psi.mean(), 'dropped_fake': (~ok).sum()}
+    if logit_real is not None:
+        loss_d = discriminator_loss(logit_real, logit_fake, sigma, sigma_data, ok, logvar) * per_sample(ok, sigma)
+        total = total + loss_d.sum() / batch * lsd
+        stats['loss_disc'] = loss_d.mean()
+    return total, ok, stats
+
+
+def generator_objective(x_g, real, fake, ok, alpha, lsg, lsg_gan, batch):
+    """What the generator update minimises: sum(L_sid) lsg / B, and once the adversarial term is on
+    (lsg_gan not None) 0.5 of that plus 0.5 sum(L_adv) lsg_gan / B. `real`, `fake`: the teacher's and
+    the fake score network's passes on x_t; EDM2 divides both terms by e^u of the fake score network."""
+    ok, (x_g, d_real, d_fake, logit_g, logvar) = drop_nonfinite(ok, x_g, real.denoised, fake.denoised, fake.logits, fake.logvar)
+    scale = per_sample(ok, x_g) * (1 if logvar is None else torch.exp(-logvar))
+    loss_sid = sid_loss(x_g, d_real, d_fake, alpha) * scale
+    total = loss_sid.sum() / batch * lsg
+    stats = {'loss_sid': loss_sid.mean(), 'dropped_gen': (~ok).sum()}
+    if lsg_gan is not None:
+        loss_adv = adversarial_loss(logit_g, x_g, d_real, ok) * scale
+        total = 0.5 * total + 0.5 * loss_adv.sum() / batch * lsg_gan
+        stats['loss_adv'] = loss_adv.mean()
+    return total, ok, stats
+
 # ----------------------------------------------------------------------------------------------------
-# Distributed set-up from torchrun's environment; a plain process is rank 0 of 1.
-
-def setup_distributed(device_arg):
-    if device_arg is None:
-        device_arg = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if device_arg.startswith('cuda') and not torch.cuda.is_available():
-        raise UserError('--device cuda: no CUDA device is available')
-    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
-        local_rank = int(os.environ.get('LOCAL_RANK', 0))
-        device = torch.device('cuda', local_rank) if device_arg.startswith('cuda') else torch.device('cpu')
-        if device.type == 'cuda':
-            torch.cuda.set_device(device)
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-        return dist.get_rank(), dist.get_world_size(), device
-    return 0, 1, torch.device(device_arg)
-
-
-def broadcast_object(obj, rank):
-    if not dist.is_initialized():
-        return obj
-    box = [obj if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-# ----------------------------------------------------------------------------------------------------
-# Data: images in memory as uint8 [N, C, H, W] (on the GPU when they fit) plus integer labels.
+# Data: images in memory as uint8 [N, C, H, W] (on the GPU when they fit), or EDM2 latents read from
+# their zip on demand; labels as integers. Every draw comes from a slot's random stream.
 
 TOY_RES, TOY_CLASSES = 16, 4
 TOY_SAMPLER_STEPS = 9           # Heun steps of the toy teacher's EDM sampler (17 network evaluations)
@@ -272,12 +316,10 @@ def toy_images(n, seed):
     fg, bg = r(3, 1, 1), r(3, 1, 1) * 0.6
     img = bg + (fg - bg) * shape[:, None]
     return (img * 255).round().clamp(0, 255).to(torch.uint8), labels
-
-
-def load_dataset(path, resolution, channels):
+def load_dataset(path, resolution, channels, latent):
     """Images (uint8 [N, C, H, W]) and labels (or None) of an EDM zip or folder or the CIFAR-10 tarball;
-    for EDM2 teachers (4 latent channels) an EDM2 latent zip, read on demand."""
-    if channels == 4:
+    for latent teachers (EDM2) an EDM2 latent zip, read on demand."""
+    if latent:
         data = LatentData(path)
         images, labels, shape = data, data.labels, data.shape
     else:
@@ -285,15 +327,15 @@ def load_dataset(path, resolution, channels):
         images, labels = torch.from_numpy(images), None if labels is None else torch.from_numpy(labels).long()
         shape = tuple(images.shape[1:])
     if shape != (channels, resolution, resolution):
-        raise UserError(f'--data {path}: {"latents" if channels == 4 else "images"} are {shape} (C, H, W) but the '
+        raise UserError(f'--data {path}: {"latents" if latent else "images"} are {shape} (C, H, W) but the '
                         f'teacher expects {(channels, resolution, resolution)}')
     return images, labels
 
 
 class LatentData:
-    """EDM2's latent dataset (SPEC §7): a zip of per-image .npy files holding the Stable Diffusion VAE's
-    posterior mean and std (8 x 64 x 64 for ImageNet 512) and EDM's dataset.json labels. ImageNet's
-    latents do not fit in memory, so they are read from the zip on demand."""
+    """EDM2's latent dataset: a zip of per-image .npy files holding the Stable Diffusion VAE's posterior
+    mean and std (8 x 64 x 64 for ImageNet 512) and EDM's dataset.json labels. ImageNet's latents do not
+    fit in memory, so they are read from the zip on demand."""
 
     def __init__(self, path):
         try:
@@ -319,34 +361,6 @@ class LatentData:
         return torch.from_numpy(np.stack([np.load(io.BytesIO(self.zip.read(self.names[i]))) for i in idx.tolist()])).float()
 
 
-def prepare_latents(src, dest, device, vae=networks.VAE_NAME):
-    """Encode a dataset of 512x512 images (EDM-style zip or folder, e.g. from EDM2's dataset_tool.py
-    convert) into an EDM2 latent zip with the Stable Diffusion VAE."""
-    if os.path.exists(dest):
-        raise UserError(f'--prepare-latents: {dest} exists; not overwriting it')
-    vae = networks.load_vae(vae, device=device)
-    dataset = fid.ImageDataset(src)
-
-    def write(f):
-        labels = {}
-        with zipfile.ZipFile(f, 'w', zipfile.ZIP_STORED) as z:
-            index = 0
-            for images, batch_labels in fid.iterate_images(dataset, batch=32):
-                for mean_std, label in zip(networks.encode_images(vae, images).cpu().numpy(), batch_labels.tolist()):
-                    name = f'{index // 1000:05d}/img{index:08d}.npy'
-                    buf = io.BytesIO()
-                    np.save(buf, mean_std)
-                    z.writestr(name, buf.getvalue())
-                    if label >= 0:
-                        labels[name] = label
-                    index += 1
-                print(f'encoded {index}/{len(dataset)} images', flush=True)
-            z.writestr('dataset.json', json.dumps({'labels': [[k, v] for k, v in labels.items()] or None}))
-
-    networks.atomic_write(dest, write)
-    print(f'wrote {dest}')
-
-
 class Slot:
     """The random stream of one micro-batch slot. A step of `batch` images is split into
     batch / batch_gpu slots, spread over ranks and accumulation rounds; each slot has its own generator,
@@ -358,7 +372,7 @@ class Slot:
 
 
 class Sampler:
-    """Draws generator inputs and real data for one micro-batch from a slot's random stream."""
+    """Draws real data, labels and noise for one micro-batch from a slot's random stream."""
 
     def __init__(self, images, labels, label_dim, shape, device):
         self.latent = isinstance(images, LatentData)
@@ -403,7 +417,23 @@ class Sampler:
         return torch.randn(n, *self.shape, generator=slot.gen, device=self.device)
 
 # ----------------------------------------------------------------------------------------------------
-# Networks.
+# Networks: three copies of one denoiser (the paper's f_phi, f_psi and G_theta), and the teacher's
+# multi-step sampler for comparison.
+
+class Denoised(NamedTuple):
+    """One pass of a denoiser on (x, sigma, c): D(x, sigma, c), the SiDA discriminator logits of its
+    encoder [B, 1, h, w], and EDM2's log-variance u(sigma) [B, 1, 1, 1] (None without that weighting)."""
+    denoised: torch.Tensor
+    logits: torch.Tensor
+    logvar: Optional[torch.Tensor]
+
+
+def denoise(net, x, sigma, labels, augment_labels, logvar=False):
+    """net(x, sigma, c) as Denoised, in float32. Every call asks for the logits (free: the encoder runs
+    anyway), so that torch.compile shares one graph between the calls of one network class."""
+    out = net(x, sigma, labels, augment_labels, return_logits=True, return_logvar=logvar)
+    return Denoised(out[0].float(), out[1].float(), out[2].float() if logvar else None)
+
 
 def trainable_copy(net, dropout, device, drop_logvar=False):
     """A fresh trainable network with net's weights and the given dropout."""
@@ -416,22 +446,11 @@ def trainable_copy(net, dropout, device, drop_logvar=False):
     return copy_.train().requires_grad_(True)
 
 
-def is_edm2(net):
-    return net.config['class_name'] == 'EDM2Precond'
-
-
-def one_step(G, z, sigma_init, labels, augment_labels=None, **kwargs):
-    """The generator: x_g = G(sigma_init z, sigma_init, c) (SPEC §1)."""
-    return G(z * sigma_init, torch.full((z.shape[0], 1, 1, 1), sigma_init, device=z.device), labels, augment_labels,
-             **kwargs)
-
-
 @torch.no_grad()
 def edm_sampler(net, z, labels, steps=18):
     """EDM's deterministic 2nd-order Heun sampler (Karras et al. 2022, Alg. 1) for the teacher."""
-    i = torch.arange(steps, dtype=torch.float64, device=z.device)
-    a, b = SIGMA_MAX ** (1 / RHO), SIGMA_MIN ** (1 / RHO)
-    t = torch.cat([(a + i / (steps - 1) * (b - a)) ** RHO, torch.zeros(1, dtype=torch.float64, device=z.device)])
+    t = torch.cat([karras_sigma(torch.arange(steps, dtype=torch.float64, device=z.device) / (steps - 1)),
+                   torch.zeros(1, dtype=torch.float64, device=z.device)])
     x = z.double() * t[0]
     for k in range(steps):
         d = (x - net(x.float(), t[k].float().expand(len(x)), labels).double()) / t[k]
@@ -451,63 +470,13 @@ class EDMSampler(torch.nn.Module):
         super().__init__()
         self.net, self.steps = net, steps
         self.img_resolution, self.img_channels, self.label_dim = net.img_resolution, net.img_channels, net.label_dim
+        self.latent = net.latent
 
     def forward(self, x, sigma, class_labels=None):
         return edm_sampler(self.net, x / sigma, class_labels, self.steps)
 
-
-def plot_metrics(rows, path):
-    """Every metric against kimg, drawn with PIL (no plotting dependency). A metric measured once
-    (the toy run's fd_data and fd_teacher) is drawn as a horizontal reference line; log scale."""
-    from PIL import ImageDraw
-    names = sorted({k for r in rows for k in r if k.startswith(('fid', 'is', 'fd')) and r[k] > 0})
-    if not names:
-        return
-    W, H, m = 640, 400, 60
-    img = Image.new('RGB', (W, H), 'white')
-    d = ImageDraw.Draw(img)
-    colours = ['#1f77b4', '#d62728', '#2ca02c', '#9467bd', '#ff7f0e']
-    kimgs = [r['kimg'] for r in rows]
-    values = [math.log10(r[n]) for n in names for r in rows if n in r and r[n] > 0]
-    x0, x1, y0, y1 = min(kimgs), max(kimgs), min(values), max(values)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
-    px = lambda x: m + (x - x0) / (x1 - x0) * (W - 2 * m)
-    py = lambda v: H - m - (math.log10(v) - y0) / (y1 - y0) * (H - 2 * m)
-    d.rectangle([m, m, W - m, H - m], outline='black')
-    for k in range(5):
-        fx, fy = x0 + (x1 - x0) * k / 4, 10 ** (y0 + (y1 - y0) * k / 4)
-        d.text((px(fx) - 10, H - m + 5), f'{fx:g}', fill='black')
-        d.text((5, py(fy) - 5), f'{fy:.3g}', fill='black')
-    d.text((W // 2 - 15, H - 25), 'kimg', fill='black')
-    for i, n in enumerate(names):
-        xy = [(px(r['kimg']), py(r[n])) for r in rows if n in r and r[n] > 0]
-        c = colours[i % len(colours)]
-        if len(xy) == 1:
-            d.line([(m, xy[0][1]), (W - m, xy[0][1])], fill=c, width=1)
-        else:
-            d.line(xy, fill=c, width=2)
-            for x, y in xy:
-                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
-        d.text((m + 10 + 110 * i, m - 20), n, fill=c)
-    networks.atomic_write(path, lambda f: img.save(f, format='PNG'))
-
 # ----------------------------------------------------------------------------------------------------
-# Evaluation.
-
-def parse_metrics(spec):
-    """'fid50k,is50k' -> [('fid50k', 'fid', 50000), ...]; 'fd' is the toy Fréchet distance on 2048 images."""
-    out = []
-    for name in [s.strip() for s in spec.split(',') if s.strip() and s.strip() != 'none']:
-        kind = name.rstrip('0123456789k')
-        digits = name[len(kind):]
-        if kind not in ('fid', 'is', 'fd') or (digits and not (digits.endswith('k') and digits[:-1].isdigit())):
-            raise UserError(f'--metrics: unknown metric "{name}" (use fidNk, isNk, fd or fdNk, e.g. fid50k)')
-        out.append((name, kind, int(digits[:-1]) * 1000 if digits else 2048))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# The method as two updates per iteration, on the networks of SPEC §1.
+# One iteration: the fake score update, then the generator update, on the three networks.
 
 def precision_setup(precision, device):
     """Autocast context for the networks (losses stay fp32) and whether fp16 loss scaling is needed."""
@@ -535,7 +504,7 @@ def compile_fn(enabled, device):
 
 
 def sanitize_grads(params, clip):
-    """SPEC §4: non-finite gradient entries -> 0 / ±1e5; optionally clip elementwise to [-1, 1]."""
+    """Non-finite gradient entries -> 0 / ±1e5 (as upstream); optionally clip elementwise to [-1, 1]."""
     grads = [p.grad for p in params if p.grad is not None]
     for g in grads:
         torch.nan_to_num_(g, nan=0.0, posinf=1e5, neginf=-1e5)
@@ -545,27 +514,34 @@ def sanitize_grads(params, clip):
 
 
 class SiDA:
-    """Teacher f_phi (frozen), fake score network f_psi and generator G with their optimizers.
+    """The teacher f_phi (frozen), the fake score network f_psi and the generator G with their optimizers.
 
-    `fake_score_step` and `generator_step` are one iteration of SiD / SiDA (SPEC §2-4); each runs
-    `len(slots)` accumulation rounds of `batch_gpu` images and ends with one optimizer step.
+    Each step runs `len(slots)` accumulation rounds of `batch_gpu` images and ends with one optimizer
+    step. Train/eval modes decide where dropout acts: the teacher is always in eval mode, f_psi trains
+    only in its own step, G only in its own step (its no-grad pass for the fake score step is in eval).
     """
 
     def __init__(self, args, teacher, G_init, sampler, world, batch_gpu, device):
         self.args, self.teacher, self.sampler, self.device = args, teacher, sampler, device
         self.world, self.batch_gpu = world, batch_gpu
-        self.batch_per_gpu = args.batch // world                     # B of the SPEC's "sum * scale / B"
-        self.edm2 = is_edm2(teacher)
-        self.p_mean = args.p_mean if args.p_mean is not None else (-0.4 if self.edm2 else -1.2)
-        self.p_std = args.p_std if args.p_std is not None else (1.0 if self.edm2 else 1.2)
+        self.batch_per_gpu = args.batch // world                     # B in "sum * scale / B"
+        self.p_mean = teacher.P_mean if args.p_mean is None else args.p_mean
+        self.p_std = teacher.P_std if args.p_std is None else args.p_std
         self.adversarial = args.method != 'sid'
-        self.clip_fake_grads = self.adversarial and not self.edm2   # the official EDM2 runs do not clip
+        self.clip_fake_grads = self.adversarial and not teacher.magnitude_preserving   # upstream's EDM2 runs do not clip
         self.fake_score = trainable_copy(teacher, args.dropout, device)
-        self.G = trainable_copy(G_init, args.dropout, device, drop_logvar=self.edm2).eval()
+        self.G = trainable_copy(G_init, args.dropout, device, drop_logvar=G_init.use_logvar).eval()
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
-        self.use_logvar = self.edm2 and args.logvar and self.fake_score.config['kwargs'].get('use_logvar', True)
-        self.force_norm = self.edm2 and args.force_norm
-        self.use_aug = args.augment > 0 and self.fake_score.config['kwargs'].get('augment_dim', 0) > 0
+        self.use_logvar = args.logvar and self.fake_score.use_logvar
+        # Forced weight normalisation as upstream's EDM2 runs apply it: the generator's stored weights are
+        # renormalised before its training passes; the fake score network's never are (upstream makes it as
+        # a copy of the eval-mode teacher, whose hook stays bound to the teacher), though its forward
+        # normalises them like every EDM2 layer does.
+        self.renormalize_G = args.force_norm and self.G.magnitude_preserving
+        self.renormalize_fake = self.renormalize_G and args.force_norm_fake_score
+        self.use_aug = args.augment > 0 and self.fake_score.augment_dim > 0
+        # Unaugmented passes get zero augmentation labels (this also keeps map_augment in every DDP graph).
+        self.no_aug = torch.zeros(batch_gpu, teacher.augment_dim, device=device) if teacher.augment_dim else None
         if device.type == 'cuda':
             for net in (teacher, self.fake_score, self.G):
                 net.to(memory_format=torch.channels_last)
@@ -581,120 +557,85 @@ class SiDA:
         self.stats = {}
         self.nonfinite_streak = torch.zeros((), device=device)
         self.worst_streak = torch.zeros((), device=device)
-        # The fake score network serves two roles: trained through DDP in its own step, frozen (plain module)
-        # in the generator step, where DDP must not see it.
-        # Compile note: torch.compile keeps a graph per call signature, shared by instances of one class. So the
-        # teacher and fake score calls all ask for the same outputs, and G asks for logits too (unused): with
-        # EDM networks 4 graphs cover the 6 calls (G + fake score training, frozen teacher + fake score,
-        # G without gradients, discriminator).
+        # The network calls. The fake score network is trained through DDP in its own step and frozen (a
+        # plain module) in the generator's, where DDP must not see it. torch.compile keeps one graph per
+        # call signature and network class: with EDM networks 4 graphs cover the 6 calls.
         compile_ = compile_fn(args.compile, device)
-        self.fake_kw = dict(return_logits=True, return_logvar=True) if self.use_logvar else dict(return_logits=True)
         self.teacher_fn, self.G_fn, self.G_eval_fn = compile_(teacher), compile_(self.G_ddp), compile_(self.G)
         self.fake_train_fn, self.fake_fn = compile_(self.fake_score_ddp), compile_(self.fake_score)
         self.discriminate_fn = compile_(self.fake_score.discriminate)
-        # SPEC §5: unaugmented queries pass zero augmentation labels (this also keeps map_augment in every
-        # DDP graph, so DDP needs no unused-parameter search).
-        augment_dim = self.fake_score.config['kwargs'].get('augment_dim', 0)
-        self.no_aug = lambda n: torch.zeros(n, augment_dim, device=device) if augment_dim else None
 
-    def state(self):
-        return ({'G': self.G, 'G_ema': self.G_ema, 'fake_score': self.fake_score},
-                {'G': self.opt_g, 'fake_score': self.opt_f}, {'G': self.scaler_g, 'fake_score': self.scaler_f})
-
-    def record(self, name, value):
-        """Accumulate a statistic on the device; read once per tick (no host sync per iteration)."""
-        total, count = self.stats.get(name, (0, 0))
-        self.stats[name] = (total + value.detach().float(), count + 1)
-
-    def batch_sum(self, loss):
-        return loss.sum() / self.batch_per_gpu
-
-    def accumulate(self, ddp_net, slots):
+    def rounds(self, ddp_net, slots):
         """Yield (slot, context) per accumulation round; gradients sync across ranks on the last one."""
         for r, slot in enumerate(slots):
             last = r == len(slots) - 1
             yield slot, contextlib.nullcontext() if last or self.world == 1 else ddp_net.no_sync()
 
     def fake_score_step(self, slots):
-        """Fake score network + discriminator update: L_psi on generated images (SPEC §3), plus L_D
-        between real and generated images (SPEC §4) for SiDA, in one backward."""
-        a, s, sd = self.args, self.sampler, self.teacher.sigma_data
+        """Fit f_psi to the generator's current output with the denoising loss, and (SiDA) train its
+        encoder to tell noisy real images from noisy generated ones, in one backward."""
+        a, data, n, dev = self.args, self.sampler, self.batch_gpu, self.device
         self.fake_score.train().requires_grad_(True)
-        if self.force_norm:
+        if self.renormalize_fake:
             self.fake_score.normalize_weights_()
-        for slot, sync_ctx in self.accumulate(self.fake_score_ddp, slots):
-            with sync_ctx:
-                if self.adversarial or s.labels is not None:
-                    x_real, c = s.real(slot, self.batch_gpu)          # one data batch: images and labels
+        for slot, sync in self.rounds(self.fake_score_ddp, slots):
+            with sync:
+                if self.adversarial or data.labels is not None:
+                    x_real, c = data.real(slot, n)                # one data batch: images and labels
                 else:
-                    x_real, c = None, s.labels_only(slot, self.batch_gpu)
-                z = s.noise(slot, self.batch_gpu)
-                with torch.no_grad(), self.autocast():
-                    x_g = one_step(self.G_eval_fn, z, a.init_sigma, c, self.no_aug(self.batch_gpu)).float()
-                sigma = (torch.randn(self.batch_gpu, 1, 1, 1, generator=slot.gen, device=self.device)
-                         * self.p_std + self.p_mean).exp()
-                n = s.noise(slot, self.batch_gpu)
-                aug = self.no_aug(self.batch_gpu)
+                    x_real, c = None, data.labels_only(slot, n)
+                z = data.noise(slot, n)
+                sigma_init = torch.full((n, 1, 1, 1), a.init_sigma, device=dev)
+                with torch.no_grad(), self.autocast():            # x_g = G(sigma_init z, sigma_init, c)
+                    x_g = denoise(self.G_eval_fn, sigma_init * z, sigma_init, c, self.no_aug).denoised
+                ok, (x_g,) = drop_nonfinite(torch.ones(n, dtype=torch.bool, device=dev), x_g)
+                sigma = (torch.randn(n, 1, 1, 1, generator=slot.gen, device=dev) * self.p_std + self.p_mean).exp()
+                noise = data.noise(slot, n)
+                aug_g = self.no_aug
                 if self.use_aug:
-                    x_g, aug = augment(x_g, a.augment, slot.gen)
+                    x_g, aug_g = augment(x_g, a.augment, slot.gen)
                 with self.autocast():
-                    out = self.fake_train_fn(x_g + sigma * n, sigma, c, aug, **self.fake_kw)
-                denoised, logit_fake = out[0].float(), out[1].float()
-                loss_psi = denoising_loss(denoised, x_g, sigma, sd, out[2].float() if self.use_logvar else None)
-                ok = finite_samples(loss_psi, logit_fake)
-                if self.adversarial:
-                    aug_real = self.no_aug(self.batch_gpu)
+                    fake = denoise(self.fake_train_fn, x_g + sigma * noise, sigma, c, aug_g, self.use_logvar)
+                logit_real = None
+                if self.adversarial:                              # the same sigma and noise on real images
+                    aug_real = self.no_aug
                     if self.use_aug:
                         x_real, aug_real = augment(x_real, a.augment, slot.gen)
                     with self.autocast():
-                        logit_real = self.discriminate_fn(x_real + sigma * n, sigma, c, aug_real).float()
-                    ok &= finite_samples(logit_real)
-                    loss_d = discriminator_loss(logit_real, logit_fake, edm_weight(sigma, sd), ok)
-                    self.record('loss_disc', loss_d.mean())
-                loss_psi = keep(loss_psi, ok)
-                loss = self.batch_sum(loss_psi) * a.ls
-                if self.adversarial:
-                    loss = loss + self.batch_sum(loss_d) * a.lsd
-                self.record('loss_fake_score', loss_psi.mean())
-                self.record('dropped_fake', (~ok).sum())
+                        logit_real = self.discriminate_fn(x_real + sigma * noise, sigma, c, aug_real).float()
+                loss, ok, stats = fake_score_objective(fake, x_g, sigma, self.teacher.sigma_data, ok, logit_real,
+                                                       a.ls, a.lsd, self.batch_per_gpu)
+                self.record(stats)
                 self.scaler_f.scale(loss).backward()
         self.optimizer_step(self.opt_f, self.scaler_f, self.fake_score, self.clip_fake_grads)
 
     def generator_step(self, slots, use_adv):
-        """Generator update: the SiD loss (SPEC §2), plus the adversarial loss (SPEC §4) once use_adv,
-        in one backward; gradients flow through the frozen teacher and fake score network into G."""
-        a, s = self.args, self.sampler
+        """Move G along the SiD loss, plus (once use_adv) the adversarial loss, in one backward; the
+        gradients flow through the frozen teacher and fake score network into G."""
+        a, data, n, dev = self.args, self.sampler, self.batch_gpu, self.device
         self.fake_score.eval().requires_grad_(False)
         self.G.train()
-        if self.force_norm:
+        if self.renormalize_G:
             self.G.normalize_weights_()
-        all_bad = torch.ones((), dtype=torch.bool, device=self.device)
-        for slot, sync_ctx in self.accumulate(self.G_ddp, slots):
-            with sync_ctx:
-                c = s.labels_only(slot, self.batch_gpu)
-                z = s.noise(slot, self.batch_gpu)
-                t = torch.rand(self.batch_gpu, 1, 1, 1, generator=slot.gen, device=self.device) * (a.tmax / 1000)
+        all_bad = torch.ones((), dtype=torch.bool, device=dev)
+        for slot, sync in self.rounds(self.G_ddp, slots):
+            with sync:
+                c = data.labels_only(slot, n)
+                z = data.noise(slot, n)
+                t = torch.rand(n, 1, 1, 1, generator=slot.gen, device=dev) * (a.tmax / 1000)
                 sigma = sid_sigma(t)
-                eps = s.noise(slot, self.batch_gpu)
-                with self.autocast():   # call signatures shared with the fake score step: see the compile note
-                    x_g = one_step(self.G_fn, z, a.init_sigma, c, self.no_aug(self.batch_gpu), return_logits=True)[0].float()
+                eps = data.noise(slot, n)
+                sigma_init = torch.full((n, 1, 1, 1), a.init_sigma, device=dev)
+                with self.autocast():
+                    x_g = denoise(self.G_fn, sigma_init * z, sigma_init, c, self.no_aug).denoised
+                    ok, (x_g,) = drop_nonfinite(torch.ones(n, dtype=torch.bool, device=dev), x_g)
                     x_t = x_g + sigma * eps
-                    out = self.teacher_fn(x_t, sigma, c, self.no_aug(self.batch_gpu), **self.fake_kw)
-                    d_real = out[0].float()
-                    out = self.fake_fn(x_t, sigma, c, self.no_aug(self.batch_gpu), **self.fake_kw)
-                d_fake, logit_g = out[0].float(), out[1].float()
-                ok = finite_samples(x_g, d_real, d_fake, logit_g)
+                    real = denoise(self.teacher_fn, x_t, sigma, c, self.no_aug, self.use_logvar)
+                    fake = denoise(self.fake_fn, x_t, sigma, c, self.no_aug, self.use_logvar)
+                loss, ok, stats = generator_objective(x_g, real, fake, ok, a.alpha, a.lsg,
+                                                      a.lsg_gan if use_adv else None, self.batch_per_gpu)
                 all_bad &= ~ok.any()
-                # EDM2: the generator terms are divided by exp(u) of the fake score network (SPEC §3).
-                scale = torch.exp(-out[2].detach().float()) if self.use_logvar else 1.0
-                loss_sid = keep(sid_generator_loss(x_g, d_real, d_fake, a.alpha) * scale, ok)
-                loss = self.batch_sum(loss_sid) * a.lsg
-                if use_adv:
-                    loss_adv = adversarial_loss(logit_g, x_g, d_real, ok) * scale
-                    loss = 0.5 * loss + 0.5 * self.batch_sum(loss_adv) * a.lsg_gan
-                    self.record('loss_adv', loss_adv.mean())
-                self.record('loss_sid', loss_sid.mean())
-                self.record('dropped_gen', (~ok).sum())
+                self.record(stats)
                 self.scaler_g.scale(loss).backward()
         self.optimizer_step(self.opt_g, self.scaler_g, self.G, clip=False)
         self.G.eval()
@@ -710,21 +651,23 @@ class SiDA:
 
     @torch.no_grad()
     def update_ema(self, nimg):
-        """Generator EMA with half-life `ema` Mimg and ramp-up 0.05 (SPEC §4)."""
+        """Generator EMA with half-life `ema` Mimg and ramp-up 0.05, nimg counted before this step's images."""
         halflife = min(self.args.ema * 1e6, nimg * 0.05)
         beta = 0.5 ** (self.args.batch / max(halflife, 1e-8))
         torch._foreach_lerp_(list(self.G_ema.parameters()), list(self.G.parameters()), 1 - beta)
 
+    def record(self, stats):
+        """Accumulate statistics on the device; they are read once per tick (no host sync per iteration)."""
+        for name, value in stats.items():
+            total, count = self.stats.get(name, (0, 0))
+            self.stats[name] = (total + value.detach().float(), count + 1)
+
+    def state(self):
+        return ({'G': self.G, 'G_ema': self.G_ema, 'fake_score': self.fake_score},
+                {'G': self.opt_g, 'fake_score': self.opt_f}, {'G': self.scaler_g, 'fake_score': self.scaler_f})
 
 # ----------------------------------------------------------------------------------------------------
 # Training state: everything needed to continue bit-identically.
-
-RUN_FLAGS = ('method', 'cond', 'alpha', 'tmax', 'init_sigma', 'batch', 'lr', 'glr', 'ls', 'lsg', 'lsd', 'lsg_gan',
-             'ema', 'dropout', 'augment', 'p_mean', 'p_std', 'logvar', 'force_norm', 'gen_start_kimg', 'adv_start_kimg',
-             'precision', 'seed', 'arch')                 # a resumed run must keep these
-SESSION_FLAGS = ('teacher', 'init_generator', 'data', 'duration', 'batch_gpu', 'tick', 'snap', 'dump', 'metrics',
-                 'ref', 'detector', 'vae', 'compile', 'max_nonfinite')   # restored when not given again; may change
-
 
 def save_state(path, sida, slots, nimg, tick, best, args, rank):
     """Gather every rank's random streams on rank 0 and write the training state atomically."""
@@ -747,9 +690,7 @@ def save_state(path, sida, slots, nimg, tick, best, args, rank):
         'scalers': {k: v.state_dict() for k, v in scalers.items()},
         'rng': all_rng,
     }
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    networks.atomic_write(path, lambda f: f.write(buf.getvalue()))
+    networks.atomic_write(path, lambda f: torch.save(state, f))
 
 
 def read_state(path, args):
@@ -796,59 +737,19 @@ def restore_state(state, path, teacher, sida, slots, rank, world):
     return state['nimg'], state['tick'], state['best']
 
 # ----------------------------------------------------------------------------------------------------
-# The toy run's teacher.
+# Evaluation and the console: metrics of the EMA generator, the status line, log.txt, metrics.png.
 
-def toy_arch(arch, cond):
-    """Small networks of each architecture for the toy run and the CPU tests."""
-    common = dict(img_resolution=TOY_RES, img_channels=3, label_dim=TOY_CLASSES if cond else 0)
-    if arch == 'edm2':
-        return {'class_name': 'EDM2Precond', 'kwargs': dict(common, model_channels=32, channel_mult=[1, 2],
-                                                            num_blocks=1, attn_resolutions=[8], logvar_channels=32)}
-    if arch == 'adm':
-        return {'class_name': 'EDMPrecond', 'kwargs': dict(common, model_type='DhariwalUNet', model_channels=32,
-                                                           channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])}
-    song = dict(model_type='SongUNet', model_channels=24, channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[8],
-                dropout=0.0)
-    if arch == 'ncsnpp':
-        song.update(embedding_type='fourier', channel_mult_noise=2, encoder_type='residual', resample_filter=[1, 3, 3, 1])
-    return {'class_name': 'EDMPrecond', 'kwargs': dict(common, **song)}
+def parse_metrics(spec):
+    """'fid50k,is50k' -> [('fid50k', 'fid', 50000), ...]; 'fd' is the toy Fréchet distance on 2048 images."""
+    out = []
+    for name in [s.strip() for s in spec.split(',') if s.strip() and s.strip() != 'none']:
+        kind = name.rstrip('0123456789k')
+        digits = name[len(kind):]
+        if kind not in ('fid', 'is', 'fd') or (digits and not (digits.endswith('k') and digits[:-1].isdigit())):
+            raise UserError(f'--metrics: unknown metric "{name}" (use fidNk, isNk, fd or fdNk, e.g. fid50k)')
+        out.append((name, kind, int(digits[:-1]) * 1000 if digits else 2048))
+    return out
 
-
-def train_teacher(args, images, labels, device, path):
-    """Toy run only: a small EDM teacher trained from scratch with the denoising loss (SPEC §3) on real images."""
-    net = networks.build_network(toy_arch(args.arch, labels is not None)).to(device).train()
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3, betas=(0.9, 0.99))
-    sampler = Sampler(images, labels, net.label_dim, images.shape[1:], device)
-    slot = Slot(-1, args.seed, device)
-    batch = 128
-    steps = int(args.teacher_kimg * 1000 / batch)
-    t0 = time.time()
-    edm2 = is_edm2(net)
-    p_mean, p_std = (-0.4, 1.0) if edm2 else (-1.2, 1.2)
-    for step in range(steps):
-        if edm2:
-            net.normalize_weights_()
-        x, c = sampler.real(slot, batch)
-        sigma = (torch.randn(batch, 1, 1, 1, generator=slot.gen, device=device) * p_std + p_mean).exp()
-        n = sampler.noise(slot, batch)
-        out = net(x + sigma * n, sigma, c, **({'return_logvar': True} if edm2 else {}))
-        denoised, logvar = out if edm2 else (out, None)
-        loss = denoising_loss(denoised, x, sigma, net.sigma_data, logvar).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for g in opt.param_groups:
-            g['lr'] = 2e-3 * min(1, (step + 1) / 100) * 0.1 ** (step / steps)   # warm-up, then decay
-        opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - min(0.999, (step + 1) / (step + 10)))
-        if step % 100 == 0 or step == steps - 1:
-            print(f'teacher: step {step + 1}/{steps}, loss {loss.item():.4f}, {time.time() - t0:.0f} s', flush=True)
-    networks.save_network(ema, path, kimg=args.teacher_kimg, method='edm-teacher', data='toy')
-    print(f'saved the toy teacher to {path}', flush=True)
-
-# ----------------------------------------------------------------------------------------------------
-# The distillation loop.
 
 class Evaluator:
     """Metrics and sample grids of the EMA generator, from their own seeds: never the training streams."""
@@ -902,11 +803,179 @@ class Evaluator:
                 results[name] = r[kind]
         return results
 
+class Tee(io.TextIOBase):
+    """A console stream that also writes everything to a file (EDM's log.txt)."""
+
+    def __init__(self, stream, file):
+        self.stream, self.file = stream, file
+
+    def write(self, text):
+        self.stream.write(text)
+        self.file.write(text)
+        return len(text)
+
+    def flush(self):
+        self.stream.flush()
+        self.file.flush()
+
+
+@contextlib.contextmanager
+def tee_console(path, enabled=True):
+    """Copy stdout and stderr (status lines, progress, warnings) to `path` while the block runs."""
+    if not enabled:
+        yield
+        return
+    with open(path, 'a') as f:
+        saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = Tee(saved[0], f), Tee(saved[1], f)
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = saved
+
+
+def print_options(args, world, rounds, batch_gpu, G, device):
+    """Every option once at the start, grouped as on the command line, and the batch layout."""
+    groups = flag_groups(build_parser())
+    print(f'{args.method}: {args.teacher} -> one-step generator ({sum(p.numel() for p in G.parameters()) / 1e6:.2f}M '
+          f'parameters) on {device}; batch {args.batch} = {world} process(es) x {rounds} round(s) x {batch_gpu} images')
+    for title in ('run', 'session'):
+        print(f'{title + " options:":17s}' + '  '.join(f'{k.replace("_", "-")} {getattr(args, k)}' for k in groups[title]))
+    print(f'output:          {os.path.abspath(args.resume or args.outdir)}', flush=True)
+
+
+def format_duration(seconds):
+    seconds = int(max(seconds, 0))
+    return (f'{seconds // 86400}d {seconds % 86400 // 3600:02d}h' if seconds >= 86400 else
+            f'{seconds // 3600}h {seconds % 3600 // 60:02d}m' if seconds >= 3600 else f'{seconds // 60}m {seconds % 60:02d}s')
+
+
+def status_line(row, total_kimg, metric_names):
+    """One tick for a person: progress, losses, speed, time left, memory and any metric just measured."""
+    parts = [f'tick {row["tick"]:<4d} kimg {row["kimg"]:<9g} {100 * row["kimg"] / total_kimg:5.1f}%']
+    parts.append(' '.join(f'{k.removeprefix("loss_")} {row[k]:<8.4g}' for k in row if k.startswith('loss_')))
+    dropped = row.get('dropped_fake', 0) + row.get('dropped_gen', 0)
+    if dropped:
+        parts.append(f'dropped {dropped}')
+    if 'img_per_s' in row:
+        left = (total_kimg - row['kimg']) * row['sec_per_kimg']
+        parts.append(f'{row["img_per_s"]:.1f} img/s {row["sec_per_kimg"]:.3g} s/kimg ETA {format_duration(left)}')
+        parts.append(f'mem {row["peak_gb"]:.2f} GB')
+    measured = [k for k in row if k in metric_names or k.startswith(('fd_', 'acc_', 'fid_', 'is_'))]
+    if measured:
+        parts.append(' '.join(f'{k} {row[k]:.4g}' for k in measured))
+    return ' | '.join(p for p in parts if p)
+
+
+def plot_metrics(rows, path):
+    """One small panel per loss and per metric against kimg, drawn with PIL (no plotting dependency);
+    distances on a log scale. Tick-0 entries named <metric>_<what> (fd_data, fd_teacher, ...) are drawn
+    as labelled horizontal lines in that metric's panel."""
+    names = sorted({k for r in rows for k in r if k.startswith('loss_')})
+    names += sorted({k for r in rows for k in r if k.startswith(('fid', 'is', 'fd', 'acc')) and '_' not in k})
+    if not names:
+        return
+    W, H, m, cols = 360, 250, 45, 3
+    img = Image.new('RGB', (W * min(cols, len(names)), H * math.ceil(len(names) / cols)), 'white')
+    d = ImageDraw.Draw(img)
+    for i, name in enumerate(names):
+        ox, oy, log = i % cols * W, i // cols * H, name.startswith(('fid', 'fd'))
+        points = [(r['kimg'], r[name]) for r in rows if name in r and (r[name] > 0 or not log)]
+        refs = [(k.split('_', 1)[1], v) for k, v in rows[0].items() if k.startswith(name + '_') and (v > 0 or not log)]
+        if not points:
+            continue
+        f = (lambda v: math.log10(v)) if log else (lambda v: v)
+        ys = [f(y) for _, y in points] + [f(y) for _, y in refs]
+        x0, x1, y0, y1 = points[0][0], points[-1][0], min(ys), max(ys)
+        x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+        px = lambda x: ox + m + (x - x0) / (x1 - x0) * (W - 2 * m)
+        py = lambda v: oy + H - m - (f(v) - y0) / (y1 - y0) * (H - 2 * m)
+        d.rectangle([ox + m, oy + m, ox + W - m, oy + H - m], outline='black')
+        d.text((ox + m, oy + 15), f'{name}{" (log scale)" if log else ""} vs kimg', fill='black')
+        for k in range(3):
+            x, y = x0 + (x1 - x0) * k / 2, y0 + (y1 - y0) * k / 2
+            d.text((px(x) - 10, oy + H - m + 5), f'{x:g}', fill='black')
+            d.text((ox + 2, py(10 ** y if log else y) - 5), f'{10 ** y if log else y:.3g}', fill='black')
+        xy = [(px(x), py(y)) for x, y in points]
+        d.line(xy, fill='#1f77b4', width=2) if len(xy) > 1 else None
+        for x, y in xy:
+            d.ellipse([x - 2, y - 2, x + 2, y + 2], fill='#1f77b4')
+        for j, (label, y) in enumerate(refs):
+            colour = ['#d62728', '#2ca02c', '#9467bd'][j % 3]
+            d.line([(ox + m, py(y)), (ox + W - m, py(y))], fill=colour, width=1)
+            d.text((ox + W - m - 55, py(y) - 11), label, fill=colour)
+    networks.atomic_write(path, lambda f: img.save(f, format='PNG'))
+
+
+def save_snapshot(G_ema, row, best, evaluator, args, outdir, device):
+    """Sample grid and EMA generator at this kimg; generator-best.pt when the main metric improves."""
+    tag, metrics = f'{row["kimg"]:010.3f}', evaluator.metrics     # kimg to the image: fractional ticks never collide
+    fid.save_grid(fid.generate_images(G_ema, torch.arange(64), args.init_sigma, device, evaluator.vae),
+                  os.path.join(outdir, f'samples-{tag}.png'))
+    meta = dict(kimg=row['kimg'], method=args.method, teacher=str(args.teacher))
+    networks.save_network(G_ema, os.path.join(outdir, f'generator-{tag}.pt'), **meta)
+    if metrics:
+        name, kind, _ = metrics[0]
+        value = row[name]
+        if best is None or (value > best if kind == 'is' else value < best):
+            networks.save_network(G_ema, os.path.join(outdir, 'generator-best.pt'), **meta, **{name: value})
+            return value
+    return best
+
+
+def summary(rows, evaluator):
+    """The run's result side by side: baselines (tick 0), the initial and the final generator, the best."""
+    snaps = [r for r in rows if any(name in r for name, _, _ in evaluator.metrics)]
+    lines = []
+    for name, kind, num in evaluator.metrics:
+        values = [r[name] for r in snaps if name in r]
+        if not values:
+            continue
+        refs = ', '.join(f'{k.split("_", 1)[1]} {v:.4g}' for k, v in rows[0].items() if k.startswith(name + '_'))
+        best = max(values) if kind in ('is', 'acc') else min(values)
+        lines.append(f'{name} ({num} images): {refs + ", " if refs else ""}initial generator {values[0]:.4g}, '
+                     f'final {values[-1]:.4g} (best {best:.4g})')
+    return lines
+
+# ----------------------------------------------------------------------------------------------------
+# The distillation: set-up, the loop, the summary.
+
+def setup_distributed(device_arg):
+    """(rank, world size, device) from torchrun's environment; a plain process is rank 0 of 1."""
+    if device_arg is None:
+        device_arg = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device_arg.startswith('cuda') and not torch.cuda.is_available():
+        raise UserError('--device cuda: no CUDA device is available')
+    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
+        local_rank = int(os.environ.get('LOCAL_RANK', 0))
+        device = torch.device('cuda', local_rank) if device_arg.startswith('cuda') else torch.device('cpu')
+        if device.type == 'cuda':
+            torch.cuda.set_device(device)
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, torch.device(device_arg)
+
+
+def broadcast_object(obj):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def any_rank(flag, device):
+    """True on every rank when flag is true on any (a host sync; used at most once per iteration)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t)
+    return t.item() > 0
+
 
 def distill(args):
     rank, world, device = setup_distributed(args.device)
     master = rank == 0
-    log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
     torch.manual_seed(args.seed * 1_000_003 + rank)        # dropout masks; every other draw is a slot stream
     outdir = args.resume or args.outdir
     state_path = os.path.join(outdir, 'training-state.pt')
@@ -916,6 +985,20 @@ def distill(args):
                         f'or choose another --outdir')
     if master:
         os.makedirs(outdir, exist_ok=True)
+    with tee_console(os.path.join(outdir, 'log.txt'), enabled=master):
+        try:
+            result = distill_in(args, rank, world, device, outdir, state, state_path)
+            if dist.is_initialized():
+                dist.barrier()
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    return result
+
+
+def distill_in(args, rank, world, device, outdir, state, state_path):
+    master = rank == 0
+    log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
 
     # Batch arithmetic: batch = world_size * batch_gpu * rounds.
     batch_gpu = args.batch_gpu or args.batch // world
@@ -939,10 +1022,12 @@ def distill(args):
                 dist.barrier()
     elif args.teacher is None:
         raise UserError('--teacher is required (only the toy run, --data toy, trains its own)')
+    log(f'loading the teacher {args.teacher}')
     teacher = networks.load_network(args.teacher, device)
     shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
     if args.data not in (None, 'toy'):
-        images, labels = load_dataset(args.data, teacher.img_resolution, teacher.img_channels)
+        log(f'loading the data {args.data}')
+        images, labels = load_dataset(args.data, teacher.img_resolution, teacher.img_channels, teacher.latent)
     if images is None and args.method != 'sid':
         raise UserError(f'--method {args.method} needs real images for its discriminator: pass --data')
     if args.cond != (teacher.label_dim > 0):
@@ -959,8 +1044,6 @@ def distill(args):
     sampler = Sampler(images, labels if teacher.label_dim else None, teacher.label_dim, shape, device)
     sida = SiDA(args, teacher, G_init, sampler, world, batch_gpu, device)
     slots = [Slot(rank * rounds + r, args.seed, device) for r in range(rounds)]
-    gen_start = args.gen_start_kimg * 1000 if sida.adversarial else 0
-    adv_start = args.adv_start_kimg * 1000 if sida.adversarial else float('inf')
     evaluator = Evaluator(args, images, shape, device)
     nimg, cur_tick, best = 0, 0, None
     if state is not None:
@@ -968,16 +1051,32 @@ def distill(args):
         log(f'resumed from {state_path} at {nimg / 1000:g} kimg')
     elif master:
         networks.atomic_write(os.path.join(outdir, 'args.json'), lambda f: f.write(json.dumps(vars(args), indent=2).encode()))
+    if master:
+        print_options(args, world, rounds, batch_gpu, sida.G, device)
+    nimg = training_loop(args, sida, slots, evaluator, teacher, (nimg, cur_tick, best), state is None, outdir, state_path,
+                         rank, world, device)
+    if master and nimg >= args.duration * 1e6:
+        with open(os.path.join(outdir, 'log.jsonl')) as f:
+            for line in summary([json.loads(line) for line in f if line.strip()], evaluator):
+                log(line)
+        log(f'done: the EMA generator is {outdir}/generator-best.pt (best snapshot by {evaluator.metrics[0][0]})'
+            if evaluator.metrics else f'done: generators in {outdir}/generator-*.pt')
+    return {'nimg': nimg, 'outdir': outdir}
 
-    # SIGTERM / SIGINT: finish the iteration, save the state, exit cleanly.
+
+def training_loop(args, sida, slots, evaluator, teacher, start, fresh, outdir, state_path, rank, world, device):
+    """Iterate until --duration; every --tick kimg a status line, at snapshots metrics and samples, at
+    dumps the training state. SIGTERM / SIGINT finish the iteration, save the state and stop."""
+    master = rank == 0
+    log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
+    nimg, cur_tick, best = start
+    gen_start = args.gen_start_kimg * 1000 if sida.adversarial else 0
+    adv_start = args.adv_start_kimg * 1000 if sida.adversarial else float('inf')
+    total = int(args.duration * 1e6)
+    metric_names = {name for name, _, _ in evaluator.metrics}
     stop = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.append(signum))
-
-    log(f'{args.method}: {args.teacher} -> one-step generator; {world} process(es) x {rounds} round(s) x '
-        f'{batch_gpu} images; {sum(p.numel() for p in sida.G.parameters()) / 1e6:.2f}M parameters; {device}')
-    total = int(args.duration * 1e6)
-    tick_nimg, tick_time, start_time = nimg, time.time(), time.time()
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     log_path = os.path.join(outdir, 'log.jsonl')
@@ -987,27 +1086,28 @@ def distill(args):
         nonlocal best
         if snap:
             if evaluator.metrics:
+                log(f'measuring {args.metrics} of the EMA generator...')
                 row.update({k: round(v, 5) for k, v in evaluator(sida.G_ema).items()})
             if master:
                 best = save_snapshot(sida.G_ema, row, best, evaluator, args, outdir, device)
-            best = broadcast_object(best, rank)
+            best = broadcast_object(best)
         if master:
-            log(json.dumps(row))
+            log(status_line(row, total / 1000, metric_names))
             with open(log_path, 'a') as f:
                 f.write(json.dumps(row) + '\n')
-            if any(name in row for name, _, _ in evaluator.metrics):
-                with open(log_path) as f:
-                    plot_metrics([json.loads(line) for line in f if line.strip()], os.path.join(outdir, 'metrics.png'))
+            with open(log_path) as f:
+                plot_metrics([json.loads(line) for line in f if line.strip()], os.path.join(outdir, 'metrics.png'))
 
-    if not args.resume:       # tick 0: the initial generator; in the toy run also the data and the teacher
+    if fresh:             # tick 0: the initial generator, and in the toy run the data and the teacher
+        log('measuring the initial generator (and, in the toy run, the data and the teacher)...')
         write_row({'tick': 0, 'kimg': 0.0, **evaluator.toy_baselines(teacher)}, snap=True)
-        tick_time = time.time()
+    tick_nimg, tick_time, start_time = nimg, time.time(), time.time()
     while True:
         if nimg < total:
             sida.fake_score_step(slots)                      # every iteration from the start
             if nimg >= gen_start:                            # SiDA: after the discriminator warm-up
                 sida.generator_step(slots, use_adv=nimg >= adv_start)
-                sida.update_ema(nimg + args.batch)
+                sida.update_ema(nimg)
             nimg += args.batch
         done = nimg >= total
         # Ranks agree on a stop request every few iterations (a host sync; free in one process).
@@ -1015,7 +1115,7 @@ def distill(args):
         if not (done or stopping or nimg >= tick_nimg + args.tick * 1000):
             continue
 
-        # Tick: one log line; at snap ticks samples, a snapshot and metrics; at dump ticks the state.
+        # Tick: one status line; at snapshot ticks metrics, samples and a generator; at dump ticks the state.
         cur_tick += 1
         row = {'tick': cur_tick, 'kimg': round(nimg / 1000, 3)}
         for name, (total_, count) in sida.stats.items():
@@ -1038,47 +1138,9 @@ def distill(args):
         if done or stopping:
             break
         tick_nimg, tick_time = nimg, time.time()
-
     if stop:
         log(f'stopped by signal {stop[0]} at {nimg / 1000:g} kimg; continue with --resume {outdir}')
-    elif master and args.data == 'toy' and os.path.isfile(log_path):
-        with open(log_path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        fds = [r for r in rows if 'fd' in r]
-        if fds and 'fd_teacher' in rows[0]:
-            log(f'toy run, Fréchet distance in ToyFeatures space ({evaluator.metrics[0][2]} images): '
-                f'real data {rows[0]["fd_data"]:.3f}, teacher ({2 * TOY_SAMPLER_STEPS - 1} NFE) '
-                f'{rows[0]["fd_teacher"]:.3f}, initial one-step generator {fds[0]["fd"]:.3f}, distilled '
-                f'one-step generator {fds[-1]["fd"]:.3f} (best {min(r["fd"] for r in fds):.3f})')
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    return {'nimg': nimg, 'best': best, 'outdir': outdir}
-
-
-def any_rank(flag, device):
-    """True on every rank when flag is true on any (a host sync; used at most once per iteration)."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t)
-    return t.item() > 0
-
-
-def save_snapshot(G_ema, row, best, evaluator, args, outdir, device):
-    """Sample grid and EMA generator at this kimg; generator-best.pt when the main metric improves."""
-    tag, metrics = f'{int(row["kimg"]):06d}', evaluator.metrics
-    fid.save_grid(fid.generate_images(G_ema, torch.arange(64), args.init_sigma, device, evaluator.vae),
-              os.path.join(outdir, f'samples-{tag}.png'))
-    meta = dict(kimg=row['kimg'], method=args.method, teacher=str(args.teacher))
-    networks.save_network(G_ema, os.path.join(outdir, f'generator-{tag}.pt'), **meta)
-    if metrics:
-        name, kind, _ = metrics[0]
-        value = row[name]
-        if best is None or (value > best if kind == 'is' else value < best):
-            networks.save_network(G_ema, os.path.join(outdir, 'generator-best.pt'), **meta, **{name: value})
-            return value
-    return best
+    return nimg
 
 
 def peak_rss():
@@ -1086,7 +1148,82 @@ def peak_rss():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 # ----------------------------------------------------------------------------------------------------
-# Benchmark: full SiDA iterations on randomly initialised networks (no downloads).
+# Entry points: the toy run's teacher, EDM2 latent preparation, the benchmark, main.
+
+def toy_arch(arch, cond):
+    """Small networks of each architecture for the toy run and the CPU tests."""
+    common = dict(img_resolution=TOY_RES, img_channels=3, label_dim=TOY_CLASSES if cond else 0)
+    if arch == 'edm2':
+        return {'class_name': 'EDM2Precond', 'kwargs': dict(common, model_channels=32, channel_mult=[1, 2],
+                                                            num_blocks=1, attn_resolutions=[8], logvar_channels=32)}
+    if arch == 'adm':
+        return {'class_name': 'EDMPrecond', 'kwargs': dict(common, model_type='DhariwalUNet', model_channels=32,
+                                                           channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])}
+    song = dict(model_type='SongUNet', model_channels=24, channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[8],
+                dropout=0.0)
+    if arch == 'ncsnpp':
+        song.update(embedding_type='fourier', channel_mult_noise=2, encoder_type='residual', resample_filter=[1, 3, 3, 1])
+    return {'class_name': 'EDMPrecond', 'kwargs': dict(common, **song)}
+def train_teacher(args, images, labels, device, path):
+    """Toy run only: a small EDM teacher trained from scratch with the denoising loss (SPEC §3) on real images."""
+    net = networks.build_network(toy_arch(args.arch, labels is not None)).to(device).train()
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3, betas=(0.9, 0.99))
+    sampler = Sampler(images, labels, net.label_dim, images.shape[1:], device)
+    slot = Slot(-1, args.seed, device)
+    batch = 128
+    steps = int(args.teacher_kimg * 1000 / batch)
+    t0 = time.time()
+    edm2 = net.magnitude_preserving
+    p_mean, p_std = (-0.4, 1.0) if edm2 else (-1.2, 1.2)
+    for step in range(steps):
+        if edm2:
+            net.normalize_weights_()
+        x, c = sampler.real(slot, batch)
+        sigma = (torch.randn(batch, 1, 1, 1, generator=slot.gen, device=device) * p_std + p_mean).exp()
+        n = sampler.noise(slot, batch)
+        out = net(x + sigma * n, sigma, c, **({'return_logvar': True} if edm2 else {}))
+        denoised, logvar = out if edm2 else (out, None)
+        loss = denoising_loss(denoised, x, sigma, net.sigma_data, logvar).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for g in opt.param_groups:
+            g['lr'] = 2e-3 * min(1, (step + 1) / 100) * 0.1 ** (step / steps)   # warm-up, then decay
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - min(0.999, (step + 1) / (step + 10)))
+        if step % 100 == 0 or step == steps - 1:
+            print(f'teacher: step {step + 1}/{steps}, loss {loss.item():.4f}, {time.time() - t0:.0f} s', flush=True)
+    networks.save_network(ema, path, kimg=args.teacher_kimg, method='edm-teacher', data='toy')
+    print(f'saved the toy teacher to {path}', flush=True)
+
+def prepare_latents(src, dest, device, vae=networks.VAE_NAME):
+    """Encode a dataset of 512x512 images (EDM-style zip or folder, e.g. from EDM2's dataset_tool.py
+    convert) into an EDM2 latent zip with the Stable Diffusion VAE."""
+    if os.path.exists(dest):
+        raise UserError(f'--prepare-latents: {dest} exists; not overwriting it')
+    vae = networks.load_vae(vae, device=device)
+    dataset = fid.ImageDataset(src)
+
+    def write(f):
+        labels = {}
+        with zipfile.ZipFile(f, 'w', zipfile.ZIP_STORED) as z:
+            index = 0
+            for images, batch_labels in fid.iterate_images(dataset, batch=32):
+                for mean_std, label in zip(networks.encode_images(vae, images).cpu().numpy(), batch_labels.tolist()):
+                    name = f'{index // 1000:05d}/img{index:08d}.npy'
+                    buf = io.BytesIO()
+                    np.save(buf, mean_std)
+                    z.writestr(name, buf.getvalue())
+                    if label >= 0:
+                        labels[name] = label
+                    index += 1
+                print(f'encoded {index}/{len(dataset)} images', flush=True)
+            z.writestr('dataset.json', json.dumps({'labels': [[k, v] for k, v in labels.items()] or None}))
+
+    networks.atomic_write(dest, write)
+    print(f'wrote {dest}')
+
 
 PEAK_TFLOPS = {'H100': 989, 'H200': 989, 'A100': 312}     # dense bf16/fp16 tensor-core peaks
 
@@ -1171,8 +1308,6 @@ def bench(args):
     print(json.dumps(result), flush=True)
     return result
 
-
-# ----------------------------------------------------------------------------------------------------
 
 def main(argv=None):
     args = parse_args(argv)

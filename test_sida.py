@@ -554,19 +554,19 @@ def test_sid_sigma_maps_t_onto_the_karras_schedule():
     assert 24.0 < sida.sid_sigma(torch.tensor(0.8)).item() < 25.0
 
 
-def test_sid_generator_loss_equals_the_spec_formula(draws):
+def test_sid_loss_equals_the_formula(draws):
     x, dr, df = _np(draws['x_g']), _np(draws['d_real']), _np(draws['d_fake'])
     alpha = 1.2
     w = np.maximum(np.abs(x - dr).mean(axis=(1, 2, 3), keepdims=True), 1e-5)
     expect = (dr - df) * ((dr - x) - alpha * (dr - df)) / w
-    got = sida.sid_generator_loss(draws['x_g'], draws['d_real'], draws['d_fake'], alpha)
+    got = sida.sid_loss(draws['x_g'], draws['d_real'], draws['d_fake'], alpha)
     np.testing.assert_allclose(_np(got), expect, rtol=1e-5, atol=1e-6)
 
 
 def test_sid_weight_carries_no_gradient(draws):
     x = draws['x_g'].clone().requires_grad_(True)
     d_real = draws['d_real']
-    loss = sida.sid_generator_loss(x, d_real, draws['d_fake'], 1.0).sum()
+    loss = sida.sid_loss(x, d_real, draws['d_fake'], 1.0).sum()
     loss.backward()
     w = (x.detach() - d_real).abs().mean(dim=(1, 2, 3), keepdim=True)
     expect = -(d_real - draws['d_fake']) / w             # d/dx of (dr - df)(dr - x)/w with w held fixed
@@ -587,11 +587,23 @@ def test_denoising_loss_with_logvar_equals_edm2_form(draws):
     np.testing.assert_allclose(_np(got), base / np.exp(_np(u)) + _np(u), rtol=1e-5)
 
 
-def test_discriminator_loss_equals_spec(draws):
+ALL = torch.ones(4, dtype=torch.bool)
+
+
+def test_discriminator_loss_equals_the_formula(draws):
     lr, lf, s = _np(draws['logit_a']), _np(draws['logit_b']), _np(draws['sigma'])
     weight = (s ** 2 + 0.25) / (s * 0.5) ** 2
     expect = weight * (_bce(lr, 1).mean() + _bce(lf, 0).mean()) / 2
-    got = sida.discriminator_loss(draws['logit_a'], draws['logit_b'], sida.edm_weight(draws['sigma'], 0.5))
+    got = sida.discriminator_loss(draws['logit_a'], draws['logit_b'], draws['sigma'], 0.5, ALL)
+    np.testing.assert_allclose(_np(got), expect, rtol=1e-5)
+
+
+def test_edm2_discriminator_loss_is_divided_by_exp_u_per_sample(draws):
+    """EDM2 divides L_D, like L_psi, by e^u of the fake score network's log-variance, sample by sample."""
+    lr, lf, s = _np(draws['logit_a']), _np(draws['logit_b']), _np(draws['sigma'])
+    u = torch.tensor([-1.0, 0.0, 0.5, 2.0]).view(4, 1, 1, 1)
+    expect = (s ** 2 + 0.25) / (s * 0.5) ** 2 * (_bce(lr, 1).mean() + _bce(lf, 0).mean()) / 2 / np.exp(_np(u))
+    got = sida.discriminator_loss(draws['logit_a'], draws['logit_b'], draws['sigma'], 0.5, ALL, logvar=u)
     np.testing.assert_allclose(_np(got), expect, rtol=1e-5)
 
 
@@ -599,20 +611,75 @@ def test_adversarial_loss_is_batch_mean_bce_divided_by_each_w(draws):
     x, dr, logit = _np(draws['x_g']), _np(draws['d_real']), _np(draws['logit_a'])
     w = np.maximum(np.abs(x - dr).mean(axis=(1, 2, 3), keepdims=True), 1e-5)
     expect = np.broadcast_to(_bce(np.clip(logit, -10, 10), 1).mean() / w, x.shape)
-    got = sida.adversarial_loss(draws['logit_a'], draws['x_g'], draws['d_real'])
+    got = sida.adversarial_loss(draws['logit_a'], draws['x_g'], draws['d_real'], ALL)
     np.testing.assert_allclose(_np(got), expect, rtol=1e-5)
 
 
-def test_nonfinite_samples_are_dropped_from_the_losses(draws):
+def test_generator_objective_combines_the_terms_half_and_half(draws):
+    real = sida.Denoised(draws['d_real'], draws['logit_b'], None)
+    fake = sida.Denoised(draws['d_fake'], draws['logit_a'], None)
+    sid = sida.sid_loss(draws['x_g'], draws['d_real'], draws['d_fake'], 1.0).sum() / 4
+    adv = sida.adversarial_loss(draws['logit_a'], draws['x_g'], draws['d_real'], ALL).sum() / 4
+    loss, ok, _ = sida.generator_objective(draws['x_g'], real, fake, ALL, 1.0, 100.0, None, batch=4)
+    assert torch.allclose(loss, sid * 100.0) and ok.all()
+    loss, _, stats = sida.generator_objective(draws['x_g'], real, fake, ALL, 1.0, 100.0, 0.01, batch=4)
+    assert torch.allclose(loss, 0.5 * sid * 100.0 + 0.5 * adv * 0.01) and 'loss_adv' in stats
+
+
+def test_nonfinite_samples_are_dropped_before_the_losses(draws):
     x = draws['x_g'].clone()
     x[1, 0, 0, 0] = float('nan')
-    ok = sida.finite_samples(x, draws['d_real'])
-    assert ok.tolist() == [True, False, True, True]
-    loss = sida.keep(sida.sid_generator_loss(x, draws['d_real'], draws['d_fake'], 1.0), ok)
-    assert torch.isfinite(loss).all() and loss[1].abs().sum() == 0
-    adv = sida.adversarial_loss(draws['logit_a'], x, draws['d_real'], ok)
-    clean = sida.adversarial_loss(draws['logit_a'][ok], draws['x_g'][ok], draws['d_real'][ok])
+    ok, (x_safe, d_real) = sida.drop_nonfinite(ALL, x, draws['d_real'])
+    assert ok.tolist() == [True, False, True, True] and torch.isfinite(x_safe).all()
+    adv = sida.adversarial_loss(draws['logit_a'], x_safe, d_real, ok)
+    clean = sida.adversarial_loss(draws['logit_a'][ok], draws['x_g'][ok], draws['d_real'][ok], ALL[:3])
     assert torch.allclose(adv[ok], clean)
+
+
+@pytest.mark.parametrize('step', ['generator', 'fake_score'])
+def test_a_nan_network_output_drops_its_sample_and_keeps_the_step(tiny_teacher, step):
+    """A NaN in one sample of a network output costs that sample only: the gradients stay finite and equal
+    the gradients of the same batch without that sample (dropped by indexing, as upstream does)."""
+    torch.manual_seed(0)
+    teacher = networks.load_network(tiny_teacher)
+    G = sida.trainable_copy(teacher, 0.0, torch.device('cpu')).eval()
+    fake_score = sida.trainable_copy(teacher, 0.0, torch.device('cpu')).eval()
+    g = torch.Generator().manual_seed(1)
+    z, c = torch.randn(4, 3, 16, 16, generator=g), torch.eye(4)
+    sigma, noise = torch.rand(4, 1, 1, 1, generator=g) * 3 + 0.1, torch.randn(4, 3, 16, 16, generator=g)
+    x_real, aug = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1, torch.zeros(4, 9)
+
+    def grads(keep, poison):
+        trained = G if step == 'generator' else fake_score
+        trained.zero_grad(set_to_none=True)
+        n, s = len(keep), sigma[keep]
+        if step == 'generator':
+            x_g = G(2.5 * z[keep], 2.5, c[keep], aug[keep])
+            x_t = x_g + s * noise[keep]
+            real = sida.denoise(teacher, x_t, s, c[keep], aug[keep])
+            fake = sida.denoise(fake_score, x_t, s, c[keep], aug[keep])
+            if poison:
+                real = real._replace(denoised=torch.where(torch.arange(n).view(-1, 1, 1, 1) == 1, float('nan'), real.denoised))
+            loss, ok, _ = sida.generator_objective(x_g, real, fake, torch.ones(n, dtype=torch.bool), 1.0, 100.0, 0.01, 4)
+        else:
+            with torch.no_grad():
+                x_g = G(2.5 * z[keep], 2.5, c[keep], aug[keep])
+            fake = sida.denoise(fake_score, x_g + s * noise[keep], s, c[keep], aug[keep])
+            if poison:
+                fake = fake._replace(logits=torch.where(torch.arange(n).view(-1, 1, 1, 1) == 1, float('nan'), fake.logits))
+            logit_real = fake_score.discriminate(x_real[keep] + s * noise[keep], s, c[keep], aug[keep])
+            loss, ok, _ = sida.fake_score_objective(fake, x_g, s, 0.5, torch.ones(n, dtype=torch.bool), logit_real,
+                                                    1.0, 1.0, 4)
+        loss.backward()
+        return [p.grad.clone() for p in trained.parameters() if p.grad is not None], ok
+
+    poisoned, ok = grads([0, 1, 2, 3], poison=True)
+    without, _ = grads([0, 2, 3], poison=False)
+    assert ok.tolist() == [True, False, True, True]
+    assert len(poisoned) == len(without) > 0
+    for a, b in zip(poisoned, without):
+        assert torch.isfinite(a).all()
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_augment_labels_and_flip():
@@ -773,19 +840,22 @@ def test_warmup_schedule_switches_at_the_right_image_counts(tiny_teacher, monkey
     calls = []
     monkeypatch.setattr(sida.SiDA, 'fake_score_step', lambda self, slots: calls.append(('fake', None)))
     monkeypatch.setattr(sida.SiDA, 'generator_step', lambda self, slots, use_adv: calls.append(('gen', use_adv)))
+    monkeypatch.setattr(sida.SiDA, 'update_ema', lambda self, nimg: calls.append(('ema', nimg)))
     sida.distill(sida.parse_args(['--teacher', tiny_teacher, '--data', 'toy', '--cond', '--batch', '8',
                                   '--gen-start-kimg', '0.016', '--adv-start-kimg', '0.032', '--duration', '0.000048',
                                   '--metrics', 'none', '--device', 'cpu', '--outdir', str(tmp_path)]))
     # nimg before each iteration: 0, 8, 16, 24, 32, 40 -> generator from 16, adversarial from 32.
-    assert calls == [('fake', None), ('fake', None), ('fake', None), ('gen', False), ('fake', None),
-                     ('gen', False), ('fake', None), ('gen', True), ('fake', None), ('gen', True)]
+    # The EMA ramp-up counts the images before the step (upstream: beta from cur_nimg before it grows).
+    assert calls == [('fake', None), ('fake', None), ('fake', None), ('gen', False), ('ema', 16), ('fake', None),
+                     ('gen', False), ('ema', 24), ('fake', None), ('gen', True), ('ema', 32), ('fake', None),
+                     ('gen', True), ('ema', 40)]
 
 
 def test_two_process_gloo_run_matches_one_process(tiny_teacher, tmp_path):
     run_sida(tmp_path / 'one', tiny_teacher, '--duration', '0.000048', '--batch-gpu', '4')
     run_sida(tmp_path / 'two', tiny_teacher, '--duration', '0.000048', '--batch-gpu', '4', nproc=2)
-    one = networks.load_network(str(tmp_path / 'one' / 'generator-000000.pt')).state_dict()
-    two = networks.load_network(str(tmp_path / 'two' / 'generator-000000.pt')).state_dict()
+    one = networks.load_network(str(tmp_path / 'one' / 'generator-000000.048.pt')).state_dict()
+    two = networks.load_network(str(tmp_path / 'two' / 'generator-000000.048.pt')).state_dict()
     for k in one:
         assert torch.allclose(one[k], two[k], atol=1e-5, rtol=1e-4), k
     state = torch.load(tmp_path / 'two' / 'training-state.pt', weights_only=True)
@@ -840,9 +910,59 @@ def test_outputs_of_a_short_run(tiny_teacher, tmp_path):
     for key in ('loss_fake_score', 'loss_disc', 'loss_sid', 'loss_adv', 'sec_per_kimg', 'img_per_s', 'peak_gb'):
         assert key in rows[-1], key
     assert any('fd' in r for r in rows)
-    for name in ('samples-000000.png', 'generator-000000.pt', 'generator-best.pt', 'training-state.pt', 'metrics.png'):
+    for name in ('samples-000000.048.png', 'generator-000000.048.pt', 'generator-best.pt', 'training-state.pt',
+                 'metrics.png', 'log.txt'):
         assert (tmp_path / name).exists(), name
     assert networks.load_network(str(tmp_path / 'generator-best.pt')).meta['method'] == 'sida'
+
+
+def test_console_prints_options_and_one_readable_line_per_tick_into_log_txt(tiny_teacher, tmp_path):
+    r = run_sida(tmp_path, tiny_teacher, '--duration', '0.000032')
+    log_txt = open(tmp_path / 'log.txt').read()
+    assert r.stdout.strip() and r.stdout.strip() in log_txt            # the console, teed to log.txt
+    assert 'run options:' in r.stdout and 'lsg-gan 0.01' in r.stdout and 'session options:' in r.stdout
+    ticks = [line for line in r.stdout.splitlines() if line.startswith('tick ')]
+    assert len(ticks) == 3                                              # tick 0, then 0.016 and 0.032 kimg
+    assert 'ETA' in ticks[-1] and 'img/s' in ticks[-1] and '100.0%' in ticks[-1] and 'fake_score' in ticks[-1]
+    assert not any(line.lstrip().startswith('{') for line in r.stdout.splitlines())     # JSON goes to log.jsonl
+    with PIL.Image.open(tmp_path / 'metrics.png') as plot:              # the loss curves, even without metrics
+        assert plot.size[0] >= 360
+
+
+def test_help_shows_every_flag_with_its_default():
+    parser = sida.build_parser()
+    assert all(act.help for act in parser._actions)
+    text = parser.format_help()
+    assert '(default: 0.01)' in text and '--lsg-gan' in text
+
+
+def test_every_flag_is_a_run_session_or_tool_flag():
+    """A forker's new flag must land in a group: run flags are saved and checked on --resume, session flags
+    restored; a flag outside the groups would silently be neither."""
+    groups = sida.flag_groups(sida.build_parser())
+    assert set(groups) == {'options', 'run', 'session', 'where and how'}
+    assert groups['options'] == ['help']
+    assert sida.RUN_FLAGS == tuple(groups['run']) and sida.SESSION_FLAGS == tuple(groups['session'])
+    assert {'method', 'alpha', 'lsg_gan', 'force_norm_fake_score'} <= set(sida.RUN_FLAGS)
+
+
+def test_preset_keeps_flags_given_on_the_command_line():
+    args = sida.parse_args(['--preset', 'toy', '--batch', '256', '--lr', '1e-5', '--method', 'sid'])
+    assert (args.batch, args.lr, args.method) == (256, 1e-5, 'sid')      # given, even where equal to the defaults
+    assert args.glr == sida.TOY_PRESET['glr'] and args.data == 'toy'
+
+
+def test_abbreviated_flags_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        sida.parse_args(['--dur', '5'])
+    assert '--dur' in capsys.readouterr().err
+
+
+def test_fractional_ticks_give_one_snapshot_file_each(tiny_teacher, tmp_path):
+    run_sida(tmp_path, tiny_teacher, '--duration', '0.000024', '--tick', '0.008', '--snap', '1')
+    names = sorted(n for n in os.listdir(tmp_path) if n.startswith('generator-0'))
+    assert names == ['generator-000000.000.pt', 'generator-000000.008.pt', 'generator-000000.016.pt',
+                     'generator-000000.024.pt']
 
 
 @pytest.mark.parametrize('argv, message', [
@@ -967,7 +1087,7 @@ def write_latent_zip(path, n=6, channels=4, res=8, labels=True):
 
 def test_latent_zip_reads_and_normalises_like_edm2(tmp_path):
     path = write_latent_zip(tmp_path / 'latents.zip')
-    images, labels = sida.load_dataset(path, 8, 4)
+    images, labels = sida.load_dataset(path, 8, 4, latent=True)
     assert isinstance(images, sida.LatentData) and len(images) == 6 and labels.tolist() == [0, 1, 2, 0, 1, 2]
     sampler = sida.Sampler(images, labels, 3, (4, 8, 8), torch.device('cpu'))
     slot = sida.Slot(0, 0, torch.device('cpu'))
@@ -984,11 +1104,11 @@ def test_latent_zip_reads_and_normalises_like_edm2(tmp_path):
 def test_latent_zip_of_the_wrong_size_is_refused(tmp_path):
     path = write_latent_zip(tmp_path / 'latents.zip', res=4)
     with pytest.raises(networks.UserError, match='latents are'):
-        sida.load_dataset(path, 8, 4)
+        sida.load_dataset(path, 8, 4, latent=True)
     with open(tmp_path / 'bad.zip', 'wb') as f:
         f.write(b'not a zip')
     with pytest.raises(networks.UserError, match='not an EDM2 latent zip'):
-        sida.load_dataset(str(tmp_path / 'bad.zip'), 8, 4)
+        sida.load_dataset(str(tmp_path / 'bad.zip'), 8, 4, latent=True)
 
 
 def test_prepare_latents_writes_an_edm2_latent_zip_with_labels(tmp_path):
@@ -1020,14 +1140,35 @@ def test_edm2_sida_runs_in_latent_space_with_forced_weight_normalisation(tmp_pat
                        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert r.returncode == 0, r.stderr
     state = torch.load(tmp_path / 'run' / 'training-state.pt', weights_only=True)
-    for name in ('G', 'fake_score'):
-        for key, w in state['nets'][name].items():
-            if w.ndim >= 2:                                # MP layers: unit RMS per output channel after steps
-                rms = w.flatten(1).square().mean(dim=1).sqrt()
-                assert torch.allclose(rms, torch.ones_like(rms), atol=0.05), (name, key)
+    for key, w in state['nets']['G'].items():
+        if w.ndim >= 2:                                    # MP layers: unit RMS per output channel after steps
+            rms = w.flatten(1).square().mean(dim=1).sqrt()
+            assert torch.allclose(rms, torch.ones_like(rms), atol=0.05), key
     assert 'logvar_linear.weight' not in state['nets']['G'] and 'logvar_linear.weight' in state['nets']['fake_score']
-    with PIL.Image.open(tmp_path / 'run' / 'samples-000000.png') as grid:    # decoded by the VAE: 16x16 images
+    with PIL.Image.open(tmp_path / 'run' / 'samples-000000.016.png') as grid:    # decoded by the VAE: 16x16 images
         assert grid.size == (256, 256)
+
+
+def mp_weight_rms(net):
+    return torch.cat([m.weight.flatten(1).square().mean(dim=1).sqrt() for m in net.modules()
+                      if isinstance(m, networks.MPConv)])
+
+
+@pytest.mark.parametrize('flags, fake_renormalised', [((), False), (('--force-norm-fake-score',), True)])
+def test_forced_normalisation_renormalises_the_generator_and_only_optionally_the_fake_score(flags, fake_renormalised):
+    """As upstream's EDM2 runs: G's stored weights are renormalised before its training pass; the fake score
+    network's never (its hook stays on the teacher copy), unless asked for."""
+    s = bench_sida('edm2', '--lr', '0', '--glr', '0', *flags)          # lr 0: only the renormalisation moves weights
+    with torch.no_grad():
+        for net in (s.G, s.fake_score):
+            for m in net.modules():
+                if isinstance(m, networks.MPConv):
+                    m.weight.mul_(3)
+    slots = [sida.Slot(0, 0, torch.device('cpu'))]
+    s.fake_score_step(slots)
+    s.generator_step(slots, use_adv=True)
+    assert torch.allclose(mp_weight_rms(s.G), torch.ones(1), atol=1e-3)
+    assert torch.allclose(mp_weight_rms(s.fake_score), torch.ones(1), atol=1e-3) == fake_renormalised
 
 
 def test_bench_runs_on_cpu():
