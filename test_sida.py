@@ -682,18 +682,93 @@ def test_a_nan_network_output_drops_its_sample_and_keeps_the_step(tiny_teacher, 
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_augment_labels_and_flip():
-    g = torch.Generator().manual_seed(0)
+# ----------------------------------------------------------------------------------------------------
+# Augmentation: EDM's pipeline, its label convention and its draws.
+
+def edm_augment_fixture():
+    return torch.load(fixture_path('edm_augment.pt'), weights_only=True)
+
+
+def label_draws(p, batch=40_000, seed=0):
+    """The labels of `batch` samples of sida.augment at probability p (on 1x1 images: only labels matter)."""
+    return sida.augment(torch.zeros(batch, 1, 1, 1), p, torch.Generator().manual_seed(seed))[1]
+
+
+def test_augment_reproduces_edm_on_given_parameters():
+    fixture = edm_augment_fixture()
+    out, labels = sida.apply_augment(fixture['x'], fixture['params'])
+    assert max_diff(labels, fixture['labels']) <= 1e-5
+    assert max_diff(out, fixture['out']) <= 1e-5
+
+
+@cuda
+def test_augment_on_cuda_reproduces_edm(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
+    fixture = edm_augment_fixture()
+    out, labels = sida.apply_augment(fixture['x'].cuda(), {k: v.cuda() for k, v in fixture['params'].items()})
+    assert max_diff(labels.cpu(), fixture['labels']) <= 1e-5
+    assert max_diff(out.cpu(), fixture['out']) <= 1e-5
+
+
+def test_augment_compiles_whole_and_matches_eager():
+    fixture = edm_augment_fixture()
+    compiled = torch.compile(sida.apply_augment, fullgraph=True, backend='aot_eager')   # fullgraph: a break raises
+    try:
+        out, labels = compiled(fixture['x'], fixture['params'])
+    finally:
+        torch._dynamo.reset()
+    eager_out, eager_labels = sida.apply_augment(fixture['x'], fixture['params'])
+    assert max_diff(out, eager_out) <= 1e-6 and torch.equal(labels, eager_labels)
+
+
+def test_augment_at_p0_only_flips_horizontally_and_exactly():
     x = torch.randn(64, 3, 8, 8)
-    y, labels = sida.augment(x, 0.0, g)
+    y, labels = sida.augment(x, 0.0, torch.Generator().manual_seed(0))
     assert labels.shape == (64, 9)
-    assert (labels[:, 1:] == 0).all(), 'with p = 0 only the x-flip acts'
+    assert (labels[:, 1:] == 0).all()
     flipped = labels[:, 0] == 1
     assert 10 < flipped.sum() < 54
-    assert torch.allclose(y[flipped], x[flipped].flip(3), atol=1e-5)
-    assert torch.allclose(y[~flipped], x[~flipped], atol=1e-5)
-    y, labels = sida.augment(x, 1.0, g)
-    assert (labels[:, 2] != 0).all() and torch.isfinite(y).all()
+    assert torch.equal(y[flipped], x[flipped].flip(3)) and torch.equal(y[~flipped], x[~flipped])
+
+
+def test_augment_draws_each_transform_with_probability_p_and_the_xflip_always():
+    p = 0.12
+    labels = label_draws(p)
+    xflip, yflip, scale, rotation, aniso = (labels[:, [0, 1, 2, 4, 5]] != 0).float().mean(0)
+    translation = (labels[:, 7:] != 0).any(1).float().mean()   # the pair is one transform
+    assert abs(xflip - 0.5) < 0.01 and abs(yflip - p / 2) < 0.01       # flips: a fair bit when drawn
+    for fraction in (scale, rotation, aniso, translation):
+        assert abs(fraction - p) < 0.01
+
+
+def test_augment_translates_x_and_y_together():
+    labels = label_draws(0.12)
+    tx, ty = labels[:, 7] != 0, labels[:, 8] != 0
+    assert tx.sum() > 1000 and torch.equal(tx, ty)
+
+
+def test_augment_scale_and_translation_labels_are_the_raw_normal_draws():
+    labels = label_draws(1.0)
+    for column in (2, 7, 8):                                  # scale_w, tx, ty ~ N(0, 1), not 0.2 w or 0.125 w
+        assert abs(labels[:, column].std() - 1) < 0.03 and abs(labels[:, column].mean()) < 0.03
+
+
+def test_augment_anisotropy_label_is_the_raw_draw_in_a_frame_rotated_half_of_the_time():
+    labels = label_draws(1.0)
+    w_cos, w_sin = labels[:, 5], labels[:, 6]
+    assert abs((w_cos ** 2 + w_sin ** 2).mean() - 1) < 0.03    # |w| from w ~ N(0, 1)
+    assert abs((w_sin != 0).float().mean() - 0.5) < 0.01
+
+
+def test_augment_translation_moves_content_by_an_eighth_of_the_size_per_unit_on_non_square_images():
+    x = torch.randn(2, 3, 24, 40)
+    zero = torch.zeros(2)
+    params = dict(xflip=zero, yflip=zero, scale_w=zero, rot=zero, aniso_w=zero, aniso_r=zero,
+                  tx=torch.tensor([1.0, -0.4]), ty=torch.tensor([1.0, 2.0]))   # (5, 3) and (-2, 6) pixels
+    y, _ = sida.apply_augment(x, params)
+    assert max_diff(y[0, :, 3:, 5:], x[0, :, :-3, :-5]) <= 1e-4     # whole-pixel shifts: only rounding
+    assert max_diff(y[1, :, 6:, :-2], x[1, :, :-6, 2:]) <= 1e-4
 
 
 def test_ema_follows_the_half_life_rule():
