@@ -1738,10 +1738,11 @@ def test_toy_features_are_fixed_and_see_structure_colour_and_noise():
 
 CIFAR = ROOT / 'train_cifar.sh'
 IMAGENET = ROOT / 'train_imagenet.sh'
+FACES = ROOT / 'train_ffhq_afhq.sh'
 METHODS = ['sid', 'sida', 'sid2a']
 SIZES = ['xs', 's', 'm', 'l', 'xl', 'xxl']
 RESOLUTIONS = ['64'] + [f'512-{size}' for size in SIZES]
-BOOLEAN_FLAGS = {'--cond', '--compile'}
+BOOLEAN_FLAGS = {'--cond', '--compile', '--logvar', '--no-logvar', '--force-norm', '--no-force-norm', '--is'}
 
 # SPEC §6, the SiDA row of each run; SiD and SiD²A differ as the scripts' headers say.
 CIFAR_SIDA = dict(batch=256, lr=1e-5, glr=1e-5, alpha=1.0, precision='fp32', dropout=0.13,
@@ -1753,6 +1754,14 @@ IMAGENET64_SIDA = dict(batch=8192, lr=4e-6, glr=4e-6, alpha=1.0, precision='fp16
 IMG512_SIDA = dict(batch=2048, lr=5e-5, glr=5e-5, alpha=1.0, precision='fp16', dropout=0.1,
                    augment=0, ema=2, lsg=100, lsd=100, lsg_gan=0.01, duration=200,
                    tmax=800, init_sigma=2.5, p_mean=-0.4, p_std=1.0)
+# Upstream's EDM2 run scripts, per size: SiDA and SiD²A durations (Mimg); S runs without log-variance
+# weighting and forced weight normalisation, every other size with both.
+EDM2_SIDA_DURATION = {'xs': 200, 's': 200, 'm': 200, 'l': 200, 'xl': 200, 'xxl': 100}
+EDM2_SID2A_DURATION = {'xs': 30, 's': 80, 'm': 200, 'l': 55, 'xl': 50, 'xxl': 30}
+FACES_SIDA = {'ffhq': dict(batch=512, lr=1e-5, glr=1e-5, alpha=1.0, precision='fp16', dropout=0.05, augment=0.15,
+                           ema=0.5, lsg=100, lsd=1, lsg_gan=0.01, duration=200, tmax=800, init_sigma=2.5,
+                           p_mean=-1.2, p_std=1.2)}
+FACES_SIDA['afhq'] = dict(FACES_SIDA['ffhq'], lr=5e-6, glr=5e-6)
 EDM2_TEACHERS = {'xs': 'edm2-img512-xs-2147483-0.135.pkl', 's': 'edm2-img512-s-2147483-0.130.pkl',
                  'm': 'edm2-img512-m-2147483-0.100.pkl', 'l': 'edm2-img512-l-1879048-0.085.pkl',
                  'xl': 'edm2-img512-xl-1342177-0.085.pkl', 'xxl': 'edm2-img512-xxl-0939524-0.070.pkl'}
@@ -1826,11 +1835,14 @@ def torchrun_line(stdout):
     return lines[0]
 
 
-def split_command(stdout):
-    """-> (torchrun's own arguments, sida.py's flags as a dict, sida.py's argument list)."""
+def split_command(stdout, program='sida.py'):
+    """-> (torchrun's own arguments, the program's flags as a dict, its argument list); fid.py: after `gen`."""
     tokens = shlex.split(torchrun_line(stdout))
-    i = next(i for i, t in enumerate(tokens) if t.endswith('sida.py'))
+    i = next(i for i, t in enumerate(tokens) if t.endswith(program))
     launcher, sida_args = tokens[:i], tokens[i + 1:]
+    if program == 'fid.py':
+        assert sida_args[0] == 'gen', sida_args
+        sida_args = sida_args[1:]
     flags, j = {}, 0
     while j < len(sida_args):
         flag = sida_args[j]
@@ -1894,6 +1906,7 @@ def test_imagenet_dry_run_carries_published_settings(env, data64, data512, metho
         size = res.split('-')[1]
         want = expected_settings(IMG512_SIDA, method, sid_alpha=1.0, sid_duration=200)
         want['dropout'] = 0 if size in ('xs', 's') else 0.1
+        want['duration'] = (EDM2_SID2A_DURATION if method == 'sid2a' else EDM2_SIDA_DURATION)[size]
         teacher, ref = EDM2_TEACHERS[size], 'img512.pkl'
     assert_settings(flags, want)
     assert flags['--teacher'] == str(cache / teacher)
@@ -2092,6 +2105,8 @@ def test_imagenet_data_defaults_to_the_edm_file_names(env):
     (CIFAR, []), (CIFAR, ['sida']), (CIFAR, ['sidb', 'uncond']), (CIFAR, ['sida', 'conditional']),
     (CIFAR, ['--dry-run']), (IMAGENET, []), (IMAGENET, ['sida']), (IMAGENET, ['sida', '128']),
     (IMAGENET, ['sida', '512-xxxl']), (IMAGENET, ['gan', '64']), (IMAGENET, ['sida', '512']),
+    (CIFAR, ['eval', 'sida']), (IMAGENET, ['eval', '64']), (FACES, []), (FACES, ['sida', 'celeba']),
+    (FACES, ['eval', 'sida']),
 ])
 def test_wrong_arguments_print_usage_and_exit_2(env, script, args):
     r = run(script, *args, env=env)
@@ -2163,15 +2178,157 @@ def test_duration_and_outdir_can_be_overridden(env, data64, script, setting):
     assert flags['--duration'] == '20' and flags['--outdir'] == '/runs/x'
 
 
+# ---- EDM2 per size, FFHQ / AFHQv2, ImageNet 512 preparation --------------------------------------
+
+@pytest.mark.parametrize('method', METHODS)
+@pytest.mark.parametrize('size', SIZES)
+def test_edm2_logvar_force_norm_and_duration_follow_upstream_per_size(env, data512, size, method):
+    r = run(IMAGENET, method, f'512-{size}', '--dry-run', env=env, DATA=str(data512))
+    assert r.returncode == 0, r.stderr
+    _, flags, _ = split_command(r.stdout)
+    on = size != 's'
+    assert ('--logvar' in flags, '--force-norm' in flags) == (on, on)
+    assert ('--no-logvar' in flags, '--no-force-norm' in flags) == (not on, not on)
+    want = EDM2_SID2A_DURATION[size] if method == 'sid2a' else EDM2_SIDA_DURATION[size]
+    assert float(flags['--duration']) == want
+    assert sida.parse_args(split_command(r.stdout)[2]).logvar == on       # sida.py reads them as meant
+
+
+@pytest.mark.parametrize('method', METHODS)
+@pytest.mark.parametrize('dataset', ['ffhq', 'afhq'])
+def test_ffhq_afhq_dry_run_carries_published_settings(env, tmp_path, dataset, method):
+    data = make_dataset(tmp_path / 'faces.zip', 'png', labels=False)
+    r = run(FACES, method, dataset, '--dry-run', env=env, DATA=str(data))
+    assert r.returncode == 0, r.stderr
+    assert 'warning' not in r.stderr
+    launcher, flags, _ = split_command(r.stdout)
+    assert_settings(flags, expected_settings(FACES_SIDA[dataset], method, sid_alpha=1.2, sid_duration=200))
+    cache = Path(env['SIDA_CACHE'])
+    edm_name = {'ffhq': 'ffhq-64x64', 'afhq': 'afhqv2-64x64'}[dataset]
+    assert flags['--teacher'] == str(cache / f'edm-{edm_name}-uncond-vp.pkl')
+    assert flags['--ref'] == str(cache / f'{edm_name}.npz')
+    assert flags['--detector'] == str(cache / 'inception-2015-12-05.pt')
+    assert flags.get('--data') == (None if method == 'sid' else str(data))   # SiD needs no real images
+    assert '--cond' not in flags and flags['--metrics'] == 'fid50k'
+    assert flags['--outdir'] == f'runs/{dataset}64-{method}'
+    assert '--nproc_per_node=8' in launcher
+    if method == 'sid2a':
+        sid = networks.RELEASED_URLS[f'sid-{dataset}64']
+        assert any(line.endswith(sid) for line in r.stdout.splitlines())
+        assert flags['--init-generator'] == str(cache / f'sid-{dataset}64-{sid.rsplit("/", 1)[1]}')
+
+
+@pytest.mark.parametrize('dataset, words', [
+    ('ffhq', ['dataset_tool.py', 'images1024x1024', '--resolution=64x64', 'github.com/NVlabs/edm', 'DATA=']),
+    ('afhq', ['dataset_tool.py', 'downloads/afhqv2', '--resolution=64x64', 'github.com/NVlabs/edm', 'DATA=']),
+])
+def test_missing_ffhq_afhq_data_prints_instructions_and_exits_1(env, tmp_path, fake_torchrun, dataset, words):
+    bindir, record = fake_torchrun
+    env = dict(env, PATH=f'{bindir}:{env["PATH"]}', DATA=str(tmp_path / 'absent.zip'))
+    r = run(FACES, 'sida', dataset, env=env)
+    assert r.returncode == 1 and r.stdout == ''
+    assert 'absent.zip' in r.stderr and 'no such file' in r.stderr and 'cannot be downloaded' in r.stderr
+    for word in words:
+        assert word in r.stderr, word
+    assert not record.exists() and not Path(env['SIDA_CACHE']).exists()
+
+
+def test_ffhq_sid_runs_without_a_dataset(env, tmp_path):
+    r = run(FACES, 'sid', 'ffhq', '--dry-run', env=env, DATA=str(tmp_path / 'absent.zip'))
+    assert r.returncode == 0 and 'warning' not in r.stderr
+    assert '--data' not in split_command(r.stdout)[1]
+
+
+def test_imagenet512_preparation_encodes_the_converted_512_zip(env, tmp_path):
+    r = run(IMAGENET, 'sida', '512-xs', env=env, DATA=str(tmp_path / 'absent.zip'))
+    assert r.returncode == 1
+    steps = r.stderr.replace('\\\n', ' ')
+    convert = steps.index('dataset_tool.py convert')
+    assert '--dest=datasets/img512.zip' in steps[convert:] and '--transform=center-crop-dhariwal' in steps[convert:]
+    assert 'dataset_tool.py encode --source=datasets/img512.zip --dest=datasets/img512-sd.zip' in steps
+    assert 'sida.py --prepare-latents datasets/img512.zip datasets/img512-sd.zip' in steps
+    assert steps.index('--prepare-latents') > convert and 'prepare-latents downloads/' not in steps
+
+# ---- eval: scoring the released generators ------------------------------------------------------
+
+# Every row of the README's reproduction table: (script, method, setting, released name, reference file).
+EVAL_ROWS = [(CIFAR, m, c, f'{m}-cifar10-{c}', 'cifar10-32x32.npz') for c in ['uncond', 'cond'] for m in METHODS] \
+    + [(IMAGENET, m, '64', f'{m}-imagenet64', 'imagenet-64x64.npz') for m in METHODS] \
+    + [(IMAGENET, m, f'512-{size}', f'{m}-edm2-img512-{size}', 'img512.pkl') for size in SIZES for m in METHODS
+       if (size, m) != ('xxl', 'sid2a')] \
+    + [(FACES, m, d, f'{m}-{d}64', f'{e}.npz') for d, e in [('ffhq', 'ffhq-64x64'), ('afhq', 'afhqv2-64x64')] for m in METHODS]
+
+
+@pytest.mark.parametrize('script, method, setting, name, ref', EVAL_ROWS, ids=[row[3] for row in EVAL_ROWS])
+def test_eval_dry_run_scores_the_released_generator_of_each_row(env, script, method, setting, name, ref):
+    r = run(script, 'eval', method, setting, '--dry-run', env=env)       # no DATA: scoring needs none
+    assert r.returncode == 0, r.stderr
+    assert 'warning' not in r.stderr
+    url = networks.RELEASED_URLS[name]
+    assert any(line.startswith(('curl ', 'wget ')) and line.endswith(url) for line in r.stdout.splitlines())
+    cache = Path(env['SIDA_CACHE'])
+    network = str(cache / f'{name.replace("edm2-img512", "img512") if script == IMAGENET else name}-{url.rsplit("/", 1)[1]}')
+    assert f'{network}.part' in r.stdout and 'edm-' not in r.stdout and 'edm2-img512-' not in r.stdout   # no teacher
+    launcher, flags, _ = split_command(r.stdout, 'fid.py')
+    assert launcher == ['torchrun', '--standalone', '--nproc_per_node=8']
+    assert flags['--network'] == network
+    assert flags['--ref'] == str(cache / ref)
+    assert flags['--detector'] == str(cache / 'inception-2015-12-05.pt')
+    assert flags['--num-images'] == '50000' and flags['--init-sigma'] == '2.5'
+    assert ('--is' in flags) == (script == CIFAR)                          # the paper reports IS for CIFAR-10
+
+
+def test_cifar_eval_dry_run_prints_the_exact_scoring_command(env):
+    r = run(CIFAR, 'eval', 'sida', 'uncond', '--dry-run', env=env)
+    cache = env['SIDA_CACHE']
+    network = f'{cache}/sida-cifar10-uncond-cifar10_uncond_sida_alpha1-217920.pkl'
+    assert r.stdout.splitlines()[-1] == (
+        f'torchrun --standalone --nproc_per_node=8 {ROOT}/fid.py gen --network {network} '
+        f'--ref {cache}/cifar10-32x32.npz --detector {cache}/inception-2015-12-05.pt --num-images 50000 --is --init-sigma 2.5')
+    assert fid.parse_args(shlex.split(r.stdout.splitlines()[-1])[4:]).num == 50000
+
+
+def test_eval_of_the_unreleased_xxl_sid2a_asks_for_network(env, tmp_path):
+    r = run(IMAGENET, 'eval', 'sid2a', '512-xxl', '--dry-run', env=env)
+    assert r.returncode == 1 and 'no released sid2a generator' in r.stderr and 'NETWORK' in r.stderr
+    r = run(IMAGENET, 'eval', 'sid2a', '512-xxl', '--dry-run', env=env, NETWORK=str(tmp_path / 'mine.pkl'))
+    assert r.returncode == 0 and split_command(r.stdout, 'fid.py')[1]['--network'] == str(tmp_path / 'mine.pkl')
+
+
+def test_eval_real_run_downloads_network_then_launches_fid(env, tmp_path, fake_torchrun):
+    bindir, record = fake_torchrun
+    cache = Path(env['SIDA_CACHE'])
+    cache.mkdir()
+    for name in ['cifar10-32x32.npz', 'inception-2015-12-05.pt']:
+        (cache / name).write_bytes(b'cached')
+    source = tmp_path / 'my-generator.pt'
+    source.write_bytes(b'generator weights')
+    env = dict(env, PATH=f'{bindir}:{env["PATH"]}', NETWORK=source.as_uri())
+    r = run(CIFAR, 'eval', 'sida', 'cond', '--batch', '32', env=env)
+    assert r.returncode == 0, r.stderr
+    assert (cache / 'sida-cifar10-cond-my-generator.pt').read_bytes() == b'generator weights'
+    assert sorted(p.name for p in cache.iterdir()) == ['cifar10-32x32.npz', 'inception-2015-12-05.pt',
+                                                      'sida-cifar10-cond-my-generator.pt']
+    launched = record.read_text().splitlines()
+    assert launched == shlex.split(torchrun_line(r.stdout))[1:]
+    assert launched[launched.index('--network') + 1] == str(cache / 'sida-cifar10-cond-my-generator.pt')
+    assert launched[-2:] == ['--batch', '32']
+
+
+def test_edm2_eval_decodes_in_small_batches(env):
+    _, flags, _ = split_command(run(IMAGENET, 'eval', 'sida', '512-m', '--dry-run', env=env).stdout, 'fid.py')
+    assert flags['--batch'] == '16' and flags['--ref'].endswith('img512.pkl')
+
+
 # ---- static checks -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize('script', [CIFAR, IMAGENET])
+@pytest.mark.parametrize('script', [CIFAR, IMAGENET, FACES])
 def test_script_parses_with_bash_n(script):
     r = subprocess.run(['bash', '-n', str(script)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.parametrize('script', [CIFAR, IMAGENET])
+@pytest.mark.parametrize('script', [CIFAR, IMAGENET, FACES])
 def test_script_passes_shellcheck(script):
     if shutil.which('shellcheck') is None:
         pytest.skip('shellcheck is not installed')
@@ -2179,6 +2336,6 @@ def test_script_passes_shellcheck(script):
     assert r.returncode == 0, r.stdout
 
 
-@pytest.mark.parametrize('script', [CIFAR, IMAGENET])
+@pytest.mark.parametrize('script', [CIFAR, IMAGENET, FACES])
 def test_script_is_executable(script):
     assert os.access(script, os.X_OK)
