@@ -53,6 +53,7 @@ IS_SPLITS = 10              # Inception Score: mean and std over this many split
 PROGRESS_SECONDS = 10       # at most one progress line this often in a log file
 PROGRESS_SECONDS_TTY = 0.5  # redraw the progress bar this often on a terminal
 GRID_IMAGES = 64            # --outdir also gets grid.png of the first this many seeds
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
 
 # Reference statistics of the training sets, by name (EDM's npz files; EDM2's img512.pkl).
 REF_URLS = {
@@ -78,7 +79,6 @@ PAPER = {  # data: (reference, SiD FID, best SiDA/SiD²A FID, IS reported)
     'edm2-img512-xl':  ('img512',         None,  1.379, False),
     'edm2-img512-xxl': ('img512',         None,  1.366, False),
 }
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
 
 # Globals a pickle of plain numpy arrays may name (EDM2's img512.pkl, the CIFAR-10 batches);
 # numpy 1.x writers say numpy.core, numpy 2.x writers numpy._core.
@@ -150,10 +150,11 @@ class Progress:
         elapsed = now - self.start
         rate = self.done / max(elapsed, 1e-9)
         filled = self.width * self.done // max(self.total, 1)
+        left = f'took {_duration(elapsed)}' if finished else f'ETA {_duration((self.total - self.done) / max(rate, 1e-9))}'
         line = (f'{self.what} [{"#" * filled}{"." * (self.width - filled)}] {self.done}/{self.total} images '
-                f'({100 * self.done // max(self.total, 1)}%), {rate:.0f} img/s, '
-                + (f'took {_duration(elapsed)}' if finished else f'ETA {_duration((self.total - self.done) / max(rate, 1e-9))}'))
-        print(f'\r{line}' if self.tty else line, end='\n' if finished or not self.tty else '', file=sys.stderr, flush=True)
+                f'({100 * self.done // max(self.total, 1)}%), {rate:.0f} img/s, {left}')
+        end = '\n' if finished or not self.tty else ''
+        print(f'\r{line}' if self.tty else line, end=end, file=sys.stderr, flush=True)
         self.last, self.shown = now, True
 
 # ----------------------------------------------------------------------------------------------------
