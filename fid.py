@@ -2,25 +2,33 @@
 
 Statistics of a dataset (a folder of PNG/JPG, an EDM zip, or the CIFAR-10 python tarball):
     python fid.py ref  --data cifar-10-python.tar.gz --dest cifar10-32x32.npz
-FID of a folder or zip of images against reference statistics (an npz or EDM2's img512.pkl, path or URL):
-    python fid.py calc --images samples/ --ref https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz
-FID of a one-step generator, no PNGs written unless --outdir is given:
-    python fid.py gen  --network sida-cifar10.pkl --ref cifar10-32x32.npz --num 50000 [--is]
+FID of a folder or zip of images against reference statistics (an npz or EDM2's img512.pkl, path,
+URL or name):
+    python fid.py calc --images samples/ --ref cifar10-32x32
+FID of a one-step generator (ours, or a released one by name), no PNGs written unless --outdir is given;
+--is adds the Inception Score (on by default for the releases whose paper reports it, CIFAR-10):
+    python fid.py gen  --network sida-cifar10-uncond --ref cifar10-32x32 --num 50000
+Images and a grid from any generator (EDM2 latent generators are decoded by the Stable Diffusion VAE):
+    python fid.py gen  --network sida-edm2-img512-xs --seeds 0-63 --outdir samples/
+The names of the released generators and reference statistics, with the paper's FIDs:
+    python fid.py names                     (or python fid.py --list)
 Several GPUs (images are split across ranks, statistics summed with all_reduce); spell --num as
 --num-images there, since torchrun mistakes --num for its own --numa-binding:
     torchrun --standalone --nproc_per_node=8 fid.py gen --network ... --ref ... --num-images 50000
 
-The detector is the TorchScript Inception network used by StyleGAN2-ADA and EDM, downloaded once and
-cached (`--detector PATH|URL` points elsewhere, e.g. a local copy when offline). It takes uint8-valued
-images [N, 3, H, W] in 0..255 and resizes them to 299x299 itself. FID follows EDM: float64 running
-sums, unbiased covariance, and the real part of scipy's matrix square root. IS follows StyleGAN:
-class probabilities with the output bias left out, 10 splits.
+Names, the Inception detector and reference statistics are downloaded once into the cache ($SIDA_CACHE
+or ~/.cache/sida; `--detector PATH|URL` points elsewhere, e.g. a local copy when offline). The detector
+is the TorchScript Inception network used by StyleGAN2-ADA and EDM. It takes uint8-valued images
+[N, 3, H, W] in 0..255 and resizes them to 299x299 itself. FID follows EDM: float64 running sums,
+unbiased covariance, and the real part of scipy's matrix square root. IS follows StyleGAN: class
+probabilities with the output bias left out, 10 splits.
 """
 
 import argparse
 import io
 import json
 import os
+import re
 import sys
 import tarfile
 import time
@@ -42,8 +50,35 @@ from networks import UserError
 INCEPTION_URL = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt'
 SIGMA_INIT = 2.5            # noise level the one-step generator starts from (SiD, SiDA)
 IS_SPLITS = 10              # Inception Score: mean and std over this many splits (StyleGAN, Salimans et al.)
-PROGRESS_SECONDS = 10       # at most one progress line this often
+PROGRESS_SECONDS = 10       # at most one progress line this often in a log file
+PROGRESS_SECONDS_TTY = 0.5  # redraw the progress bar this often on a terminal
+GRID_IMAGES = 64            # --outdir also gets grid.png of the first this many seeds
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
+
+# Reference statistics of the training sets, by name (EDM's npz files; EDM2's img512.pkl).
+REF_URLS = {
+    **{name: f'https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/{name}.npz'
+       for name in ['cifar10-32x32', 'imagenet-64x64', 'ffhq-64x64', 'afhqv2-64x64']},
+    'img512': 'https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img512.pkl',
+}
+
+# What the papers report for each data set of the released generators (networks.RELEASED_URLS, named
+# {method}-{data}[-alpha1.2]): the reference statistics, FID-50k of SiD (SiD paper, alpha 1.2) and the
+# best FID-50k of SiDA / SiD²A (SiDA paper and official README; one figure per data set, not per
+# release), and whether the papers' tables also give the Inception Score.
+PAPER = {  # data: (reference, SiD FID, best SiDA/SiD²A FID, IS reported)
+    'cifar10-uncond':  ('cifar10-32x32',  1.923, 1.499, True),
+    'cifar10-cond':    ('cifar10-32x32',  1.710, 1.396, True),
+    'imagenet64':      ('imagenet-64x64', 1.524, 1.110, False),
+    'ffhq64':          ('ffhq-64x64',     1.550, 1.040, False),
+    'afhq64':          ('afhqv2-64x64',   1.628, 1.276, False),
+    'edm2-img512-xs':  ('img512',         None,  2.156, False),
+    'edm2-img512-s':   ('img512',         None,  1.669, False),
+    'edm2-img512-m':   ('img512',         None,  1.488, False),
+    'edm2-img512-l':   ('img512',         None,  1.413, False),
+    'edm2-img512-xl':  ('img512',         None,  1.379, False),
+    'edm2-img512-xxl': ('img512',         None,  1.366, False),
+}
 
 # Globals a pickle of plain numpy arrays may name (EDM2's img512.pkl, the CIFAR-10 batches);
 # numpy 1.x writers say numpy.core, numpy 2.x writers numpy._core.
@@ -88,23 +123,39 @@ def _all_gather_interleaved(local, total):
     return out
 
 
-class Progress:
-    """One line on stderr every few seconds (rank 0): images done / total, throughput, time left."""
+def _duration(seconds):
+    seconds = int(round(seconds))
+    return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
-    def __init__(self, what, total, enabled=True):
-        self.what, self.total, self.done = what, total, 0
+
+class Progress:
+    """A progress bar on stderr (rank 0): images done / total, throughput and time left (ETA). Redrawn
+    in place on a terminal; in a log file, one line every PROGRESS_SECONDS and one at the end."""
+
+    def __init__(self, what, total, enabled=True, width=30):
+        self.what, self.total, self.done, self.width = what, total, 0, width
         self.enabled = enabled and rank() == 0
+        self.tty = sys.stderr.isatty()
+        self.interval = PROGRESS_SECONDS_TTY if self.tty else PROGRESS_SECONDS
         self.start = self.last = time.time()
+        self.shown = False
 
     def update(self, n_local):
         self.done = min(self.total, self.done + n_local * world_size())
         now = time.time()
-        finished_long_work = self.done == self.total and now - self.start >= PROGRESS_SECONDS
-        if self.enabled and (now - self.last >= PROGRESS_SECONDS or finished_long_work):
-            rate = self.done / max(now - self.start, 1e-9)
-            print(f'{self.what}: {self.done}/{self.total} images, {rate:.0f} img/s, '
-                  f'{(self.total - self.done) / max(rate, 1e-9):.0f} s left', file=sys.stderr, flush=True)
-            self.last = now
+        finished = self.done == self.total
+        due = now - self.last >= self.interval
+        if not self.enabled or not (due or (finished and self.shown)):   # short work stays quiet
+            return
+        elapsed = now - self.start
+        rate = self.done / max(elapsed, 1e-9)
+        filled = self.width * self.done // max(self.total, 1)
+        left = f'took {_duration(elapsed)}' if finished else f'ETA {_duration((self.total - self.done) / max(rate, 1e-9))}'
+        line = (f'{self.what} [{"#" * filled}{"." * (self.width - filled)}] {self.done}/{self.total} images '
+                f'({100 * self.done // max(self.total, 1)}%), {rate:.0f} img/s, {left}')
+        end = '\n' if finished or not self.tty else ''
+        print(f'\r{line}' if self.tty else line, end=end, file=sys.stderr, flush=True)
+        self.last, self.shown = now, True
 
 # ----------------------------------------------------------------------------------------------------
 # Feature extractors: the Inception detector and the toy run's fixed network.
@@ -261,8 +312,13 @@ def inception_score(probs, splits=IS_SPLITS):
 
 def load_ref(source):
     """(mu, sigma) as float64 numpy from EDM's reference npz (`mu`, `sigma`) or EDM2's img512.pkl
-    (a plain pickle {'fid': {'mu', 'sigma'}, ...}, read with the restricted unpickler); path or URL."""
-    path = networks.open_url(source)
+    (a plain pickle {'fid': {'mu', 'sigma'}, ...}, read with the restricted unpickler); path, URL or
+    a name of REF_URLS."""
+    source = str(source)
+    if source not in REF_URLS and not re.match(r'(https?|file)://', source) and '/' not in source \
+            and not os.path.exists(source):
+        raise UserError(f'--ref {source}: no such file, nor a known name ({", ".join(REF_URLS)})')
+    path = networks.open_url(REF_URLS.get(source, source))
     try:
         if zipfile.is_zipfile(path):                             # npz files are zip archives
             with np.load(path) as data:
@@ -525,11 +581,15 @@ def generate_images(G, seeds, sigma_init=SIGMA_INIT, device=None, vae=None):
 
 
 def save_images(images, seeds, outdir):
-    """PNG files outdir/{seed:06d}.png."""
-    os.makedirs(outdir, exist_ok=True)
+    """PNG files outdir/{seed:06d}.png, each written atomically."""
     for image, seed in zip(images.cpu().numpy(), torch.as_tensor(seeds).tolist()):
-        PIL.Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(
-            os.path.join(outdir, f'{seed:06d}.png'))
+        png = PIL.Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0))
+        networks.atomic_write(os.path.join(outdir, f'{seed:06d}.png'), lambda f: png.save(f, format='PNG'))
+
+
+def _read_png(outdir, seed):
+    with open(os.path.join(outdir, f'{seed:06d}.png'), 'rb') as f:
+        return _decode_image(f.read(), f'{seed:06d}.png')
 
 
 def save_grid(images, path):
@@ -578,15 +638,24 @@ def cmd_calc(args, device):
     _report(result, args.num or len(dataset))
 
 
+def release_data(network):
+    """The data set of a released generator's name (a key of PAPER), or None for anything else."""
+    if str(network) not in networks.RELEASED_URLS:
+        return None
+    return str(network).split('-', 1)[1].removesuffix('-alpha1.2')
+
+
 def cmd_gen(args, device):
-    ref = load_ref(args.ref)
+    ref = load_ref(args.ref) if args.ref else None
+    if ref is None and not args.outdir:
+        raise UserError('gen: nothing to do; pass --ref to measure FID, --outdir to save images, or both')
     seeds = parse_seeds(args.seeds) if args.seeds else list(range(args.num))
     num = args.num if args.num is not None else len(seeds)
     if len(seeds) < num:
         raise UserError(f'--seeds {args.seeds} gives {len(seeds)} seeds, fewer than --num {num}')
+    seeds = seeds[:num]
     G = networks.load_network(args.network, device)
     vae = networks.load_vae(args.vae, device) if G.img_channels == 4 else None     # EDM2 latent generators
-    detector = load_detector(args.detector, device)
 
     def generate(batch_seeds):
         images = generate_images(G, batch_seeds, args.init_sigma, device, vae=vae)
@@ -594,9 +663,48 @@ def cmd_gen(args, device):
             save_images(images, batch_seeds, args.outdir)
         return images
 
-    result = generator_metrics(generate, num, detector, ref=ref, batch=args.batch, device=device,
-                               want_is=args.inception_score, seeds=seeds)
-    _report(result, num)
+    if ref is not None:
+        data = release_data(args.network)
+        want_is = args.inception_score or (data is not None and PAPER[data][3])
+        result = generator_metrics(generate, num, load_detector(args.detector, device), ref=ref, batch=args.batch,
+                                   device=device, want_is=want_is, seeds=seeds)
+    else:
+        meter = Progress('sampling', num)
+        for batch_seeds in torch.tensor(seeds[rank()::world_size()], dtype=torch.int64).split(args.batch):
+            generate(batch_seeds)
+            meter.update(len(batch_seeds))
+    if args.outdir:
+        if world_size() > 1:
+            dist.barrier()                      # every rank has written its PNGs; rank 0 reads the grid's back
+        if rank() == 0:
+            first = seeds[:GRID_IMAGES]
+            save_grid(torch.from_numpy(np.stack([_read_png(args.outdir, seed) for seed in first])),
+                      os.path.join(args.outdir, 'grid.png'))
+            print(f'wrote {num} images and grid.png (the first {len(first)}) to {args.outdir}', file=sys.stderr)
+    if ref is not None:
+        _report(result, num)
+
+
+def cmd_names():
+    """The names accepted for --network (and sida.py's --teacher, --init-generator) and --ref."""
+    print('Released one-step generators, FID-50k as published (SiD: SiD paper; SiDA/SiD²A: the best of the two,')
+    print('one figure per data set). Score one with: python fid.py gen --network NAME --ref REF')
+    print(f'  {"NAME":31} {"REF":15} PAPER FID-50k')
+    for name in networks.RELEASED_URLS:
+        ref, sid_fid, best_fid, _ = PAPER[release_data(name)]
+        published = (f'SiD: {sid_fid:.3f}' if sid_fid is not None else '- (none published)') if name.startswith('sid-') \
+            else f'best of SiDA/SiD²A: {best_fid:.3f}'
+        print(f'  {name:31} {ref:15} {published}')
+    print('  Named by the release table, whose file names disagree twice: sida-edm2-img512-xl is the file')
+    print('  edm2_img512_xl_sid2a_alpha1-024578.pkl, sid-edm2-img512-xxl is edm2_img512_xxl_sida_alpha1-077932.pkl;')
+    print('  no EDM2-XXL SiD²A generator is released. For CIFAR-10, whose tables also report the Inception')
+    print('  Score, gen prints it too.')
+    print('Reference statistics (--ref NAME):')
+    for name, url in REF_URLS.items():
+        print(f'  {name:15} {url}')
+    print('Teachers (sida.py --teacher NAME):')
+    for name, url in networks.OFFICIAL_URLS.items():
+        print(f'  {name:31} {url}')
 
 
 def _report(result, num):
@@ -620,14 +728,17 @@ def parse_args(argv=None):
     ref.add_argument('--dest', required=True, help='npz file to write')
     calc = sub.add_parser('calc', help='FID of a folder / zip of images against reference statistics')
     calc.add_argument('--images', required=True, help='folder of images, EDM zip or cifar-10-python.tar.gz')
-    gen = sub.add_parser('gen', help='FID of a one-step generator, without writing images')
-    gen.add_argument('--network', required=True, help='generator checkpoint: ours or an official pickle, path or URL')
-    gen.add_argument('--seeds', help='seeds to generate, e.g. 0-49999 (default 0..num-1)')
-    gen.add_argument('--outdir', help='also save the images as PNGs here')
+    gen = sub.add_parser('gen', help='FID of a one-step generator (--ref), and/or its images and a grid (--outdir)')
+    gen.add_argument('--network', required=True,
+                     help='generator: ours or an official pickle (path or URL), or a released name (see: names)')
+    gen.add_argument('--seeds', help='seeds to generate, e.g. 0-49999 (default 0..num-1; without --ref 0-63)')
+    gen.add_argument('--outdir', help='save the images as PNGs here, and grid.png of the first 64')
     gen.add_argument('--init-sigma', type=float, default=SIGMA_INIT, help='sigma_init of the one-step generator')
     gen.add_argument('--vae', default=networks.VAE_NAME, help='EDM2 latent generators: the VAE (hub name or folder)')
+    gen.add_argument('--ref', help='reference statistics: npz or EDM2 pkl, path, URL or name; without it, no FID')
+    calc.add_argument('--ref', required=True, help='reference statistics: npz or EDM2 pkl, path, URL or name')
+    sub.add_parser('names', help='list the released generators, reference statistics and teachers by name')
     for p in (calc, gen):
-        p.add_argument('--ref', required=True, help='reference statistics: npz or EDM2 pkl, path or URL')
         p.add_argument('--is', dest='inception_score', action='store_true', help='also print the Inception Score')
     # --num-images is the same flag: torchrun (2.9+) takes a bare --num for an abbreviation of its --numa-binding.
     calc.add_argument('--num', '--num-images', dest='num', type=int, help='use the first N images (error if fewer)')
@@ -639,9 +750,12 @@ def parse_args(argv=None):
         p.add_argument('--batch', type=int, default=64, help='images per batch per GPU')
         p.add_argument('--device', help='cuda or cpu (default: cuda if available)')
         p.add_argument('--workers', type=int, default=2, help='image-reading processes per GPU')
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(['names'] if argv == ['--list'] else argv)
+    if args.command == 'names':
+        return args
     if args.command == 'gen' and args.num is None and not args.seeds:
-        args.num = 50000
+        args.num = 50000 if args.ref else GRID_IMAGES
     for flag in ('num', 'batch'):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f'--{flag} must be at least 1')
@@ -652,6 +766,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.command == 'names':
+        cmd_names()
+        return 0
     started_dist = False
     try:
         device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')

@@ -51,13 +51,62 @@ class UserError(Exception):
 _EDM_TEACHER_URL = 'https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/{}.pkl'
 _EDM2_TEACHER_URL = 'https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/edm2-img512-{}.pkl'
 
-OFFICIAL_URLS = {  # official teacher name -> URL (SPEC §7); EDM2 uses the posthoc EMA lengths of the paper
+OFFICIAL_URLS = {  # official teacher name -> URL; EDM2: the post-hoc EMA reconstructions the SiDA paper distils
     **{name: _EDM_TEACHER_URL.format(name) for name in [
         'edm-cifar10-32x32-uncond-vp', 'edm-cifar10-32x32-cond-vp', 'edm-imagenet-64x64-cond-adm',
         'edm-ffhq-64x64-uncond-vp', 'edm-afhqv2-64x64-uncond-vp']},
     **{f'edm2-img512-{size}': _EDM2_TEACHER_URL.format(f'{size}-{snapshot}') for size, snapshot in [
         ('xs', '2147483-0.135'), ('s', '2147483-0.130'), ('m', '2147483-0.100'),
         ('l', '1879048-0.085'), ('xl', '1342177-0.085'), ('xxl', '0939524-0.070')]},
+}
+
+# The released one-step generators (README of the official SiD/SiDA code), named
+# {method}-{data}[-alpha{alpha}] after the release table's data, method and alpha columns. SiD: alpha
+# 1.2 on EDM data, 1.0 on EDM2; SiDA and SiD²A: alpha 1.0, plus a SiD²A with alpha 1.2 per EDM data set.
+# The file names disagree with the table twice (the EDM2-XL SiDA file says sid2a, the EDM2-XXL SiD file
+# says sida) and the AFHQv2 SiD path says alpha1 where the table says 1.2; no EDM2-XXL SiD²A is released.
+_SID = 'https://huggingface.co/UT-Austin-PML/SiD/resolve/main/'
+_SIDA = 'https://huggingface.co/UT-Austin-PML/SiDA/resolve/main/EDM_distillation/'
+_SIDA_EDM2 = 'https://huggingface.co/UT-Austin-PML/SiDA/resolve/main/EDM2_distillation/'
+
+RELEASED_URLS = {  # released generator name -> URL
+    'sid-cifar10-uncond':            _SID + 'cifar10-uncond/alpha1.2/network-snapshot-1.200000-403968.pkl',
+    'sida-cifar10-uncond':           _SIDA + 'cifar10_uncond_sida_alpha1-217920.pkl',
+    'sid2a-cifar10-uncond':          _SIDA + 'cifar10_uncond_sid2a_alpha1-028160.pkl',
+    'sid2a-cifar10-uncond-alpha1.2': _SIDA + 'cifar10_uncond_sid2a_alpha1.2-022528.pkl',
+    'sid-cifar10-cond':              _SID + 'cifar10-cond/alpha1.2/network-snapshot-1.200000-713312.pkl',
+    'sida-cifar10-cond':             _SIDA + 'cifar10_cond_sida_alpha1-293184.pkl',
+    'sid2a-cifar10-cond':            _SIDA + 'cifar10_cond_sid2a_alpha1-038912.pkl',
+    'sid2a-cifar10-cond-alpha1.2':   _SIDA + 'cifar10_cond_sid2a_alpha1.2-053760.pkl',
+    'sid-imagenet64':                _SID + 'imagenet64/alpha1.2/network-snapshot-1.200000-939176.pkl',
+    'sida-imagenet64':               _SIDA + 'imgnet64_sida_alpha1-249167.pkl',
+    'sid2a-imagenet64':              _SIDA + 'imgnet64_sid2a_alpha1-029499.pkl',
+    'sid2a-imagenet64-alpha1.2':     _SIDA + 'imgnet64_sid2a_alpha1.2-021471.pkl',
+    'sid-ffhq64':                    _SID + 'ffhq64/alpha1.2/network-snapshot-1.200000-498176.pkl',
+    'sida-ffhq64':                   _SIDA + 'ffhq64_sida_alpha1-185856.pkl',
+    'sid2a-ffhq64':                  _SIDA + 'ffhq64_sid2a_alpha1-168960.pkl',
+    'sid2a-ffhq64-alpha1.2':         _SIDA + 'ffhq64_sid2a_alpha1.2-080896.pkl',
+    'sid-afhq64':                    _SID + 'afhq64/alpha1/network-snapshot-1.000000-371712.pkl',
+    'sida-afhq64':                   _SIDA + 'afhq64-v2_sida_alpha1-127488.pkl',
+    'sid2a-afhq64':                  _SIDA + 'afhq64-v2_sid2a_alpha1-175104.pkl',
+    'sid2a-afhq64-alpha1.2':         _SIDA + 'afhq64-v2_sid2a_alpha1.2-175104.pkl',
+    'sid-edm2-img512-xs':            _SIDA_EDM2 + 'edm2_img512_xs_sid_alpha1-249360.pkl',
+    'sida-edm2-img512-xs':           _SIDA_EDM2 + 'edm2_img512_xs_sida_alpha1-166410.pkl',
+    'sid2a-edm2-img512-xs':          _SIDA_EDM2 + 'edm2_img512_xs_sid2a_alpha1-028674.pkl',
+    'sid-edm2-img512-s':             _SIDA_EDM2 + 'edm2_img512_s_sid_alpha1-192010.pkl',
+    'sida-edm2-img512-s':            _SIDA_EDM2 + 'edm2_img512_s_sida_alpha1-117764.pkl',
+    'sid2a-edm2-img512-s':           _SIDA_EDM2 + 'edm2_img512_s_sid2a_alpha1-075268.pkl',
+    'sid-edm2-img512-m':             _SIDA_EDM2 + 'edm2_img512_m_sid_alpha1-226830.pkl',
+    'sida-edm2-img512-m':            _SIDA_EDM2 + 'edm2_img512_m_sida_alpha1-115716.pkl',
+    'sid2a-edm2-img512-m':           _SIDA_EDM2 + 'edm2_img512_m_sid2a_alpha1-044036.pkl',
+    'sid-edm2-img512-l':             _SIDA_EDM2 + 'edm2_img512_l_sid_alpha1-203788.pkl',
+    'sida-edm2-img512-l':            _SIDA_EDM2 + 'edm2_img512_l_sida_alpha1-166918.pkl',
+    'sid2a-edm2-img512-l':           _SIDA_EDM2 + 'edm2_img512_l_sid2a_alpha1-050182.pkl',
+    'sid-edm2-img512-xl':            _SIDA_EDM2 + 'edm2_img512_xl_sid_alpha1-234004.pkl',
+    'sida-edm2-img512-xl':           _SIDA_EDM2 + 'edm2_img512_xl_sid2a_alpha1-024578.pkl',   # sic: sid2a
+    'sid2a-edm2-img512-xl':          _SIDA_EDM2 + 'edm2_img512_xl_sid2a_alpha1-079495.pkl',
+    'sid-edm2-img512-xxl':           _SIDA_EDM2 + 'edm2_img512_xxl_sida_alpha1-077932.pkl',   # sic: sida
+    'sida-edm2-img512-xxl':          _SIDA_EDM2 + 'edm2_img512_xxl_sida_alpha1-089816.pkl',
 }
 
 
@@ -85,11 +134,11 @@ def atomic_write(path, write):
 
 
 def open_url(source, cache_dir=None):
-    """A local path for `source`: a file path as it is, an http(s) URL downloaded once into the cache
-    ($SIDA_CACHE or ~/.cache/sida). The download is written atomically, so an interrupted download
-    never looks cached."""
+    """A local path for `source`: a file path as it is, an http(s) or file:// URL downloaded once into
+    the cache ($SIDA_CACHE or ~/.cache/sida). The download is written atomically, so an interrupted
+    download never looks cached."""
     source = str(source)
-    if not re.match(r'https?://', source):
+    if not re.match(r'(https?|file)://', source):
         if not os.path.isfile(source):
             raise UserError(f'file not found: {source}')
         return source
@@ -981,6 +1030,25 @@ class _EasyDict(dict):
     """Stand-in for dnnlib.util.EasyDict (a dict subclass); read as a plain dict."""
 
 
+class _DroppedHook:
+    """What a forward pre-hook of an official pickle becomes: its name, never called. The EDM2 SiDA
+    networks register `_apply_forced_weight_normalization` on every MPConv; ours normalise themselves."""
+    def __init__(self, name):
+        self.name = name
+
+
+def _hook_getattr(path):
+    # pickle writes a bound method as builtins.getattr(owner, name). In the EDM2 SiDA pickles the owner is
+    # the MPConv being rebuilt: saving the method saves the MPConv again from inside its own state, which
+    # pickle resolves one level deep, so the owner is a _PersistentObject we made (its state dict possibly
+    # still filling). Accept exactly that shape, call nothing, and keep an inert placeholder.
+    def getattr_of_rebuilt_object(owner, name):
+        if not isinstance(owner, _PersistentObject) or not isinstance(name, str):
+            raise UserError(f'refusing to load {path}: it needs the global builtins.getattr, which is not plain data')
+        return _DroppedHook(name)
+    return getattr_of_rebuilt_object
+
+
 def _storage_from_bytes(data):
     # torch.storage._load_from_bytes: the bytes are a legacy torch.save stream of one storage.
     with warnings.catch_warnings():
@@ -988,11 +1056,12 @@ def _storage_from_bytes(data):
         return torch.load(io.BytesIO(data), weights_only=True)
 
 
-def _official_globals():
-    # Everything the EDM/EDM2/SiD/SiDA pickles need (SPEC §8), and nothing that runs code from the file.
+def _official_globals(path):
+    # Everything the EDM/EDM2/SiD/SiDA pickles need, and nothing that runs code from the file.
     np_core = np._core if hasattr(np, '_core') else np.core
     allowed = {
         'torch_utils.persistence._reconstruct_persistent_obj': _PersistentObject,
+        'builtins.getattr': _hook_getattr(path),   # only for hooks of the objects above
         'dnnlib.util.EasyDict': _EasyDict,
         'collections.OrderedDict': OrderedDict,
         'builtins.set': set,
@@ -1073,7 +1142,7 @@ def _build_on_meta(class_name, kwargs, path):
 
 
 def _load_official_pickle(path):
-    data = safe_pickle_load(path, _official_globals())
+    data = safe_pickle_load(path, _official_globals(path))
     obj = data.get('ema') if isinstance(data, dict) else data
     if not isinstance(obj, _PersistentObject) or not isinstance(obj.state, dict):
         raise UserError(f'{path}: no network found (expected a pickled dict with an "ema" network)')
@@ -1114,10 +1183,14 @@ def _load_sida_file(path):
 
 
 def load_network(source, device='cpu'):
-    """A network from a file, URL or official teacher name (OFFICIAL_URLS): our own files written by
-    save_network, or official EDM/EDM2/SiD/SiDA pickles. Returned in eval mode without gradients;
-    `net.meta` holds the file's metadata ({} for official pickles)."""
-    path = open_url(OFFICIAL_URLS.get(str(source), str(source)))
+    """A network from a file, URL, official teacher name (OFFICIAL_URLS) or released generator name
+    (RELEASED_URLS): our own files written by save_network, or official EDM/EDM2/SiD/SiDA pickles.
+    Returned in eval mode without gradients; `net.meta` holds the file's metadata ({} for official pickles)."""
+    source = str(source)
+    if not re.match(r'(https?|file)://', source) and not os.path.exists(source) and '/' not in source \
+            and source not in OFFICIAL_URLS and source not in RELEASED_URLS:
+        raise UserError(f'{source}: no such file, nor a known network name (python fid.py names lists them)')
+    path = open_url(OFFICIAL_URLS.get(source) or RELEASED_URLS.get(source) or source)
     if zipfile.is_zipfile(path):  # torch.save archive
         net = _load_sida_file(path)
     else:
@@ -1126,7 +1199,9 @@ def load_network(source, device='cpu'):
     return net.eval().requires_grad_(False).to(device)
 
 # ----------------------------------------------------------------------------------------------------
-# EDM2's latent space: the Stable Diffusion VAE (SPEC §7), through diffusers, imported only on this path.
+# EDM2's latent space: the Stable Diffusion VAE, through diffusers, imported only on this path. EDM2 feeds
+# it pixels in [0, 1] (uint8 / 255) and reads decoded images back as clamp(0, 1) * 255; its latent
+# statistics below were computed that way, so [-1, 1] pixels would put every latent off its scale.
 
 VAE_NAME = 'stabilityai/sd-vae-ft-mse'
 LATENT_MEAN = (5.81, 3.25, 0.12, -2.15)     # statistics of the raw VAE latents of ImageNet 512 (EDM2)
@@ -1156,7 +1231,7 @@ def _latent_stats(x):
 
 
 def normalize_latents(raw):
-    """Raw VAE latents -> the network's space: (raw - mean) * final_std / std (SPEC §7)."""
+    """Raw VAE latents -> the network's space: (raw - mean) * final_std / std (EDM2)."""
     mean, std = _latent_stats(raw)
     return (raw - mean) * (LATENT_FINAL_STD / std)
 
@@ -1168,15 +1243,18 @@ def denormalize_latents(x):
 
 @torch.no_grad()
 def encode_images(vae, images):
-    """uint8 images [N, 3, H, W] -> float32 [N, 8, H/8, W/8]: the VAE posterior's mean and std, as EDM2 stores them."""
-    x = images.to(next(vae.parameters()).device, torch.float32) / 127.5 - 1
+    """uint8 images [N, 3, H, W] -> float32 [N, 8, H/8, W/8]: the VAE posterior's mean and std, as EDM2
+    stores them, of the pixels scaled to [0, 1]."""
+    x = images.to(next(vae.parameters()).device, torch.float32) / 255
     posterior = vae.encode(x).latent_dist
     return torch.cat([posterior.mean, posterior.std], dim=1).float()
 
 
 @torch.no_grad()
 def decode_latents(vae, x):
-    """Normalised latents [N, 4, h, w] -> uint8 images [N, 3, 8h, 8w]."""
+    """Normalised latents [N, 4, h, w] -> uint8 images [N, 3, 8h, 8w], as EDM2 converts them:
+    clamp(0, 1) * 255, truncated to an integer. The 1e-3 added before truncating only absorbs float
+    error (a level that comes out as 127.99998 is 128), so decode(encode(x)) of an exact VAE is x."""
     raw = denormalize_latents(x.float()).to(next(vae.parameters()).device)
     images = vae.decode(raw).sample
-    return (images.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+    return (images.float().clamp(0, 1) * 255 + 1e-3).to(torch.uint8)

@@ -319,7 +319,10 @@ def official_format(monkeypatch, tmp_path):
             self.meta = dict(type='class', version=6, class_name=class_name, state=state,
                              module_src=f'open({str(trace)!r}, "w").write("executed")\n')
         def __reduce__(self):
-            return _reconstruct_persistent_obj, (self.meta,)
+            # Like upstream: a fresh meta dict on every call, around the one state dict (the module's __dict__).
+            return _reconstruct_persistent_obj, (dict(self.meta),)
+        def _apply_forced_weight_normalization(self, module, args):
+            raise AssertionError('the loader must not call a pickled hook')
 
     util = types.ModuleType('dnnlib.util')
     EasyDict = type('EasyDict', (dict,), {'__module__': 'dnnlib.util'})
@@ -328,18 +331,22 @@ def official_format(monkeypatch, tmp_path):
                          ('dnnlib', types.ModuleType('dnnlib')), ('dnnlib.util', util)]:
         monkeypatch.setitem(sys.modules, name, module)
 
-    def as_pickled(module, skip=()):
-        children = OrderedDict((k, as_pickled(v, skip)) for k, v in module._modules.items() if k not in skip)
+    def as_pickled(module, skip=(), hooks=False):
+        children = OrderedDict((k, as_pickled(v, skip, hooks)) for k, v in module._modules.items() if k not in skip)
         if isinstance(module, (nn.ModuleDict, nn.ModuleList, nn.Sequential)):
             container = type(module)()  # written as the torch class with NEWOBJ + BUILD, as upstream
             container.__dict__['_modules'] = children
             return container
-        return Persistent(type(module).__name__, {
-            'training': False, '_parameters': OrderedDict(module._parameters), '_buffers': OrderedDict(module._buffers),
-            '_non_persistent_buffers_set': set(), '_modules': children, '_forward_hooks': OrderedDict()})
+        obj = Persistent(type(module).__name__, {
+            'training': False, '_forward_pre_hooks': OrderedDict(), '_parameters': OrderedDict(module._parameters),
+            '_buffers': OrderedDict(module._buffers), '_non_persistent_buffers_set': set(), '_modules': children,
+            '_forward_hooks': OrderedDict()})
+        if hooks and isinstance(module, networks.MPConv):   # EDM2 SiDA with force_normalization: a bound method
+            obj.meta['state']['_forward_pre_hooks'][0] = obj._apply_forced_weight_normalization
+        return obj
 
-    def write(net, class_name, init_kwargs, path, skip=()):
-        ema = as_pickled(net, skip)
+    def write(net, class_name, init_kwargs, path, skip=(), hooks=False):
+        ema = as_pickled(net, skip, hooks)
         ema.meta['class_name'] = class_name
         ema.meta['state'].update(_init_args=(), _init_kwargs=EasyDict(init_kwargs))
         data = {'ema': ema, 'loss_fn': Persistent('EDMLoss', {'P_mean': np.float64(-1.2), 'P_std': np.float32(1.2)}),
@@ -399,6 +406,85 @@ def test_official_pickle_with_an_unknown_class_is_refused(official_format, tmp_p
     path = official_format(golden_net('edm_adm_cond'), 'VEPrecond', kwargs, str(tmp_path / 've.pkl'))
     with pytest.raises(UserError, match='VEPrecond'):
         networks.load_network(path)
+
+# ----------------------------------------------------------------------------------------------------
+# Released generators: EDM2 SiDA pickles with forward pre-hooks, and the names of every release.
+
+def test_official_pickle_has_the_upstream_shape_of_a_hook(official_format, tmp_path):
+    # The shape the loader accepts, written by real pickle: getattr(<the MPConv being rebuilt>, name),
+    # the outer reconstruction of that MPConv thrown away for the inner one (POP, then a memo get).
+    import pickletools
+    kwargs = dict(golden('edm2_cond')['kwargs'], force_normalization=True, use_gan=True)
+    path = official_format(golden_net('edm2_cond'), 'EDM_2_Precond_Generator', kwargs, str(tmp_path / 'G.pkl'),
+                           skip=('logvar_fourier', 'logvar_linear'), hooks=True)
+    ops = [(op.name, arg) for op, arg, _ in pickletools.genops(open(path, 'rb').read())]
+    strings = [arg for name, arg in ops if name in ('SHORT_BINUNICODE', 'BINUNICODE')]
+    hooked = sum(isinstance(m, networks.MPConv) for name, m in golden_net('edm2_cond').named_modules()
+                 if not name.startswith('logvar'))
+    assert strings.count('getattr') == 1 and strings.count('_apply_forced_weight_normalization') == 1  # memoised
+    assert sum(name == 'POP' for name, _ in ops) == hooked
+
+
+@pytest.mark.parametrize('class_name', ['EDM_2_Precond_Generator', 'EDM_2_Precond_EncoderDecoder'])
+def test_edm2_sida_pickle_with_forward_pre_hooks_loads_and_matches_official(official_format, tmp_path, class_name):
+    kwargs = dict(golden('edm2_cond')['kwargs'], force_normalization=True, use_gan=True)
+    skip = ('logvar_fourier', 'logvar_linear') if class_name == 'EDM_2_Precond_Generator' else ()
+    path = official_format(golden_net('edm2_cond'), class_name, kwargs, str(tmp_path / 'G.pkl'), skip=skip, hooks=True)
+    net = networks.load_network(path)
+    with torch.no_grad():
+        denoised, logits = net(*golden_inputs('edm2_cond'), return_logits=True)
+    assert max_diff(denoised, golden('edm2_cond')['denoised']) <= 1e-5
+    assert max_diff(logits, golden('edm2_cond')['logits']) <= 1e-5
+    assert not any(m._forward_pre_hooks for m in net.modules())          # the hooks are dropped
+    assert net.use_logvar == (class_name == 'EDM_2_Precond_EncoderDecoder')
+    assert not official_format.trace.exists()
+
+
+class _GetattrOf:
+    """Pickles as builtins.getattr(target, name), the way pickle writes a bound method."""
+    def __init__(self, target, name):
+        self.target, self.name = target, name
+    def __reduce__(self):
+        return getattr, (self.target, self.name)
+
+
+@pytest.mark.parametrize('target, name', [
+    ({'a': 1}, 'clear'),                                  # a plain dict
+    (OrderedDict, 'fromkeys'),                            # an allowed global, not a rebuilt object
+    (nn.ModuleList(), 'append'),                          # a rebuilt torch container, not a persistent object
+    ('text', 'format'),
+])
+def test_getattr_on_anything_but_a_rebuilt_persistent_object_is_refused(tmp_path, target, name):
+    path = tmp_path / 'hostile.pkl'
+    path.write_bytes(pickle.dumps({'ema': _GetattrOf(target, name)}))
+    with pytest.raises(UserError) as error:
+        networks.load_network(str(path))
+    message = str(error.value)
+    assert 'refusing to load' in message and 'builtins.getattr' in message and str(path) in message
+    assert '\n' not in message
+
+
+class _HookOwner:
+    """A persistent object pickled like upstream's, whose forward pre-hook is make_hook(self)."""
+    def __init__(self, make_hook):
+        self.state = {'_parameters': OrderedDict(), '_modules': OrderedDict(),
+                      '_forward_pre_hooks': OrderedDict({0: make_hook(self)})}
+    def __reduce__(self):
+        persistence = sys.modules['torch_utils.persistence']
+        return persistence._reconstruct_persistent_obj, (dict(class_name='MPConv', state=self.state),)
+
+
+@pytest.mark.parametrize('make_hook', [
+    lambda owner: _GetattrOf(owner, 7),                                     # not an attribute name
+    lambda owner: _GetattrOf(_GetattrOf(owner, '__class__'), '__init__'),   # getattr of a placeholder
+], ids=['non-string name', 'chained getattr'])
+def test_getattr_of_a_rebuilt_object_needs_a_string_name_and_no_chaining(official_format, tmp_path, make_hook):
+    path = tmp_path / 'bad-hook.pkl'
+    path.write_bytes(pickle.dumps({'ema': _HookOwner(make_hook)}))
+    with pytest.raises(UserError, match='refusing to load .*builtins.getattr'):
+        networks.load_network(str(path))
+    assert not official_format.trace.exists()
+
 
 # ----------------------------------------------------------------------------------------------------
 # Hostile files: refused with one line, nothing executed.
@@ -1548,6 +1634,213 @@ def test_cli_error_exits_1_without_traceback(tmp_path):
     assert result.stderr.startswith('error: ') and len(result.stderr.splitlines()) == 1
 
 # ----------------------------------------------------------------------------------------------------
+# Released generators and reference statistics by name, sampling without --ref, the progress bar.
+
+# The release table (official SiD/SiDA README): data, method, alpha, file name.
+RELEASES = [(data, method, alpha) for data in ['cifar10-uncond', 'cifar10-cond', 'imagenet64', 'ffhq64', 'afhq64']
+            for method, alpha in [('sid', 1.2), ('sida', 1.0), ('sid2a', 1.0), ('sid2a', 1.2)]] + \
+           [(f'edm2-img512-{size}', method, 1.0) for size in ['xs', 's', 'm', 'l', 'xl', 'xxl'] for method in ['sid', 'sida', 'sid2a']
+            if (size, method) != ('xxl', 'sid2a')]
+# FID-50k as published: data -> (SiD, best of SiDA / SiD²A).
+PAPER_FID = {'cifar10-uncond': (1.923, 1.499), 'cifar10-cond': (1.710, 1.396), 'imagenet64': (1.524, 1.110),
+             'ffhq64': (1.550, 1.040), 'afhq64': (1.628, 1.276), 'edm2-img512-xs': (None, 2.156),
+             'edm2-img512-s': (None, 1.669), 'edm2-img512-m': (None, 1.488), 'edm2-img512-l': (None, 1.413),
+             'edm2-img512-xl': (None, 1.379), 'edm2-img512-xxl': (None, 1.366)}
+REFS = {'cifar10-32x32': 'https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz',
+        'imagenet-64x64': 'https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/imagenet-64x64.npz',
+        'ffhq-64x64': 'https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/ffhq-64x64.npz',
+        'afhqv2-64x64': 'https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/afhqv2-64x64.npz',
+        'img512': 'https://nvlabs-fi-cdn.nvidia.com/edm2/dataset-refs/img512.pkl'}
+
+
+def release_name(data, method, alpha):
+    default_alpha = 1.2 if method == 'sid' and not data.startswith('edm2') else 1.0
+    return f'{method}-{data}' + ('' if alpha == default_alpha else f'-alpha{alpha}')
+
+
+def test_every_release_has_a_regular_name_and_a_huggingface_url():
+    names = [release_name(*row) for row in RELEASES]
+    assert len(names) == 37 and list(networks.RELEASED_URLS) == names
+    urls = list(networks.RELEASED_URLS.values())
+    assert len(set(urls)) == 37 and all(u.startswith('https://huggingface.co/UT-Austin-PML/SiD') for u in urls)
+    for (data, method, alpha), url in zip(RELEASES, urls):
+        file = url.rsplit('/', 1)[1]
+        if method == 'sid' and not data.startswith('edm2'):
+            assert url.startswith('https://huggingface.co/UT-Austin-PML/SiD/resolve/main/'), url
+            continue
+        # The file name carries the method and alpha, except the two the release table lists under another method.
+        odd = {('edm2-img512-xl', 'sida'): 'sid2a', ('edm2-img512-xxl', 'sid'): 'sida'}.get((data, method), method)
+        assert f'_{odd}_alpha{alpha:g}-' in file, (data, method, file)
+
+
+def test_names_command_lists_releases_with_the_published_fid_and_every_reference(capsys):
+    code, out, err = run_cli(['names'], capsys)
+    assert code == 0 and err == ''
+    lines = out.splitlines()
+    for data, method, alpha in RELEASES:
+        line = next(l for l in lines if l.split()[:1] == [release_name(data, method, alpha)])
+        sid_fid, best_fid = PAPER_FID[data]
+        if method != 'sid':
+            assert line.endswith(f'best of SiDA/SiD²A: {best_fid:.3f}'), line
+        elif sid_fid is not None:
+            assert line.endswith(f'SiD: {sid_fid:.3f}'), line
+        else:
+            assert 'SiD' not in line and not any(ch.isdigit() for ch in line.split(None, 2)[2]), line
+    for name, url in REFS.items():
+        assert any(l.split() == [name, url] for l in lines), name
+    assert fid.REF_URLS == REFS
+    assert 'sid2a' in out and 'no EDM2-XXL SiD²A' in out                      # the table's oddities are stated
+    assert run_cli(['--list'], capsys)[1] == out
+
+
+@pytest.fixture
+def released(tmp_path, monkeypatch, detectors):
+    """'sida-cifar10-uncond' and 'cifar10-32x32' pointing at file:// stand-ins, a fresh download cache."""
+    G = small_generator()
+    networks.save_network(G, str(tmp_path / 'served-G.pt'))
+    real = random_images(40, seed=7)
+    with torch.no_grad():
+        features = fid.load_detector(detectors[64])(torch.from_numpy(real), return_features=True).double().numpy()
+    np.savez(tmp_path / 'served-ref.npz', mu=features.mean(0), sigma=np.cov(features, rowvar=False))
+    monkeypatch.setitem(networks.RELEASED_URLS, 'sida-cifar10-uncond', (tmp_path / 'served-G.pt').as_uri())
+    monkeypatch.setitem(fid.REF_URLS, 'cifar10-32x32', (tmp_path / 'served-ref.npz').as_uri())
+    monkeypatch.setenv('SIDA_CACHE', str(tmp_path / 'cache'))
+    return G, tmp_path
+
+
+def test_gen_resolves_release_and_reference_names_and_downloads_once(released, detectors, capsys):
+    G, tmp_path = released
+    argv = ['gen', '--network', 'sida-cifar10-uncond', '--ref', 'cifar10-32x32', '--num', 20, '--batch', 8,
+            '--detector', detectors[64]]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 0, err
+    generated = fid.generate_images(G, torch.arange(20))
+    expected = fid.generator_metrics(lambda s: generated[s], 20, fid.load_detector(detectors[64]),
+                                     ref=str(tmp_path / 'served-ref.npz'))
+    assert out.splitlines()[-1] == f'fid (20 images): {expected["fid"]:.4f}'
+    assert out.splitlines()[0].startswith('is (20 images):')          # CIFAR-10: the paper reports IS
+    assert sorted(p.suffix for p in (tmp_path / 'cache').iterdir()) == ['.npz', '.pt']
+    (tmp_path / 'served-G.pt').unlink()
+    (tmp_path / 'served-ref.npz').unlink()
+    assert run_cli(argv, capsys)[1] == out                              # from the cache
+
+
+def test_load_network_resolves_a_released_name(released):
+    G, _ = released
+    net = networks.load_network('sida-cifar10-uncond')
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, 2.5), G(x, 2.5), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['gen', '--network', 'sida-cifar10-uncnd', '--outdir', 'out'], 'sida-cifar10-uncnd: no such file, nor a known network name'),
+    (['gen', '--network', 'sida-cifar10-uncond', '--ref', 'cifar10'], '--ref cifar10: no such file, nor a known name'),
+    (['gen', '--network', 'sida-cifar10-uncond'], 'pass --ref to measure FID, --outdir to save images'),
+])
+def test_unknown_names_and_nothing_to_do_are_one_line_errors(released, capsys, argv, message):
+    code, out, err = run_cli(argv, capsys)
+    assert code == 1 and out == '' and len(err.splitlines()) == 1 and message in err
+    assert not (released[1] / 'cache').exists()                         # nothing downloaded
+
+
+def test_gen_without_ref_writes_the_images_and_a_grid(tmp_path, capsys, monkeypatch):
+    G = small_generator(label_dim=10)
+    networks.save_network(G, str(tmp_path / 'G.pt'))
+    monkeypatch.setattr(fid, 'load_detector', lambda *a, **k: pytest.fail('sampling must not load the detector'))
+    code, out, err = run_cli(['gen', '--network', tmp_path / 'G.pt', '--seeds', '3-12', '--batch', 4,
+                              '--outdir', tmp_path / 'out'], capsys)
+    assert code == 0, err
+    expected = fid.generate_images(G, torch.arange(3, 13))
+    assert sorted(os.listdir(tmp_path / 'out')) == [f'{s:06d}.png' for s in range(3, 13)] + ['grid.png']
+    for i, seed in enumerate(range(3, 13)):
+        saved = np.asarray(PIL.Image.open(tmp_path / 'out' / f'{seed:06d}.png')).transpose(2, 0, 1)
+        np.testing.assert_array_equal(saved, expected[i].numpy())
+    grid = np.asarray(PIL.Image.open(tmp_path / 'out' / 'grid.png'))
+    scale = 256 // (4 * 8)                                              # 4 x 3 cells of 8x8, enlarged
+    assert grid.shape == (3 * 8 * scale, 4 * 8 * scale, 3)
+    np.testing.assert_array_equal(grid[8 * scale:16 * scale:scale, 8 * scale:16 * scale:scale].transpose(2, 0, 1),
+                                  expected[5].numpy())                  # row 1, column 1: the sixth seed
+
+
+def test_gen_without_ref_defaults_to_64_seeds(tmp_path, capsys):
+    networks.save_network(small_generator(), str(tmp_path / 'G.pt'))
+    code, out, err = run_cli(['gen', '--network', tmp_path / 'G.pt', '--outdir', tmp_path / 'out'], capsys)
+    assert code == 0, err
+    assert len(os.listdir(tmp_path / 'out')) == 64 + 1
+
+
+def test_gen_without_ref_decodes_edm2_latent_generators_with_the_vae(tmp_path, capsys, monkeypatch):
+    vae = LinearVAE()
+    monkeypatch.setattr(networks, 'load_network', lambda source, device='cpu': LatentG())
+    monkeypatch.setattr(networks, 'load_vae', lambda source, device='cpu': vae)
+    code, out, err = run_cli(['gen', '--network', 'edm2.pkl', '--seeds', '0-3', '--outdir', tmp_path / 'out'], capsys)
+    assert code == 0, err
+    assert len(vae.outputs) == 1                                        # one batch of 4, decoded once
+    saved = np.asarray(PIL.Image.open(tmp_path / 'out' / '000002.png')).transpose(2, 0, 1)
+    assert saved.shape == (3, 8, 8)
+    np.testing.assert_array_equal(saved, fid.generate_images(LatentG(), [2], device='cpu', vae=vae)[0].numpy())
+
+
+def test_progress_bar_shows_images_throughput_and_eta(monkeypatch, capsys):
+    monkeypatch.setattr(fid, 'PROGRESS_SECONDS', 0)
+    fid.generator_metrics(toy_generate, 12, fid.ToyFeatures(16, 3), batch=5)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3
+    assert lines[0].startswith('generating [') and '5/12 images (41%)' in lines[0] and 'img/s, ETA 0:00:' in lines[0]
+    assert lines[-1].startswith('generating [' + '#' * 30 + ']') and '12/12 images (100%)' in lines[-1] and 'took' in lines[-1]
+
+
+def test_short_work_prints_no_progress(capsys):
+    fid.generator_metrics(toy_generate, 12, fid.ToyFeatures(16, 3), batch=5)
+    assert capsys.readouterr().err == ''
+
+
+class LinearVAE(torch.nn.Module):
+    """An exact, linear stand-in for the SD VAE (same resolution in and out) that records its inputs and outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor([4.0, 3.0, -5.0]).view(1, 3, 1, 1))
+        self.inputs, self.outputs = [], []
+
+    def encode(self, x):
+        self.inputs.append(x.clone())
+        mean = torch.cat([x * self.scale + 1, x.mean(dim=1, keepdim=True)], dim=1)
+        return types.SimpleNamespace(latent_dist=types.SimpleNamespace(mean=mean, std=torch.full_like(mean, 0.1)))
+
+    def decode(self, z):
+        y = (z[:, :3] - 1) / self.scale
+        self.outputs.append(y.clone())
+        return types.SimpleNamespace(sample=y)
+
+
+def test_vae_gets_pixels_in_0_1_like_edm2():
+    vae = LinearVAE()
+    images = torch.arange(256, dtype=torch.uint8).repeat(3).view(1, 3, 16, 16)
+    networks.encode_images(vae, images)
+    torch.testing.assert_close(vae.inputs[0], images.float() / 255, rtol=0, atol=0)
+    assert vae.inputs[0].min() == 0 and vae.inputs[0].max() == 1
+
+
+def test_decoded_images_are_clamped_to_0_1_and_truncated_from_times_255_like_edm2():
+    vae = LinearVAE()
+    out = torch.tensor([-0.2, 0.0, 0.5, 100.2 / 255, 1.0, 1.3]).view(1, 1, 1, 6).repeat(1, 3, 1, 1)
+    raw = out * vae.scale + 1                                          # what decode maps back onto `out`
+    images = networks.decode_latents(vae, networks.normalize_latents(torch.cat([raw, raw[:, :1]], dim=1)))
+    assert images.dtype == torch.uint8
+    assert images[0, 0, 0].tolist() == [0, 0, 127, 100, 255, 255]       # 127.5 -> 127, as EDM2 truncates
+
+
+def test_vae_round_trip_of_an_exact_stand_in_returns_the_uint8_images():
+    vae = LinearVAE()
+    images = torch.arange(256, dtype=torch.uint8).repeat(3).view(1, 3, 16, 16)
+    images = torch.cat([images, images.flip(-1), images.transpose(-1, -2)])
+    x = networks.normalize_latents(networks.encode_images(vae, images)[:, :4])
+    torch.testing.assert_close(networks.decode_latents(vae, x), images, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Generation and distributed evaluation.
 
 def test_generated_image_and_class_depend_on_seed_only():
@@ -1661,10 +1954,11 @@ def test_toy_features_are_fixed_and_see_structure_colour_and_noise():
 
 CIFAR = ROOT / 'train_cifar.sh'
 IMAGENET = ROOT / 'train_imagenet.sh'
+FACES = ROOT / 'train_ffhq_afhq.sh'
 METHODS = ['sid', 'sida', 'sid2a']
 SIZES = ['xs', 's', 'm', 'l', 'xl', 'xxl']
 RESOLUTIONS = ['64'] + [f'512-{size}' for size in SIZES]
-BOOLEAN_FLAGS = {'--cond', '--compile'}
+BOOLEAN_FLAGS = {'--cond', '--compile', '--logvar', '--no-logvar', '--force-norm', '--no-force-norm', '--is'}
 
 # SPEC §6, the SiDA row of each run; SiD and SiD²A differ as the scripts' headers say.
 CIFAR_SIDA = dict(batch=256, lr=1e-5, glr=1e-5, alpha=1.0, precision='fp32', dropout=0.13,
@@ -1676,6 +1970,14 @@ IMAGENET64_SIDA = dict(batch=8192, lr=4e-6, glr=4e-6, alpha=1.0, precision='fp16
 IMG512_SIDA = dict(batch=2048, lr=5e-5, glr=5e-5, alpha=1.0, precision='fp16', dropout=0.1,
                    augment=0, ema=2, lsg=100, lsd=100, lsg_gan=0.01, duration=200,
                    tmax=800, init_sigma=2.5, p_mean=-0.4, p_std=1.0)
+# Upstream's EDM2 run scripts, per size: SiDA and SiD²A durations (Mimg); S runs without log-variance
+# weighting and forced weight normalisation, every other size with both.
+EDM2_SIDA_DURATION = {'xs': 200, 's': 200, 'm': 200, 'l': 200, 'xl': 200, 'xxl': 100}
+EDM2_SID2A_DURATION = {'xs': 30, 's': 80, 'm': 200, 'l': 55, 'xl': 50, 'xxl': 30}
+FACES_SIDA = {'ffhq': dict(batch=512, lr=1e-5, glr=1e-5, alpha=1.0, precision='fp16', dropout=0.05, augment=0.15,
+                           ema=0.5, lsg=100, lsd=1, lsg_gan=0.01, duration=200, tmax=800, init_sigma=2.5,
+                           p_mean=-1.2, p_std=1.2)}
+FACES_SIDA['afhq'] = dict(FACES_SIDA['ffhq'], lr=5e-6, glr=5e-6)
 EDM2_TEACHERS = {'xs': 'edm2-img512-xs-2147483-0.135.pkl', 's': 'edm2-img512-s-2147483-0.130.pkl',
                  'm': 'edm2-img512-m-2147483-0.100.pkl', 'l': 'edm2-img512-l-1879048-0.085.pkl',
                  'xl': 'edm2-img512-xl-1342177-0.085.pkl', 'xxl': 'edm2-img512-xxl-0939524-0.070.pkl'}
@@ -1749,11 +2051,14 @@ def torchrun_line(stdout):
     return lines[0]
 
 
-def split_command(stdout):
-    """-> (torchrun's own arguments, sida.py's flags as a dict, sida.py's argument list)."""
+def split_command(stdout, program='sida.py'):
+    """-> (torchrun's own arguments, the program's flags as a dict, its argument list); fid.py: after `gen`."""
     tokens = shlex.split(torchrun_line(stdout))
-    i = next(i for i, t in enumerate(tokens) if t.endswith('sida.py'))
+    i = next(i for i, t in enumerate(tokens) if t.endswith(program))
     launcher, sida_args = tokens[:i], tokens[i + 1:]
+    if program == 'fid.py':
+        assert sida_args[0] == 'gen', sida_args
+        sida_args = sida_args[1:]
     flags, j = {}, 0
     while j < len(sida_args):
         flag = sida_args[j]
@@ -1817,6 +2122,7 @@ def test_imagenet_dry_run_carries_published_settings(env, data64, data512, metho
         size = res.split('-')[1]
         want = expected_settings(IMG512_SIDA, method, sid_alpha=1.0, sid_duration=200)
         want['dropout'] = 0 if size in ('xs', 's') else 0.1
+        want['duration'] = (EDM2_SID2A_DURATION if method == 'sid2a' else EDM2_SIDA_DURATION)[size]
         teacher, ref = EDM2_TEACHERS[size], 'img512.pkl'
     assert_settings(flags, want)
     assert flags['--teacher'] == str(cache / teacher)
@@ -2015,6 +2321,8 @@ def test_imagenet_data_defaults_to_the_edm_file_names(env):
     (CIFAR, []), (CIFAR, ['sida']), (CIFAR, ['sidb', 'uncond']), (CIFAR, ['sida', 'conditional']),
     (CIFAR, ['--dry-run']), (IMAGENET, []), (IMAGENET, ['sida']), (IMAGENET, ['sida', '128']),
     (IMAGENET, ['sida', '512-xxxl']), (IMAGENET, ['gan', '64']), (IMAGENET, ['sida', '512']),
+    (CIFAR, ['eval', 'sida']), (IMAGENET, ['eval', '64']), (FACES, []), (FACES, ['sida', 'celeba']),
+    (FACES, ['eval', 'sida']),
 ])
 def test_wrong_arguments_print_usage_and_exit_2(env, script, args):
     r = run(script, *args, env=env)
@@ -2086,15 +2394,157 @@ def test_duration_and_outdir_can_be_overridden(env, data64, script, setting):
     assert flags['--duration'] == '20' and flags['--outdir'] == '/runs/x'
 
 
+# ---- EDM2 per size, FFHQ / AFHQv2, ImageNet 512 preparation --------------------------------------
+
+@pytest.mark.parametrize('method', METHODS)
+@pytest.mark.parametrize('size', SIZES)
+def test_edm2_logvar_force_norm_and_duration_follow_upstream_per_size(env, data512, size, method):
+    r = run(IMAGENET, method, f'512-{size}', '--dry-run', env=env, DATA=str(data512))
+    assert r.returncode == 0, r.stderr
+    _, flags, _ = split_command(r.stdout)
+    on = size != 's'
+    assert ('--logvar' in flags, '--force-norm' in flags) == (on, on)
+    assert ('--no-logvar' in flags, '--no-force-norm' in flags) == (not on, not on)
+    want = EDM2_SID2A_DURATION[size] if method == 'sid2a' else EDM2_SIDA_DURATION[size]
+    assert float(flags['--duration']) == want
+    assert sida.parse_args(split_command(r.stdout)[2]).logvar == on       # sida.py reads them as meant
+
+
+@pytest.mark.parametrize('method', METHODS)
+@pytest.mark.parametrize('dataset', ['ffhq', 'afhq'])
+def test_ffhq_afhq_dry_run_carries_published_settings(env, tmp_path, dataset, method):
+    data = make_dataset(tmp_path / 'faces.zip', 'png', labels=False)
+    r = run(FACES, method, dataset, '--dry-run', env=env, DATA=str(data))
+    assert r.returncode == 0, r.stderr
+    assert 'warning' not in r.stderr
+    launcher, flags, _ = split_command(r.stdout)
+    assert_settings(flags, expected_settings(FACES_SIDA[dataset], method, sid_alpha=1.2, sid_duration=200))
+    cache = Path(env['SIDA_CACHE'])
+    edm_name = {'ffhq': 'ffhq-64x64', 'afhq': 'afhqv2-64x64'}[dataset]
+    assert flags['--teacher'] == str(cache / f'edm-{edm_name}-uncond-vp.pkl')
+    assert flags['--ref'] == str(cache / f'{edm_name}.npz')
+    assert flags['--detector'] == str(cache / 'inception-2015-12-05.pt')
+    assert flags.get('--data') == (None if method == 'sid' else str(data))   # SiD needs no real images
+    assert '--cond' not in flags and flags['--metrics'] == 'fid50k'
+    assert flags['--outdir'] == f'runs/{dataset}64-{method}'
+    assert '--nproc_per_node=8' in launcher
+    if method == 'sid2a':
+        sid = networks.RELEASED_URLS[f'sid-{dataset}64']
+        assert any(line.endswith(sid) for line in r.stdout.splitlines())
+        assert flags['--init-generator'] == str(cache / f'sid-{dataset}64-{sid.rsplit("/", 1)[1]}')
+
+
+@pytest.mark.parametrize('dataset, words', [
+    ('ffhq', ['dataset_tool.py', 'images1024x1024', '--resolution=64x64', 'github.com/NVlabs/edm', 'DATA=']),
+    ('afhq', ['dataset_tool.py', 'downloads/afhqv2', '--resolution=64x64', 'github.com/NVlabs/edm', 'DATA=']),
+])
+def test_missing_ffhq_afhq_data_prints_instructions_and_exits_1(env, tmp_path, fake_torchrun, dataset, words):
+    bindir, record = fake_torchrun
+    env = dict(env, PATH=f'{bindir}:{env["PATH"]}', DATA=str(tmp_path / 'absent.zip'))
+    r = run(FACES, 'sida', dataset, env=env)
+    assert r.returncode == 1 and r.stdout == ''
+    assert 'absent.zip' in r.stderr and 'no such file' in r.stderr and 'cannot be downloaded' in r.stderr
+    for word in words:
+        assert word in r.stderr, word
+    assert not record.exists() and not Path(env['SIDA_CACHE']).exists()
+
+
+def test_ffhq_sid_runs_without_a_dataset(env, tmp_path):
+    r = run(FACES, 'sid', 'ffhq', '--dry-run', env=env, DATA=str(tmp_path / 'absent.zip'))
+    assert r.returncode == 0 and 'warning' not in r.stderr
+    assert '--data' not in split_command(r.stdout)[1]
+
+
+def test_imagenet512_preparation_encodes_the_converted_512_zip(env, tmp_path):
+    r = run(IMAGENET, 'sida', '512-xs', env=env, DATA=str(tmp_path / 'absent.zip'))
+    assert r.returncode == 1
+    steps = r.stderr.replace('\\\n', ' ')
+    convert = steps.index('dataset_tool.py convert')
+    assert '--dest=datasets/img512.zip' in steps[convert:] and '--transform=center-crop-dhariwal' in steps[convert:]
+    assert 'dataset_tool.py encode --source=datasets/img512.zip --dest=datasets/img512-sd.zip' in steps
+    assert 'sida.py --prepare-latents datasets/img512.zip datasets/img512-sd.zip' in steps
+    assert steps.index('--prepare-latents') > convert and 'prepare-latents downloads/' not in steps
+
+# ---- eval: scoring the released generators ------------------------------------------------------
+
+# Every row of the README's reproduction table: (script, method, setting, released name, reference file).
+EVAL_ROWS = [(CIFAR, m, c, f'{m}-cifar10-{c}', 'cifar10-32x32.npz') for c in ['uncond', 'cond'] for m in METHODS] \
+    + [(IMAGENET, m, '64', f'{m}-imagenet64', 'imagenet-64x64.npz') for m in METHODS] \
+    + [(IMAGENET, m, f'512-{size}', f'{m}-edm2-img512-{size}', 'img512.pkl') for size in SIZES for m in METHODS
+       if (size, m) != ('xxl', 'sid2a')] \
+    + [(FACES, m, d, f'{m}-{d}64', f'{e}.npz') for d, e in [('ffhq', 'ffhq-64x64'), ('afhq', 'afhqv2-64x64')] for m in METHODS]
+
+
+@pytest.mark.parametrize('script, method, setting, name, ref', EVAL_ROWS, ids=[row[3] for row in EVAL_ROWS])
+def test_eval_dry_run_scores_the_released_generator_of_each_row(env, script, method, setting, name, ref):
+    r = run(script, 'eval', method, setting, '--dry-run', env=env)       # no DATA: scoring needs none
+    assert r.returncode == 0, r.stderr
+    assert 'warning' not in r.stderr
+    url = networks.RELEASED_URLS[name]
+    assert any(line.startswith(('curl ', 'wget ')) and line.endswith(url) for line in r.stdout.splitlines())
+    cache = Path(env['SIDA_CACHE'])
+    network = str(cache / f'{name.replace("edm2-img512", "img512") if script == IMAGENET else name}-{url.rsplit("/", 1)[1]}')
+    assert f'{network}.part' in r.stdout and 'edm-' not in r.stdout and 'edm2-img512-' not in r.stdout   # no teacher
+    launcher, flags, _ = split_command(r.stdout, 'fid.py')
+    assert launcher == ['torchrun', '--standalone', '--nproc_per_node=8']
+    assert flags['--network'] == network
+    assert flags['--ref'] == str(cache / ref)
+    assert flags['--detector'] == str(cache / 'inception-2015-12-05.pt')
+    assert flags['--num-images'] == '50000' and flags['--init-sigma'] == '2.5'
+    assert ('--is' in flags) == (script == CIFAR)                          # the paper reports IS for CIFAR-10
+
+
+def test_cifar_eval_dry_run_prints_the_exact_scoring_command(env):
+    r = run(CIFAR, 'eval', 'sida', 'uncond', '--dry-run', env=env)
+    cache = env['SIDA_CACHE']
+    network = f'{cache}/sida-cifar10-uncond-cifar10_uncond_sida_alpha1-217920.pkl'
+    assert r.stdout.splitlines()[-1] == (
+        f'torchrun --standalone --nproc_per_node=8 {ROOT}/fid.py gen --network {network} '
+        f'--ref {cache}/cifar10-32x32.npz --detector {cache}/inception-2015-12-05.pt --num-images 50000 --is --init-sigma 2.5')
+    assert fid.parse_args(shlex.split(r.stdout.splitlines()[-1])[4:]).num == 50000
+
+
+def test_eval_of_the_unreleased_xxl_sid2a_asks_for_network(env, tmp_path):
+    r = run(IMAGENET, 'eval', 'sid2a', '512-xxl', '--dry-run', env=env)
+    assert r.returncode == 1 and 'no released sid2a generator' in r.stderr and 'NETWORK' in r.stderr
+    r = run(IMAGENET, 'eval', 'sid2a', '512-xxl', '--dry-run', env=env, NETWORK=str(tmp_path / 'mine.pkl'))
+    assert r.returncode == 0 and split_command(r.stdout, 'fid.py')[1]['--network'] == str(tmp_path / 'mine.pkl')
+
+
+def test_eval_real_run_downloads_network_then_launches_fid(env, tmp_path, fake_torchrun):
+    bindir, record = fake_torchrun
+    cache = Path(env['SIDA_CACHE'])
+    cache.mkdir()
+    for name in ['cifar10-32x32.npz', 'inception-2015-12-05.pt']:
+        (cache / name).write_bytes(b'cached')
+    source = tmp_path / 'my-generator.pt'
+    source.write_bytes(b'generator weights')
+    env = dict(env, PATH=f'{bindir}:{env["PATH"]}', NETWORK=source.as_uri())
+    r = run(CIFAR, 'eval', 'sida', 'cond', '--batch', '32', env=env)
+    assert r.returncode == 0, r.stderr
+    assert (cache / 'sida-cifar10-cond-my-generator.pt').read_bytes() == b'generator weights'
+    assert sorted(p.name for p in cache.iterdir()) == ['cifar10-32x32.npz', 'inception-2015-12-05.pt',
+                                                      'sida-cifar10-cond-my-generator.pt']
+    launched = record.read_text().splitlines()
+    assert launched == shlex.split(torchrun_line(r.stdout))[1:]
+    assert launched[launched.index('--network') + 1] == str(cache / 'sida-cifar10-cond-my-generator.pt')
+    assert launched[-2:] == ['--batch', '32']
+
+
+def test_edm2_eval_decodes_in_small_batches(env):
+    _, flags, _ = split_command(run(IMAGENET, 'eval', 'sida', '512-m', '--dry-run', env=env).stdout, 'fid.py')
+    assert flags['--batch'] == '16' and flags['--ref'].endswith('img512.pkl')
+
+
 # ---- static checks -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize('script', [CIFAR, IMAGENET])
+@pytest.mark.parametrize('script', [CIFAR, IMAGENET, FACES])
 def test_script_parses_with_bash_n(script):
     r = subprocess.run(['bash', '-n', str(script)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.parametrize('script', [CIFAR, IMAGENET])
+@pytest.mark.parametrize('script', [CIFAR, IMAGENET, FACES])
 def test_script_passes_shellcheck(script):
     if shutil.which('shellcheck') is None:
         pytest.skip('shellcheck is not installed')
@@ -2102,6 +2552,6 @@ def test_script_passes_shellcheck(script):
     assert r.returncode == 0, r.stdout
 
 
-@pytest.mark.parametrize('script', [CIFAR, IMAGENET])
+@pytest.mark.parametrize('script', [CIFAR, IMAGENET, FACES])
 def test_script_is_executable(script):
     assert os.access(script, os.X_OK)

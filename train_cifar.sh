@@ -4,15 +4,18 @@
 # One command takes a fresh GPU machine to a finished run: it downloads the teacher, CIFAR-10,
 # the FID reference statistics and the Inception detector once into a cache, then launches
 # sida.py under torchrun; sida.py measures FID-50k on the generator's EMA at every snapshot.
+# `eval` scores the released generator of the same run instead: FID-50k and IS with fid.py.
 #
 #   ./train_cifar.sh sida uncond                     # all GPUs of this machine
 #   ./train_cifar.sh sid cond --dry-run              # print every command, run nothing
 #   NGPU=4 BATCH_GPU=32 ./train_cifar.sh sid2a cond --seed 1    # extra args go to sida.py
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 ./train_cifar.sh sida uncond   # on node 0
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 ./train_cifar.sh sida uncond   # on node 1
+#   ./train_cifar.sh eval sida uncond                # FID-50k + IS of the released SiDA generator
+#   NETWORK=runs/cifar10-uncond-sida/generator-best.pt ./train_cifar.sh eval sida uncond
 #
-# Extra arguments are appended to sida.py's command line as they are; argparse keeps the last
-# value of a repeated flag, so e.g. `--tick 10` overrides the value set here.
+# Extra arguments are appended to sida.py's (eval: fid.py's) command line as they are; argparse
+# keeps the last value of a repeated flag, so e.g. `--tick 10` overrides the value set here.
 #
 # Environment (all optional):
 #   NGPU            GPUs per node (default: counted with nvidia-smi, else 1)
@@ -23,11 +26,13 @@
 #   DURATION        training length in Mimg (default: the paper's, see below)
 #   INIT_GENERATOR  SiD generator that starts a sid2a run, local file or URL
 #                   (default: the released SiD generator for the same teacher)
+#   NETWORK         eval: the generator to score, local file or URL (default: the released one)
 set -euo pipefail
 
 usage() {
     cat >&2 <<EOF
-usage: $(basename "$0") METHOD COND [--dry-run] [sida.py arguments ...]
+usage: $(basename "$0") [eval] METHOD COND [--dry-run] [sida.py or fid.py arguments ...]
+  eval    score the released generator (FID-50k and IS) instead of training
   METHOD  sid | sida | sid2a
   COND    uncond | cond
   --dry-run  print the download and torchrun commands, run nothing
@@ -37,6 +42,8 @@ EOF
 die() { echo "error: $*" >&2; exit 1; }
 
 # ---- Arguments ---------------------------------------------------------------------------------
+mode=train
+if [[ ${1:-} == eval ]]; then mode='eval'; shift; fi
 dry_run=0
 positional=()
 extra=()
@@ -79,10 +86,17 @@ teacher_url=$edm/pretrained/edm-cifar10-32x32-$cond-vp.pkl
 ref_url=$edm/fid-refs/cifar10-32x32.npz
 detector_url=https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt
 data_url=https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz
-# Released SiD generators (alpha 1.2), listed in the README of the official SiDA code.
+# Released generators, listed in the README of the official SiDA code (SiD: alpha 1.2; SiDA and
+# SiD²A: alpha 1.0; `python fid.py names` also lists the SiD²A generators with alpha 1.2).
+hub=https://huggingface.co/UT-Austin-PML/SiDA/resolve/main/EDM_distillation
+declare -A released
 case $cond in
-    uncond) sid_url=https://huggingface.co/UT-Austin-PML/SiD/resolve/main/cifar10-uncond/alpha1.2/network-snapshot-1.200000-403968.pkl ;;
-    cond)   sid_url=https://huggingface.co/UT-Austin-PML/SiD/resolve/main/cifar10-cond/alpha1.2/network-snapshot-1.200000-713312.pkl ;;
+    uncond) released=([sid]=https://huggingface.co/UT-Austin-PML/SiD/resolve/main/cifar10-uncond/alpha1.2/network-snapshot-1.200000-403968.pkl
+                      [sida]=$hub/cifar10_uncond_sida_alpha1-217920.pkl
+                      [sid2a]=$hub/cifar10_uncond_sid2a_alpha1-028160.pkl) ;;
+    cond)   released=([sid]=https://huggingface.co/UT-Austin-PML/SiD/resolve/main/cifar10-cond/alpha1.2/network-snapshot-1.200000-713312.pkl
+                      [sida]=$hub/cifar10_cond_sida_alpha1-293184.pkl
+                      [sid2a]=$hub/cifar10_cond_sid2a_alpha1-038912.pkl) ;;
 esac
 
 case $method in
@@ -136,21 +150,29 @@ fetch() {  # fetch URL DEST: skipped when DEST exists; else a temp name, then an
     mv -f "$tmp" "$dest"
 }
 
+fetch_network() {  # fetch_network SOURCE NAME: sets $network; a URL is downloaded once as $cache/NAME-<file>
+    network=$1
+    if [[ $network =~ ^[a-z]+:// ]]; then
+        network=$cache/$2-${1##*/}
+        fetch "$1" "$network"
+    fi
+}
+
 teacher=$cache/${teacher_url##*/}
 ref=$cache/${ref_url##*/}
 detector=$cache/${detector_url##*/}
 data=$cache/${data_url##*/}     # sida.py reads the CIFAR-10 tarball directly
-fetch "$teacher_url" "$teacher"
-fetch "$data_url" "$data"
+if [[ $mode == train ]]; then
+    fetch "$teacher_url" "$teacher"
+    fetch "$data_url" "$data"
+fi
 fetch "$ref_url" "$ref"
 fetch "$detector_url" "$detector"
-if [[ $method == sid2a ]]; then
-    init_generator=${INIT_GENERATOR:-$sid_url}
-    if [[ $init_generator =~ ^[a-z]+:// ]]; then   # a URL: download it
-        url=$init_generator
-        init_generator=$cache/sid-cifar10-$cond-${url##*/}
-        fetch "$url" "$init_generator"
-    fi
+if [[ $mode == eval ]]; then
+    fetch_network "${NETWORK:-${released[$method]}}" "$method-cifar10-$cond"
+elif [[ $method == sid2a ]]; then
+    fetch_network "${INIT_GENERATOR:-${released[sid]}}" "sid-cifar10-$cond"
+    init_generator=$network
 fi
 
 # ---- Launch ------------------------------------------------------------------------------------
@@ -161,6 +183,13 @@ else
               --master_addr="$MASTER_ADDR" --master_port="$master_port")
 fi
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+if [[ $mode == eval ]]; then   # FID-50k and IS (the paper's CIFAR-10 tables report both), one step per image
+    command=("${launcher[@]}" "$here/fid.py" gen --network "$network" --ref "$ref" --detector "$detector"
+             --num-images 50000 --is --init-sigma "$init_sigma" "${extra[@]}")
+    show "${command[@]}"
+    ((dry_run)) || "${command[@]}"
+    exit
+fi
 args=(--method "$method" --teacher "$teacher" --data "$data" --outdir "$outdir"
       --alpha "$alpha" --tmax "$tmax" --init-sigma "$init_sigma"
       --batch "$batch" --lr "$lr" --glr "$lr" --precision "$precision"
