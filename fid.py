@@ -92,6 +92,21 @@ NUMPY_PICKLE_GLOBALS = {
 # ----------------------------------------------------------------------------------------------------
 # Distributed helpers: everything below works the same in one process and under torchrun.
 
+def init_distributed(device=None):
+    """(rank, world size, device) from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), with the
+    process group started: NCCL on GPUs, gloo on the CPU. A plain process is rank 0 of 1."""
+    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if not device.startswith(('cuda', 'cpu')) or (device.startswith('cuda') and not torch.cuda.is_available()):
+        raise UserError(f'--device {device}: not available here (use cpu, or cuda on a machine with a GPU)')
+    device = torch.device(device)
+    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ and not dist.is_initialized():
+        if device.type == 'cuda':
+            device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return rank(), world_size(), device
+
+
 def rank():
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -573,7 +588,7 @@ def generate_images(G, seeds, sigma_init=SIGMA_INIT, device=None, vae=None):
     labels = F.one_hot(torch.tensor(classes), G.label_dim).to(device, torch.float32) if G.label_dim else None
     with torch.no_grad():
         x = G(sigma_init * z, sigma_init, labels)
-    if G.img_channels == 4:
+    if G.latent:
         if vae is None:
             raise UserError('a latent (4-channel) generator needs the VAE to decode its images: pass --vae')
         return networks.decode_latents(vae, x)
@@ -655,7 +670,7 @@ def cmd_gen(args, device):
         raise UserError(f'--seeds {args.seeds} gives {len(seeds)} seeds, fewer than --num {num}')
     seeds = seeds[:num]
     G = networks.load_network(args.network, device)
-    vae = networks.load_vae(args.vae, device) if G.img_channels == 4 else None     # EDM2 latent generators
+    vae = networks.load_vae(args.vae, device) if G.latent else None     # EDM2 latent generators
 
     def generate(batch_seeds):
         images = generate_images(G, batch_seeds, args.init_sigma, device, vae=vae)
@@ -769,23 +784,14 @@ def main(argv=None):
     if args.command == 'names':
         cmd_names()
         return 0
-    started_dist = False
     try:
-        device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-        if not device.startswith(('cuda', 'cpu')) or (device.startswith('cuda') and not torch.cuda.is_available()):
-            raise UserError(f'--device {device}: not available here (use cpu, or cuda on a machine with a GPU)')
-        if int(os.environ.get('WORLD_SIZE', '1')) > 1 and not dist.is_initialized():
-            if device.startswith('cuda'):
-                device = f'cuda:{int(os.environ.get("LOCAL_RANK", "0"))}'
-                torch.cuda.set_device(device)
-            dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
-            started_dist = True
-        {'ref': cmd_ref, 'calc': cmd_calc, 'gen': cmd_gen}[args.command](args, torch.device(device))
+        _, _, device = init_distributed(args.device)
+        {'ref': cmd_ref, 'calc': cmd_calc, 'gen': cmd_gen}[args.command](args, device)
     except (UserError, OSError) as e:
         print(f'error: {e}'.splitlines()[0], file=sys.stderr)
         return 1
     finally:
-        if started_dist:
+        if dist.is_initialized():
             dist.destroy_process_group()
     return 0
 

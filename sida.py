@@ -1035,22 +1035,6 @@ def summary(rows, evaluator):
 # ----------------------------------------------------------------------------------------------------
 # The distillation: set-up, the loop, the summary.
 
-def setup_distributed(device_arg):
-    """(rank, world size, device) from torchrun's environment; a plain process is rank 0 of 1."""
-    if device_arg is None:
-        device_arg = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if device_arg.startswith('cuda') and not torch.cuda.is_available():
-        raise UserError('--device cuda: no CUDA device is available')
-    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
-        local_rank = int(os.environ.get('LOCAL_RANK', 0))
-        device = torch.device('cuda', local_rank) if device_arg.startswith('cuda') else torch.device('cpu')
-        if device.type == 'cuda':
-            torch.cuda.set_device(device)
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-        return dist.get_rank(), dist.get_world_size(), device
-    return 0, 1, torch.device(device_arg)
-
-
 def broadcast_object(obj):
     if not dist.is_initialized():
         return obj
@@ -1069,7 +1053,7 @@ def any_rank(flag, device):
 
 
 def distill(args):
-    rank, world, device = setup_distributed(args.device)
+    rank, world, device = fid.init_distributed(args.device)
     master = rank == 0
     torch.manual_seed(args.seed * 1_000_003 + rank)        # dropout masks; every other draw is a slot stream
     outdir = args.resume or args.outdir
@@ -1260,7 +1244,7 @@ def toy_arch(arch, cond):
         song.update(embedding_type='fourier', channel_mult_noise=2, encoder_type='residual', resample_filter=[1, 3, 3, 1])
     return {'class_name': 'EDMPrecond', 'kwargs': dict(common, **song)}
 def train_teacher(args, images, labels, device, path):
-    """Toy run only: a small EDM teacher trained from scratch with the denoising loss (SPEC §3) on real images."""
+    """Toy run only: a small EDM teacher trained from scratch with EDM's denoising loss on real images."""
     net = networks.build_network(toy_arch(args.arch, labels is not None)).to(device).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3, betas=(0.9, 0.99))
@@ -1364,7 +1348,7 @@ def random_sida(args, world, device):
 
 
 def bench(args):
-    _, world, device = setup_distributed(args.device)
+    _, world, device = fid.init_distributed(args.device)
     args.batch_gpu = args.batch_gpu or 64
     args.batch = args.batch_gpu * world
     sida = random_sida(args, world, device)

@@ -299,7 +299,7 @@ def test_missing_file_is_refused():
         networks.load_network('/nonexistent/teacher.pkl')
 
 # ----------------------------------------------------------------------------------------------------
-# Official pickles: built here in the official format (SPEC §8) with a stand-in torch_utils.persistence
+# Official pickles: built here in the official format (a pickled dict of persistent objects) with a stand-in torch_utils.persistence
 # whose embedded source would leave a trace file if anything executed it.
 
 @pytest.fixture
@@ -614,7 +614,7 @@ def test_cuda_autocast_channels_last_stays_close_to_fp32(name, dtype):
 # ===================================================================================================
 
 # ---------------------------------------------------------------------------------------------------
-# The losses equal the SPEC formulas on pinned draws (independent numpy re-statements).
+# The losses equal the papers' formulas on pinned draws (independent numpy re-statements).
 
 def _np(t):
     return t.detach().double().numpy()
@@ -1857,7 +1857,7 @@ def test_generated_image_and_class_depend_on_seed_only():
 
 
 class LatentG(torch.nn.Module):
-    img_channels, img_resolution, label_dim = 4, 8, 0
+    img_channels, img_resolution, label_dim, latent = 4, 8, 0, True
 
     def forward(self, x, sigma, labels=None):
         return x / sigma
@@ -1960,7 +1960,7 @@ SIZES = ['xs', 's', 'm', 'l', 'xl', 'xxl']
 RESOLUTIONS = ['64'] + [f'512-{size}' for size in SIZES]
 BOOLEAN_FLAGS = {'--cond', '--compile', '--logvar', '--no-logvar', '--force-norm', '--no-force-norm', '--is'}
 
-# SPEC §6, the SiDA row of each run; SiD and SiD²A differ as the scripts' headers say.
+# The official runs' settings, the SiDA row of each run; SiD and SiD²A differ as the scripts' headers say.
 CIFAR_SIDA = dict(batch=256, lr=1e-5, glr=1e-5, alpha=1.0, precision='fp32', dropout=0.13,
                   augment=0.12, ema=0.5, lsg=100, lsd=1, lsg_gan=0.01, duration=300,
                   tmax=800, init_sigma=2.5, p_mean=-1.2, p_std=1.2)

@@ -60,7 +60,7 @@ cond=${positional[1]}
 [[ $method =~ ^(sid|sida|sid2a)$ ]] || usage
 [[ $cond =~ ^(uncond|cond)$ ]] || usage
 
-# ---- Settings of the official runs (SPEC §6); SiDA's, with the method's changes below ---------
+# ---- Settings of the official runs (upstream's launch scripts); SiDA's, with the method's changes below ---------
 cache=${SIDA_CACHE:-$HOME/.cache/sida}
 batch=256         # images per iteration, all GPUs together
 lr=1e-5           # Adam learning rate of the fake score network and of the generator (lr = glr)

@@ -62,7 +62,7 @@ res=${positional[1]}
 [[ $method =~ ^(sid|sida|sid2a)$ ]] || usage
 [[ $res =~ ^(64|512-(xs|s|m|l|xl|xxl))$ ]] || usage
 
-# ---- Settings of the official runs (SPEC §6); SiDA's, with the method's changes below ---------
+# ---- Settings of the official runs (upstream's launch scripts); SiDA's, with the method's changes below ---------
 cache=${SIDA_CACHE:-$HOME/.cache/sida}
 edm=https://nvlabs-fi-cdn.nvidia.com/edm
 detector_url=https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt
