@@ -92,7 +92,8 @@ def parse_args(argv=None):
     # The offline toy run and the benchmark.
     a('--preset',         default=None, choices=['toy'], help='toy: offline run on procedurally generated images')
     a('--arch',           default='ddpmpp', choices=['ddpmpp', 'ncsnpp', 'adm', 'edm2'], help='toy/bench architecture')
-    a('--teacher-kimg',   type=float, default=None, help='toy: images to train the toy teacher on, kimg')
+    a('--teacher-kimg',   type=float, default=None, help='toy: train the toy teacher from scratch on this many kimg')
+    a('--teacher-only',   action='store_true', help='toy: train the toy teacher into --outdir/teacher.pt, measure it, exit')
     a('--bench',          action='store_true', help='time full SiDA iterations on random networks and exit')
     a('--prepare-latents', nargs=2, metavar=('SRC', 'DEST'), help='encode 512x512 images into an EDM2 latent zip')
     a('--bench-iters',    type=int,   default=10)
@@ -106,9 +107,13 @@ def parse_args(argv=None):
     args.explicit = sorted({act.dest for act in p._actions for opt in act.option_strings if opt in given})
     if args.preset == 'toy':
         # Only flags left at their defaults are changed, so `--preset toy --method sid` etc. still work.
-        toy = dict(teacher=None, data='toy', cond=True, outdir='runs/toy', batch=64, lr=1e-4, glr=1e-4,
-                   ema=0.002, duration=0.02, dropout=0.0, augment=0.0, gen_start_kimg=0.5, adv_start_kimg=1.0,
-                   tick=2., snap=2, dump=2, metrics='fd', teacher_kimg=100.)
+        # The teacher: the shipped one of --arch (toy/ARCH/teacher.pt, made by --teacher-only), or one trained
+        # from scratch with --teacher-kimg / --teacher-only (and for architectures that ship none).
+        shipped = os.path.join(TOY_TEACHERS, args.arch, 'teacher.pt')
+        retrain = args.teacher_only or args.teacher_kimg is not None or not os.path.isfile(shipped)
+        toy = dict(teacher=None if retrain else shipped, data='toy', cond=True, outdir='runs/toy', batch=64,
+                   lr=1e-4, glr=1e-4, ema=0.002, duration=0.02, dropout=0.0, augment=0.0, gen_start_kimg=0.5,
+                   adv_start_kimg=1.0, tick=2., snap=2, dump=2, metrics='fd', teacher_kimg=TOY_TEACHER_KIMG)
         for k, v in toy.items():
             if getattr(args, k) == p.get_default(k):
                 setattr(args, k, v)
@@ -249,29 +254,10 @@ def broadcast_object(obj, rank):
 # ----------------------------------------------------------------------------------------------------
 # Data: images in memory as uint8 [N, C, H, W] (on the GPU when they fit) plus integer labels.
 
-TOY_RES, TOY_CLASSES = 16, 4
-TOY_SAMPLER_STEPS = 9           # Heun steps of the toy teacher's EDM sampler (17 network evaluations)
-
-
-def toy_images(n, seed):
-    """Procedural 16x16 RGB images in 4 classes: discs, squares, stripes, crosses on plain backgrounds."""
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.rand(n, *s, generator=g)
-    labels = torch.randint(TOY_CLASSES, (n,), generator=g)
-    yy, xx = torch.meshgrid(torch.arange(TOY_RES) + 0.5, torch.arange(TOY_RES) + 0.5, indexing='ij')
-    cx, cy = (4 + 8 * r(1, 1)), (4 + 8 * r(1, 1))
-    size = 2.5 + 2.5 * r(1, 1)
-    dx, dy = xx - cx, yy - cy
-    soft = lambda d: torch.sigmoid(d * 3)                   # anti-aliased edges
-    disc = soft(size - (dx ** 2 + dy ** 2).sqrt())
-    square = soft(size - torch.maximum(dx.abs(), dy.abs()))
-    angle, freq = r(1, 1) * math.pi, 0.5 + 0.4 * r(1, 1)
-    stripes = soft(2 * torch.sin(freq * (xx * angle.cos() + yy * angle.sin()) + 6 * r(1, 1)))
-    cross = torch.maximum(soft(1.2 - dx.abs()), soft(1.2 - dy.abs())) * soft(size + 1.5 - torch.maximum(dx.abs(), dy.abs()))
-    shape = torch.stack([disc, square, stripes, cross], 1)[torch.arange(n), labels]   # [n, H, W]
-    fg, bg = r(3, 1, 1), r(3, 1, 1) * 0.6
-    img = bg + (fg - bg) * shape[:, None]
-    return (img * 255).round().clamp(0, 255).to(torch.uint8), labels
+TOY_RES, TOY_CLASSES, toy_images = fid.TOY_RES, fid.TOY_CLASSES, fid.toy_images   # the toy run's data (fid.py)
+TOY_SAMPLER_STEPS = 18          # Heun steps of the toy teacher's EDM sampler (35 network evaluations)
+TOY_REF_IMAGES = 10000          # real images behind the toy fd's reference statistics
+TOY_TEACHERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'toy')   # shipped teachers: {arch}/teacher.pt
 
 
 def load_dataset(path, resolution, channels):
@@ -798,6 +784,9 @@ def restore_state(state, path, teacher, sida, slots, rank, world):
 # ----------------------------------------------------------------------------------------------------
 # The toy run's teacher.
 
+TOY_TEACHER_KIMG = 100.         # training length of the toy teacher, kimg
+
+
 def toy_arch(arch, cond):
     """Small networks of each architecture for the toy run and the CPU tests."""
     common = dict(img_resolution=TOY_RES, img_channels=3, label_dim=TOY_CLASSES if cond else 0)
@@ -847,24 +836,48 @@ def train_teacher(args, images, labels, device, path):
     networks.save_network(ema, path, kimg=args.teacher_kimg, method='edm-teacher', data='toy')
     print(f'saved the toy teacher to {path}', flush=True)
 
+
+def toy_teacher_only(args):
+    """--teacher-only: train the toy teacher into --outdir/teacher.pt, print its tick-0 figures, stop."""
+    if args.data != 'toy':
+        raise UserError('--teacher-only trains the toy teacher: use it with --preset toy')
+    path = os.path.join(args.outdir, 'teacher.pt')
+    if os.path.exists(path):
+        raise UserError(f'--teacher-only: {path} exists; not overwriting it (choose another --outdir)')
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    images, labels = toy_images(4096, seed=1)
+    start = time.time()
+    train_teacher(args, images, labels if args.cond else None, device, path)
+    minutes = (time.time() - start) / 60
+    teacher = networks.load_network(path, device)
+    print(json.dumps({'teacher': path, 'train_minutes': round(minutes, 1), 'sampler_nfe': 2 * TOY_SAMPLER_STEPS - 1,
+                      **Evaluator(args, images, (3, TOY_RES, TOY_RES), device).toy_baselines(teacher)}), flush=True)
+
 # ----------------------------------------------------------------------------------------------------
 # The distillation loop.
 
 class Evaluator:
-    """Metrics and sample grids of the EMA generator, from their own seeds: never the training streams."""
+    """Metrics and sample grids of the EMA generator, from their own seeds: never the training streams.
+
+    The toy run measures with its own Inception, fid.ToyClassifier (trained on real toy images only):
+    `fd` is the Fréchet distance of its penultimate features to those of TOY_REF_IMAGES real images (the
+    toy FID, same statistics code), and for a conditional generator `acc` is the fraction of samples the
+    classifier assigns to the class they were generated for."""
 
     def __init__(self, args, images, shape, device):
         self.args, self.device = args, device
         self.metrics = parse_metrics(args.metrics)
-        self.detector = self.ref = self.toy_features = self.toy_ref = None
+        self.detector = self.ref = self.classifier = self.toy_ref = None
         self.vae = networks.load_vae(args.vae, device) if shape[0] == 4 else None    # EDM2: decode latents
         kinds = {kind for _, kind, _ in self.metrics}
         if 'fd' in kinds:
-            self.toy_features = fid.ToyFeatures(shape[1], shape[0]).to(device)
-            real = toy_images(2048, seed=2)[0] if args.data == 'toy' else images[:2048]
+            if args.data != 'toy':
+                raise UserError(f'--metrics {args.metrics}: fd is the toy run\'s metric (its classifier knows only '
+                                f'the toy images); use --data toy, or fidNk with --ref')
+            self.classifier = fid.load_toy_classifier(device=device)
             stats = fid.FeatureStats()
-            for chunk in real.split(256):
-                stats.update(fid.run_detector(self.toy_features, chunk, device, return_features=True))
+            for chunk in toy_images(TOY_REF_IMAGES, seed=2)[0].split(1000):
+                stats.update(fid.run_detector(self.classifier, chunk, device, return_features=True))
             self.toy_ref = stats.mean_cov()
         if 'fid' in kinds:
             if args.ref is None:
@@ -873,28 +886,50 @@ class Evaluator:
         if kinds & {'fid', 'is'}:
             self.detector = fid.load_detector(args.detector, device)
 
+    def toy_metrics(self, generate, classes, num):
+        """{'fd'} of num images generate(seeds) -> uint8 [n, C, H, W], plus {'acc'} when classes(seeds) gives
+        the class each image was made for (None: unconditional)."""
+        correct = torch.zeros([], dtype=torch.int64, device=self.device)
+
+        def generate_and_classify(seeds):
+            images = generate(seeds)
+            if classes is not None:
+                predicted = fid.run_detector(self.classifier, images, self.device).argmax(dim=1)
+                correct.add_((predicted == classes(seeds).to(self.device)).sum())
+            return images
+        r = fid.generator_metrics(generate_and_classify, num, self.classifier, ref=self.toy_ref, batch=256,
+                                  device=self.device, progress=False)
+        if classes is None:
+            return {'fd': r['fid']}
+        if dist.is_initialized():
+            dist.all_reduce(correct)               # each rank classified its share of the seeds
+        return {'fd': r['fid'], 'acc': int(correct) / num}
+
+    def generator_toy_metrics(self, G, num):
+        generate = lambda seeds: fid.generate_images(G, seeds, self.args.init_sigma, self.device)
+        shape = (G.img_channels, G.img_resolution, G.img_resolution)
+        classes = (lambda seeds: fid.generated_classes(seeds, G.label_dim, shape)) if G.label_dim else None
+        return self.toy_metrics(generate, classes, num)
+
     def toy_baselines(self, teacher):
-        """Toy run: fd of held-out real images and of the teacher's multi-step sampler (the floor and the target)."""
-        if self.args.data != 'toy' or self.toy_features is None:
+        """Toy run, tick 0: fd (and acc) of held-out real images and of the teacher's multi-step sampler
+        (the floor and the mark to beat)."""
+        if self.args.data != 'toy' or self.classifier is None:
             return {}
         num = next(num for _, kind, num in self.metrics if kind == 'fd')
-        held_out = toy_images(num, seed=3)[0]
-        data = fid.generator_metrics(lambda seeds: held_out[seeds], num, self.toy_features, ref=self.toy_ref,
-                                     batch=256, device=self.device, progress=False)
-        multi_step = EDMSampler(teacher, TOY_SAMPLER_STEPS)
-        generate = lambda seeds: fid.generate_images(multi_step, seeds, self.args.init_sigma, self.device)
-        teacher_fd = fid.generator_metrics(generate, num, self.toy_features, ref=self.toy_ref, batch=256,
-                                           device=self.device, progress=False)
-        return {'fd_data': round(data['fid'], 5), 'fd_teacher': round(teacher_fd['fid'], 5)}
+        held_out, held_out_labels = toy_images(num, seed=3)
+        data = self.toy_metrics(lambda seeds: held_out[seeds],
+                                (lambda seeds: held_out_labels[seeds]) if teacher.label_dim else None, num)
+        teacher_ = self.generator_toy_metrics(EDMSampler(teacher, TOY_SAMPLER_STEPS), num)
+        return {f'{k}_{who}': round(v, 5) for who, r in (('data', data), ('teacher', teacher_)) for k, v in r.items()}
 
     def __call__(self, G):
         generate = lambda seeds: fid.generate_images(G, seeds, self.args.init_sigma, self.device, self.vae)
         results = {}
         for name, kind, num in self.metrics:
             if kind == 'fd':
-                r = fid.generator_metrics(generate, num, self.toy_features, ref=self.toy_ref, batch=256,
-                                         device=self.device, progress=False)
-                results[name] = r['fid']
+                r = self.generator_toy_metrics(G, num)
+                results.update({name: r['fd']}, **({'acc' + name[2:]: r['acc']} if 'acc' in r else {}))
             else:
                 r = fid.generator_metrics(generate, num, self.detector, ref=self.ref if kind == 'fid' else None,
                                           batch=max(64, self.args.batch_gpu or 64), device=self.device,
@@ -1182,6 +1217,8 @@ def main(argv=None):
                             vae=args.vae)
         elif args.bench:
             bench(args)
+        elif args.teacher_only:
+            toy_teacher_only(args)
         else:
             distill(args)
     except UserError as e:
