@@ -102,7 +102,8 @@ def build_parser():
     a('--resume',         default=None,  help='continue the run in this folder from its training-state.pt')
     a('--device',         default=None,  help='cuda or cpu (default: cuda when available)')
     a('--preset',         default=None, choices=['toy'], help='toy: offline run on procedurally generated images')
-    a('--teacher-kimg',   type=float, default=None, help='toy: images to train the toy teacher on, kimg')
+    a('--teacher-kimg',   type=float, default=None, help='toy: train the toy teacher from scratch on this many kimg')
+    a('--teacher-only',   action='store_true', help='toy: train the toy teacher into --outdir/teacher.pt, measure it, exit')
     a('--prepare-latents', nargs=2, metavar=('SRC', 'DEST'), help='encode 512x512 images into an EDM2 latent zip')
     a('--bench',          action='store_true', help='time full SiDA iterations on random networks and exit')
     a('--bench-iters',    type=int,   default=10,  help='bench: timed iterations')
@@ -121,7 +122,7 @@ def flag_groups(parser):
 RUN_FLAGS, SESSION_FLAGS = (tuple(flag_groups(build_parser())[g]) for g in ('run', 'session'))
 TOY_PRESET = dict(teacher=None, data='toy', cond=True, outdir='runs/toy', batch=64, lr=1e-4, glr=1e-4, ema=0.002,
                   duration=0.02, dropout=0.0, augment=0.0, gen_start_kimg=0.5, adv_start_kimg=1.0, tick=2.,
-                  snap=2, dump=2, metrics='fd', teacher_kimg=100.)
+                  snap=2, dump=2, metrics='fd', teacher_kimg=100.)   # teacher_kimg: a new toy teacher's training
 
 
 def parse_args(argv=None):
@@ -133,7 +134,11 @@ def parse_args(argv=None):
     given = {a.split('=')[0] for a in argv if a.startswith('--')}
     args.explicit = sorted({act.dest for act in p._actions if given & set(act.option_strings)})
     if args.preset == 'toy':
-        for k, v in TOY_PRESET.items():
+        # The teacher: the shipped one of --arch (toy/ARCH/teacher.pt, made by --teacher-only), or one trained
+        # from scratch with --teacher-kimg / --teacher-only (and for architectures that ship none).
+        shipped = os.path.join(TOY_TEACHERS, args.arch, 'teacher.pt')
+        retrain = args.teacher_only or args.teacher_kimg is not None or not os.path.isfile(shipped)
+        for k, v in dict(TOY_PRESET, teacher=None if retrain else shipped).items():
             if k not in args.explicit:
                 setattr(args, k, v)
     return args
@@ -388,29 +393,12 @@ def generator_objective(x_g, real, fake, ok, alpha, lsg, lsg_gan, batch):
 # Data: images in memory as uint8 [N, C, H, W] (on the GPU when they fit), or EDM2 latents read from
 # their zip on demand; labels as integers. Every draw comes from a slot's random stream.
 
-TOY_RES, TOY_CLASSES = 16, 4
-TOY_SAMPLER_STEPS = 9           # Heun steps of the toy teacher's EDM sampler (17 network evaluations)
+TOY_RES, TOY_CLASSES, toy_images = fid.TOY_RES, fid.TOY_CLASSES, fid.toy_images   # the toy run's data (fid.py)
+TOY_SAMPLER_STEPS = 18          # Heun steps of the toy teacher's EDM sampler (35 network evaluations)
+TOY_REF_IMAGES = 10000          # real images behind the toy fd's reference statistics
+TOY_TEACHERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'toy')   # shipped teachers: {arch}/teacher.pt
 
 
-def toy_images(n, seed):
-    """Procedural 16x16 RGB images in 4 classes: discs, squares, stripes, crosses on plain backgrounds."""
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.rand(n, *s, generator=g)
-    labels = torch.randint(TOY_CLASSES, (n,), generator=g)
-    yy, xx = torch.meshgrid(torch.arange(TOY_RES) + 0.5, torch.arange(TOY_RES) + 0.5, indexing='ij')
-    cx, cy = (4 + 8 * r(1, 1)), (4 + 8 * r(1, 1))
-    size = 2.5 + 2.5 * r(1, 1)
-    dx, dy = xx - cx, yy - cy
-    soft = lambda d: torch.sigmoid(d * 3)                   # anti-aliased edges
-    disc = soft(size - (dx ** 2 + dy ** 2).sqrt())
-    square = soft(size - torch.maximum(dx.abs(), dy.abs()))
-    angle, freq = r(1, 1) * math.pi, 0.5 + 0.4 * r(1, 1)
-    stripes = soft(2 * torch.sin(freq * (xx * angle.cos() + yy * angle.sin()) + 6 * r(1, 1)))
-    cross = torch.maximum(soft(1.2 - dx.abs()), soft(1.2 - dy.abs())) * soft(size + 1.5 - torch.maximum(dx.abs(), dy.abs()))
-    shape = torch.stack([disc, square, stripes, cross], 1)[torch.arange(n), labels]   # [n, H, W]
-    fg, bg = r(3, 1, 1), r(3, 1, 1) * 0.6
-    img = bg + (fg - bg) * shape[:, None]
-    return (img * 255).round().clamp(0, 255).to(torch.uint8), labels
 def load_dataset(path, resolution, channels, latent):
     """Images (uint8 [N, C, H, W]) and labels (or None) of an EDM zip or folder or the CIFAR-10 tarball;
     for latent teachers (EDM2) an EDM2 latent zip, read on demand."""
@@ -834,6 +822,9 @@ def restore_state(state, path, teacher, sida, slots, rank, world):
 # ----------------------------------------------------------------------------------------------------
 # Evaluation and the console: metrics of the EMA generator, the status line, log.txt, metrics.png.
 
+METRIC_PREFIXES = ('fid', 'is', 'fd', 'acc')     # log keys of metrics: fid50k, is50k, fd, acc, fd_teacher, ...
+
+
 def parse_metrics(spec):
     """'fid50k,is50k' -> [('fid50k', 'fid', 50000), ...]; 'fd' is the toy Fréchet distance on 2048 images."""
     out = []
@@ -847,20 +838,27 @@ def parse_metrics(spec):
 
 
 class Evaluator:
-    """Metrics and sample grids of the EMA generator, from their own seeds: never the training streams."""
+    """Metrics and sample grids of the EMA generator, from their own seeds: never the training streams.
 
-    def __init__(self, args, images, shape, device):
+    The toy run measures with its own Inception, fid.ToyClassifier (trained on real toy images only):
+    `fd` is the Fréchet distance of its penultimate features to those of TOY_REF_IMAGES real images (the
+    toy FID, same statistics code), and for a conditional generator `acc` is the fraction of samples the
+    classifier assigns to the class they were generated for."""
+
+    def __init__(self, args, latent, device):
         self.args, self.device = args, device
         self.metrics = parse_metrics(args.metrics)
-        self.detector = self.ref = self.toy_features = self.toy_ref = None
-        self.vae = networks.load_vae(args.vae, device) if shape[0] == 4 else None    # EDM2: decode latents
+        self.detector = self.ref = self.classifier = self.toy_ref = None
+        self.vae = networks.load_vae(args.vae, device) if latent else None    # EDM2: decode latents
         kinds = {kind for _, kind, _ in self.metrics}
         if 'fd' in kinds:
-            self.toy_features = fid.ToyFeatures(shape[1], shape[0]).to(device)
-            real = toy_images(2048, seed=2)[0] if args.data == 'toy' else images[:2048]
+            if args.data != 'toy':
+                raise UserError(f'--metrics {args.metrics}: fd is the toy run\'s metric (its classifier knows only '
+                                f'the toy images); use --data toy, or fidNk with --ref')
+            self.classifier = fid.load_toy_classifier(device=device)
             stats = fid.FeatureStats()
-            for chunk in real.split(256):
-                stats.update(fid.run_detector(self.toy_features, chunk, device, return_features=True))
+            for chunk in toy_images(TOY_REF_IMAGES, seed=2)[0].split(1000):
+                stats.update(fid.run_detector(self.classifier, chunk, device, return_features=True))
             self.toy_ref = stats.mean_cov()
         if 'fid' in kinds:
             if args.ref is None:
@@ -869,34 +867,57 @@ class Evaluator:
         if kinds & {'fid', 'is'}:
             self.detector = fid.load_detector(args.detector, device)
 
+    def toy_metrics(self, generate, classes, num):
+        """{'fd'} of num images generate(seeds) -> uint8 [n, C, H, W], plus {'acc'} when classes(seeds) gives
+        the class each image was made for (None: unconditional)."""
+        correct = torch.zeros([], dtype=torch.int64, device=self.device)
+
+        def generate_and_classify(seeds):
+            images = generate(seeds)
+            if classes is not None:
+                predicted = fid.run_detector(self.classifier, images, self.device).argmax(dim=1)
+                correct.add_((predicted == classes(seeds).to(self.device)).sum())
+            return images
+        r = fid.generator_metrics(generate_and_classify, num, self.classifier, ref=self.toy_ref, batch=256,
+                                  device=self.device, progress=False)
+        if classes is None:
+            return {'fd': r['fid']}
+        if dist.is_initialized():
+            dist.all_reduce(correct)               # each rank classified its share of the seeds
+        return {'fd': r['fid'], 'acc': int(correct) / num}
+
+    def generator_toy_metrics(self, G, num):
+        generate = lambda seeds: fid.generate_images(G, seeds, self.args.init_sigma, self.device)
+        shape = (G.img_channels, G.img_resolution, G.img_resolution)
+        classes = (lambda seeds: fid.generated_classes(seeds, G.label_dim, shape)) if G.label_dim else None
+        return self.toy_metrics(generate, classes, num)
+
     def toy_baselines(self, teacher):
-        """Toy run: fd of held-out real images and of the teacher's multi-step sampler (the floor and the target)."""
-        if self.args.data != 'toy' or self.toy_features is None:
+        """Toy run, tick 0: fd (and acc) of held-out real images and of the teacher's multi-step sampler
+        (the floor and the mark to beat)."""
+        if self.args.data != 'toy' or self.classifier is None:
             return {}
         num = next(num for _, kind, num in self.metrics if kind == 'fd')
-        held_out = toy_images(num, seed=3)[0]
-        data = fid.generator_metrics(lambda seeds: held_out[seeds], num, self.toy_features, ref=self.toy_ref,
-                                     batch=256, device=self.device, progress=False)
-        multi_step = EDMSampler(teacher, TOY_SAMPLER_STEPS)
-        generate = lambda seeds: fid.generate_images(multi_step, seeds, self.args.init_sigma, self.device)
-        teacher_fd = fid.generator_metrics(generate, num, self.toy_features, ref=self.toy_ref, batch=256,
-                                           device=self.device, progress=False)
-        return {'fd_data': round(data['fid'], 5), 'fd_teacher': round(teacher_fd['fid'], 5)}
+        held_out, held_out_labels = toy_images(num, seed=3)
+        data = self.toy_metrics(lambda seeds: held_out[seeds],
+                                (lambda seeds: held_out_labels[seeds]) if teacher.label_dim else None, num)
+        teacher_ = self.generator_toy_metrics(EDMSampler(teacher, TOY_SAMPLER_STEPS), num)
+        return {f'{k}_{who}': round(v, 5) for who, r in (('data', data), ('teacher', teacher_)) for k, v in r.items()}
 
     def __call__(self, G):
         generate = lambda seeds: fid.generate_images(G, seeds, self.args.init_sigma, self.device, self.vae)
         results = {}
         for name, kind, num in self.metrics:
             if kind == 'fd':
-                r = fid.generator_metrics(generate, num, self.toy_features, ref=self.toy_ref, batch=256,
-                                         device=self.device, progress=False)
-                results[name] = r['fid']
+                r = self.generator_toy_metrics(G, num)
+                results.update({name: r['fd']}, **({'acc' + name[2:]: r['acc']} if 'acc' in r else {}))
             else:
                 r = fid.generator_metrics(generate, num, self.detector, ref=self.ref if kind == 'fid' else None,
                                           batch=max(64, self.args.batch_gpu or 64), device=self.device,
                                           want_is=kind == 'is')
                 results[name] = r[kind]
         return results
+
 
 class Tee(io.TextIOBase):
     """A console stream that also writes everything to a file (EDM's log.txt)."""
@@ -945,7 +966,7 @@ def format_duration(seconds):
             f'{seconds // 3600}h {seconds % 3600 // 60:02d}m' if seconds >= 3600 else f'{seconds // 60}m {seconds % 60:02d}s')
 
 
-def status_line(row, total_kimg, metric_names):
+def status_line(row, total_kimg):
     """One tick for a person: progress, losses, speed, time left, memory and any metric just measured."""
     parts = [f'tick {row["tick"]:<4d} kimg {row["kimg"]:<9g} {100 * row["kimg"] / total_kimg:5.1f}%']
     parts.append(' '.join(f'{k.removeprefix("loss_")} {row[k]:<8.4g}' for k in row if k.startswith('loss_')))
@@ -956,7 +977,7 @@ def status_line(row, total_kimg, metric_names):
         left = (total_kimg - row['kimg']) * row['sec_per_kimg']
         parts.append(f'{row["img_per_s"]:.1f} img/s {row["sec_per_kimg"]:.3g} s/kimg ETA {format_duration(left)}')
         parts.append(f'mem {row["peak_gb"]:.2f} GB')
-    measured = [k for k in row if k in metric_names or k.startswith(('fd_', 'acc_', 'fid_', 'is_'))]
+    measured = [k for k in row if k.startswith(METRIC_PREFIXES)]
     if measured:
         parts.append(' '.join(f'{k} {row[k]:.4g}' for k in measured))
     return ' | '.join(p for p in parts if p)
@@ -967,7 +988,7 @@ def plot_metrics(rows, path):
     distances on a log scale. Tick-0 entries named <metric>_<what> (fd_data, fd_teacher, ...) are drawn
     as labelled horizontal lines in that metric's panel."""
     names = sorted({k for r in rows for k in r if k.startswith('loss_')})
-    names += sorted({k for r in rows for k in r if k.startswith(('fid', 'is', 'fd', 'acc')) and '_' not in k})
+    names += sorted({k for r in rows for k in r if k.startswith(METRIC_PREFIXES) and '_' not in k})
     if not names:
         return
     W, H, m, cols = 360, 250, 45, 3
@@ -1018,18 +1039,16 @@ def save_snapshot(G_ema, row, best, evaluator, args, outdir, device):
     return best
 
 
-def summary(rows, evaluator):
-    """The run's result side by side: baselines (tick 0), the initial and the final generator, the best."""
-    snaps = [r for r in rows if any(name in r for name, _, _ in evaluator.metrics)]
+def summary(rows, labels):
+    """The run's result, one line per metric, side by side: the tick-0 baselines (real data, the teacher),
+    the initial and the final one-step generator, and the best snapshot."""
     lines = []
-    for name, kind, num in evaluator.metrics:
-        values = [r[name] for r in snaps if name in r]
-        if not values:
-            continue
-        refs = ', '.join(f'{k.split("_", 1)[1]} {v:.4g}' for k, v in rows[0].items() if k.startswith(name + '_'))
-        best = max(values) if kind in ('is', 'acc') else min(values)
-        lines.append(f'{name} ({num} images): {refs + ", " if refs else ""}initial generator {values[0]:.4g}, '
-                     f'final {values[-1]:.4g} (best {best:.4g})')
+    for name in sorted({k for r in rows for k in r if k.startswith(METRIC_PREFIXES) and '_' not in k}):
+        values = [r[name] for r in rows if name in r]
+        best = (max if name.startswith(('is', 'acc')) else min)(values)
+        parts = [f'{labels.get(k.split("_", 1)[1], k)} {v:.4g}' for k, v in rows[0].items() if k.startswith(name + '_')]
+        parts += [f'{labels["initial"]} {values[0]:.4g}', f'{labels["final"]} {values[-1]:.4g} (best {best:.4g})']
+        lines.append(f'{name:6s} ' + ' | '.join(parts))
     return lines
 
 # ----------------------------------------------------------------------------------------------------
@@ -1123,7 +1142,7 @@ def distill_in(args, rank, world, device, outdir, state, state_path):
     sampler = Sampler(images, labels if teacher.label_dim else None, teacher.label_dim, shape, device)
     sida = SiDA(args, teacher, G_init, sampler, world, batch_gpu, device)
     slots = [Slot(rank * rounds + r, args.seed, device) for r in range(rounds)]
-    evaluator = Evaluator(args, images, shape, device)
+    evaluator = Evaluator(args, teacher.latent, device)
     nimg, cur_tick, best = 0, 0, None
     if state is not None:
         nimg, cur_tick, best = restore_state(state, state_path, teacher, sida, slots, rank, world)
@@ -1136,8 +1155,11 @@ def distill_in(args, rank, world, device, outdir, state, state_path):
                          rank, world, device)
     if master and nimg >= args.duration * 1e6:
         with open(os.path.join(outdir, 'log.jsonl')) as f:
-            for line in summary([json.loads(line) for line in f if line.strip()], evaluator):
-                log(line)
+            rows = [json.loads(line) for line in f if line.strip()]
+        labels = dict(data='real data', teacher=f'teacher ({2 * TOY_SAMPLER_STEPS - 1} NFE)', initial='initial generator',
+                      final=f'{args.method} one-step generator')
+        for line in summary(rows, labels):
+            log(line)
         log(f'done: the EMA generator is {outdir}/generator-best.pt (best snapshot by {evaluator.metrics[0][0]})'
             if evaluator.metrics else f'done: generators in {outdir}/generator-*.pt')
     return {'nimg': nimg, 'outdir': outdir}
@@ -1152,7 +1174,6 @@ def training_loop(args, sida, slots, evaluator, teacher, start, fresh, outdir, s
     gen_start = args.gen_start_kimg * 1000 if sida.adversarial else 0
     adv_start = args.adv_start_kimg * 1000 if sida.adversarial else float('inf')
     total = int(args.duration * 1e6)
-    metric_names = {name for name, _, _ in evaluator.metrics}
     stop = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.append(signum))
@@ -1171,7 +1192,7 @@ def training_loop(args, sida, slots, evaluator, teacher, start, fresh, outdir, s
                 best = save_snapshot(sida.G_ema, row, best, evaluator, args, outdir, device)
             best = broadcast_object(best)
         if master:
-            log(status_line(row, total / 1000, metric_names))
+            log(status_line(row, total / 1000))
             with open(log_path, 'a') as f:
                 f.write(json.dumps(row) + '\n')
             with open(log_path) as f:
@@ -1243,8 +1264,10 @@ def toy_arch(arch, cond):
     if arch == 'ncsnpp':
         song.update(embedding_type='fourier', channel_mult_noise=2, encoder_type='residual', resample_filter=[1, 3, 3, 1])
     return {'class_name': 'EDMPrecond', 'kwargs': dict(common, **song)}
+
+
 def train_teacher(args, images, labels, device, path):
-    """Toy run only: a small EDM teacher trained from scratch with EDM's denoising loss on real images."""
+    """Toy run only: a small EDM teacher trained from scratch with the denoising loss (SPEC §3) on real images."""
     net = networks.build_network(toy_arch(args.arch, labels is not None)).to(device).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3, betas=(0.9, 0.99))
@@ -1253,7 +1276,7 @@ def train_teacher(args, images, labels, device, path):
     batch = 128
     steps = int(args.teacher_kimg * 1000 / batch)
     t0 = time.time()
-    edm2 = net.magnitude_preserving
+    edm2 = is_edm2(net)
     p_mean, p_std = (-0.4, 1.0) if edm2 else (-1.2, 1.2)
     for step in range(steps):
         if edm2:
@@ -1275,6 +1298,23 @@ def train_teacher(args, images, labels, device, path):
             print(f'teacher: step {step + 1}/{steps}, loss {loss.item():.4f}, {time.time() - t0:.0f} s', flush=True)
     networks.save_network(ema, path, kimg=args.teacher_kimg, method='edm-teacher', data='toy')
     print(f'saved the toy teacher to {path}', flush=True)
+
+
+def toy_teacher_only(args):
+    """--teacher-only: train the toy teacher into --outdir/teacher.pt, print its tick-0 figures, stop."""
+    if args.data != 'toy':
+        raise UserError('--teacher-only trains the toy teacher: use it with --preset toy')
+    path = os.path.join(args.outdir, 'teacher.pt')
+    if os.path.exists(path):
+        raise UserError(f'--teacher-only: {path} exists; not overwriting it (choose another --outdir)')
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    images, labels = toy_images(4096, seed=1)
+    start = time.time()
+    train_teacher(args, images, labels if args.cond else None, device, path)
+    minutes = (time.time() - start) / 60
+    teacher = networks.load_network(path, device)
+    print(json.dumps({'teacher': path, 'train_minutes': round(minutes, 1), 'sampler_nfe': 2 * TOY_SAMPLER_STEPS - 1,
+                      **Evaluator(args, False, device).toy_baselines(teacher)}), flush=True)
 
 def prepare_latents(src, dest, device, vae=networks.VAE_NAME):
     """Encode a dataset of 512x512 images (EDM-style zip or folder, e.g. from EDM2's dataset_tool.py
@@ -1396,6 +1436,8 @@ def main(argv=None):
                             vae=args.vae)
         elif args.bench:
             bench(args)
+        elif args.teacher_only:
+            toy_teacher_only(args)
         else:
             distill(args)
     except UserError as e:

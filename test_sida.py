@@ -1904,14 +1904,14 @@ def toy_generate(seeds):
 
 def distributed_worker(rank, world_size, init_file, out_file):
     torch.distributed.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world_size)
-    result = fid.generator_metrics(toy_generate, 23, fid.ToyFeatures(16, 3), batch=4, want_is=True, progress=False)
+    result = fid.generator_metrics(toy_generate, 23, fid.load_toy_classifier(), batch=4, want_is=True, progress=False)
     if rank == 1:
         torch.save(result, out_file)
     torch.distributed.destroy_process_group()
 
 
 def test_generator_metrics_on_two_ranks_equal_one_process(tmp_path):
-    single = fid.generator_metrics(toy_generate, 23, fid.ToyFeatures(16, 3), batch=5, want_is=True)
+    single = fid.generator_metrics(toy_generate, 23, fid.load_toy_classifier(), batch=5, want_is=True)
     torch.multiprocessing.spawn(distributed_worker, args=(2, str(tmp_path / 'init'), str(tmp_path / 'out.pt')), nprocs=2)
     double = torch.load(tmp_path / 'out.pt', weights_only=False)
     np.testing.assert_allclose(double['mu'], single['mu'], rtol=1e-12)
@@ -1919,33 +1919,91 @@ def test_generator_metrics_on_two_ranks_equal_one_process(tmp_path):
     assert double['is'] == pytest.approx(single['is'], rel=1e-9)        # same images in the same splits
 
 # ----------------------------------------------------------------------------------------------------
-# Toy feature extractor.
+# The toy run's Inception: fid.ToyClassifier, its fd and acc.
 
-def test_toy_features_are_fixed_and_see_structure_colour_and_noise():
-    rng = np.random.default_rng(9)
-    x = np.zeros([600, 3, 16, 16], np.float32)
-    for k in range(600):                       # squares of random position and colour on grey
-        r, c = rng.integers(0, 10, 2)
-        x[k, :, r:r + 6, c:c + 6] = rng.uniform(0.3, 1, [3, 1, 1])
-    x = (x + 0.2 + 0.05 * rng.standard_normal(x.shape)).clip(0, 1)
-    real = torch.from_numpy((x * 255).astype(np.uint8))
-    a, b = real[:300], real[300:]
+def toy_fd(classifier, images, ref):
+    s = fid.FeatureStats()
+    s.update(fid.run_detector(classifier, images, 'cpu', return_features=True))
+    return fid.frechet_distance(*s.mean_cov(), *ref)
+
+
+def test_toy_classifier_training_is_deterministic():
+    a, b = fid.train_toy_classifier(steps=3, batch=16), fid.train_toy_classifier(steps=3, batch=16)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+    images = fid.toy_images(8, seed=0)[0]
+    assert torch.equal(a(images, return_features=True), b(images, return_features=True))
+
+
+def test_toy_classifier_shipped_is_accurate_on_held_out_images():
+    classifier = fid.load_toy_classifier()
+    images, labels = fid.toy_images(fid.TOY_TEST_IMAGES, seed=fid.TOY_TEST_SEED)
+    assert fid.toy_accuracy(classifier, images, labels) >= 0.99
+
+
+def test_toy_classifier_has_the_inception_call_signature():
+    classifier = fid.load_toy_classifier()
+    images = fid.toy_images(5, seed=0)[0]
+    features = classifier(images, return_features=True)
+    probs = classifier(images, no_output_bias=True)
+    assert features.shape == (5, classifier.dim) and probs.shape == (5, fid.TOY_CLASSES)
+    assert torch.allclose(probs.sum(dim=1), torch.ones(5)) and torch.equal(probs, classifier(images))
+
+
+def test_toy_classifier_file_that_is_not_one_is_refused(tmp_path):
+    (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
+    with pytest.raises(UserError, match='junk.pt'):
+        fid.load_toy_classifier(str(tmp_path / 'junk.pt'))
+    with pytest.raises(UserError, match='toy-classifier'):
+        fid.load_toy_classifier(str(tmp_path / 'missing.pt'))
+
+
+def test_toy_fd_sees_noise_blur_colour_and_missing_classes():
+    classifier = fid.load_toy_classifier()
+    s = fid.FeatureStats()
+    s.update(fid.run_detector(classifier, fid.toy_images(4000, seed=2)[0], 'cpu', return_features=True))
+    ref = s.mean_cov()
+    images, labels = fid.toy_images(1000, seed=3)
     torch.manual_seed(0)
-    changed = {'shuffled': a.flatten(2)[:, :, torch.randperm(256)].reshape(a.shape),   # same colours, no shapes
-               'tinted': (a.double() * torch.tensor([1.0, 0.8, 0.8])[:, None, None]).to(torch.uint8),
-               'noisy': (a.double() + 20 * torch.randn(a.shape)).clamp(0, 255).to(torch.uint8)}
+    blurred = F.avg_pool2d(F.pad(images.float(), (1, 1, 1, 1), mode='replicate'), 3, stride=1)
+    changed = {'noisy': (images.double() + 15 * torch.randn(images.shape)).clamp(0, 255).to(torch.uint8),
+               'blurred': blurred.round().to(torch.uint8),
+               'tinted': (images.double() * torch.tensor([1.0, 0.8, 0.8])[:, None, None]).to(torch.uint8),
+               'two classes': images[labels < 2].repeat(3, 1, 1, 1)[:1000]}
+    same = toy_fd(classifier, images, ref)
+    for name, x in changed.items():
+        assert toy_fd(classifier, x, ref) > 3 * same, name
 
-    toy = fid.ToyFeatures(16, 3)
-    assert torch.equal(toy(a, return_features=True), fid.ToyFeatures(16, 3)(a, return_features=True))
-    assert toy(a, return_features=True).shape == (300, toy.dim) and 64 <= toy.dim <= 256
 
-    def stats(images):
-        s = fid.FeatureStats()
-        s.update(toy(images, return_features=True))
-        return s.mean_cov()
-    same = fid.frechet_distance(*stats(b), *stats(a))
-    for name, images in changed.items():
-        assert fid.frechet_distance(*stats(b), *stats(images)) > 4 * same, name
+class LabelPainter(nn.Module):
+    """A 'generator' whose image is its one-hot class label, painted over the whole image."""
+    img_channels, img_resolution, label_dim = 3, 4, 4
+
+    def forward(self, x, sigma, labels):
+        return labels.argmax(dim=1).float().view(-1, 1, 1, 1).expand_as(x) / 127.5 - 1 + 0 * x
+
+
+def test_generated_classes_are_the_classes_generate_images_asks_for():
+    seeds = torch.arange(20)
+    images = fid.generate_images(LabelPainter(), seeds, device='cpu')
+    classes = fid.generated_classes(seeds, 4, (3, 4, 4))
+    assert torch.equal(images[:, 0, 0, 0].long(), classes) and len(set(classes.tolist())) == 4
+
+
+def test_toy_run_logs_fd_and_acc_of_data_teacher_and_generator(tiny_teacher, tmp_path):
+    run_sida(tmp_path, tiny_teacher, '--duration', '0.000016', '--metrics', 'fd1k')
+    rows = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
+    for key in ('fd_data', 'fd_teacher', 'acc_data', 'acc_teacher', 'fd1k', 'acc1k'):
+        assert key in rows[0], key
+    assert 'fd1k' in rows[-1] and 'acc1k' in rows[-1]
+    assert rows[0]['acc_data'] >= 0.99 and rows[0]['fd_data'] < rows[0]['fd_teacher']
+    assert 0 <= rows[-1]['acc1k'] <= 1
+
+
+def test_toy_fd_needs_toy_data(tiny_teacher, tmp_path):
+    data = write_dataset(tmp_path / 'd', 4, 16, labels=[0, 1])
+    r = run_sida(tmp_path / 'out', tiny_teacher, '--data', data, '--metrics', 'fd', check=False)
+    assert r.returncode == 1 and '--data toy' in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 # ===================================================================================================
