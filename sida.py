@@ -950,11 +950,11 @@ def tee_console(path, enabled=True):
             sys.stdout, sys.stderr = saved
 
 
-def print_options(args, world, rounds, batch_gpu, G, device):
+def print_options(args, world, rounds, batch_gpu, device):
     """Every option once at the start, grouped as on the command line, and the batch layout."""
     groups = flag_groups(build_parser())
-    print(f'{args.method}: {args.teacher} -> one-step generator ({sum(p.numel() for p in G.parameters()) / 1e6:.2f}M '
-          f'parameters) on {device}; batch {args.batch} = {world} process(es) x {rounds} round(s) x {batch_gpu} images')
+    print(f'{args.method}: {args.teacher or "a toy teacher trained first"} -> one-step generator on {device}; '
+          f'batch {args.batch} = {world} process(es) x {rounds} round(s) x {batch_gpu} images')
     for title in ('run', 'session'):
         print(f'{title + " options:":17s}' + '  '.join(f'{k.replace("_", "-")} {getattr(args, k)}' for k in groups[title]))
     print(f'output:          {os.path.abspath(args.resume or args.outdir)}', flush=True)
@@ -1105,6 +1105,8 @@ def distill_in(args, rank, world, device, outdir, state, state_path):
     rounds = args.batch // (world * batch_gpu)
     if args.method == 'sid2a' and args.init_generator is None:
         raise UserError('--method sid2a needs --init-generator (a distilled SiD generator)')
+    if master:
+        print_options(args, world, rounds, batch_gpu, device)
 
     # Data and teacher. The toy run makes its images and, unless --teacher is given, trains its teacher.
     images = labels = None
@@ -1149,8 +1151,8 @@ def distill_in(args, rank, world, device, outdir, state, state_path):
         log(f'resumed from {state_path} at {nimg / 1000:g} kimg')
     elif master:
         networks.atomic_write(os.path.join(outdir, 'args.json'), lambda f: f.write(json.dumps(vars(args), indent=2).encode()))
-    if master:
-        print_options(args, world, rounds, batch_gpu, sida.G, device)
+    log(f'networks: {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M parameters each (teacher, fake score '
+        f'network, generator)')
     nimg = training_loop(args, sida, slots, evaluator, teacher, (nimg, cur_tick, best), state is None, outdir, state_path,
                          rank, world, device)
     if master and nimg >= args.duration * 1e6:
