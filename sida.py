@@ -625,6 +625,7 @@ class SiDA:
         self.use_aug = args.augment > 0 and self.fake_score.augment_dim > 0
         # Unaugmented passes get zero augmentation labels (this also keeps map_augment in every DDP graph).
         self.no_aug = torch.zeros(batch_gpu, teacher.augment_dim, device=device) if teacher.augment_dim else None
+        self.sigma_init = torch.full((batch_gpu, 1, 1, 1), args.init_sigma, device=device)   # G(z) = D(sigma_init z, sigma_init, c)
         if device.type == 'cuda':
             for net in (teacher, self.fake_score, self.G):
                 net.to(memory_format=torch.channels_last)
@@ -668,9 +669,8 @@ class SiDA:
                 else:
                     x_real, c = None, data.labels_only(slot, n)
                 z = data.noise(slot, n)
-                sigma_init = torch.full((n, 1, 1, 1), a.init_sigma, device=dev)
-                with torch.no_grad(), self.autocast():            # x_g = G(sigma_init z, sigma_init, c)
-                    x_g = denoise(self.G_eval_fn, sigma_init * z, sigma_init, c, self.no_aug).denoised
+                with torch.no_grad(), self.autocast():
+                    x_g = denoise(self.G_eval_fn, self.sigma_init * z, self.sigma_init, c, self.no_aug).denoised
                 ok, (x_g,) = drop_nonfinite(torch.ones(n, dtype=torch.bool, device=dev), x_g)
                 sigma = (torch.randn(n, 1, 1, 1, generator=slot.gen, device=dev) * self.p_std + self.p_mean).exp()
                 noise = data.noise(slot, n)
@@ -708,9 +708,8 @@ class SiDA:
                 t = torch.rand(n, 1, 1, 1, generator=slot.gen, device=dev) * (a.tmax / 1000)
                 sigma = sid_sigma(t)
                 eps = data.noise(slot, n)
-                sigma_init = torch.full((n, 1, 1, 1), a.init_sigma, device=dev)
                 with self.autocast():
-                    x_g = denoise(self.G_fn, sigma_init * z, sigma_init, c, self.no_aug).denoised
+                    x_g = denoise(self.G_fn, self.sigma_init * z, self.sigma_init, c, self.no_aug).denoised
                     ok, (x_g,) = drop_nonfinite(torch.ones(n, dtype=torch.bool, device=dev), x_g)
                     x_t = x_g + sigma * eps
                     real = denoise(self.teacher_fn, x_t, sigma, c, self.no_aug, self.use_logvar)
