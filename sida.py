@@ -1161,6 +1161,9 @@ def distill_in(args, rank, world, device, outdir, state, state_path):
                       final=f'{args.method} one-step generator')
         for line in summary(rows, labels):
             log(line)
+        if args.data == 'toy':
+            save_toy_comparison(teacher, sida.G_ema, os.path.join(outdir, 'toy-comparison.png'), args.method,
+                                args.init_sigma, device)
         log(f'done: the EMA generator is {outdir}/generator-best.pt (best snapshot by {evaluator.metrics[0][0]})'
             if evaluator.metrics else f'done: generators in {outdir}/generator-*.pt')
     return {'nimg': nimg, 'outdir': outdir}
@@ -1316,6 +1319,33 @@ def toy_teacher_only(args):
     teacher = networks.load_network(path, device)
     print(json.dumps({'teacher': path, 'train_minutes': round(minutes, 1), 'sampler_nfe': 2 * TOY_SAMPLER_STEPS - 1,
                       **Evaluator(args, False, device).toy_baselines(teacher)}), flush=True)
+
+def save_toy_comparison(teacher, G, path, method, init_sigma, device, n=16):
+    """The toy run's result in one picture: rows of real images, the teacher's sampler, the initial and the
+    distilled one-step generator; each column one seed, so the same class (and the same z for the three
+    networks). The README's assets/toy-samples.png is this file of the default toy run."""
+    seeds = torch.arange(n)
+    shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
+    classes = fid.generated_classes(seeds, teacher.label_dim, shape) if teacher.label_dim else torch.zeros(n, dtype=torch.int64)
+    real, labels = toy_images(64 * n, seed=3)
+    if not teacher.label_dim:
+        labels = torch.zeros_like(labels)
+    real = torch.stack([real[(labels == c).nonzero()[(classes[:k] == c).sum()]][0] for k, c in enumerate(classes)])
+    rows = [('real data', real),
+            (f'teacher ({2 * TOY_SAMPLER_STEPS - 1} NFE)', fid.generate_images(EDMSampler(teacher, TOY_SAMPLER_STEPS), seeds, init_sigma, device)),
+            ('initial G (1 NFE)', fid.generate_images(teacher, seeds, init_sigma, device)),
+            (f'{method} G (1 NFE)', fid.generate_images(G, seeds, init_sigma, device))]
+    label_width, size = 110, shape[1] * 4
+    img = Image.new('RGB', (label_width + n * (size + 2), len(rows) * (size + 4)), 'white')
+    d = ImageDraw.Draw(img)
+    for r, (label, images) in enumerate(rows):
+        y = r * (size + 4)
+        d.text((5, y + size // 2 - 6), label, fill='black')
+        for k, image in enumerate(images.cpu()):
+            tile = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((size, size), Image.NEAREST)
+            img.paste(tile, (label_width + k * (size + 2), y))
+    networks.atomic_write(path, lambda f: img.save(f, format='PNG'))
+
 
 def prepare_latents(src, dest, device, vae=networks.VAE_NAME):
     """Encode a dataset of 512x512 images (EDM-style zip or folder, e.g. from EDM2's dataset_tool.py
