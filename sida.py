@@ -8,7 +8,7 @@ training state; evaluation and the console; the loop; the entry points (the toy 
 preparation, the benchmark).
 
 One process (CPU or one GPU):
-    python sida.py --preset toy                     # offline toy run on the CPU (no downloads)
+    python sida.py --preset toy                     # offline toy run on the CPU (no downloads, < 10 min)
     python sida.py --teacher edm-cifar10-32x32-uncond-vp --data cifar-10-python.tar.gz \
         --ref cifar10-32x32 --outdir runs/c10
 One node with 8 GPUs:
@@ -18,7 +18,7 @@ Two nodes (run on both, NODE_RANK=0 and 1):
         --master_port=29500 sida.py --teacher ... --data ...
 Continue a run (run flags come from its saved state):
     python sida.py --resume runs/c10
-The paper's runs, with every setting: train_cifar.sh and train_imagenet.sh. Other entry points:
+The paper's runs, with every setting: train_cifar.sh, train_imagenet.sh, train_ffhq_afhq.sh. Other entry points:
     python sida.py --bench --arch ddpmpp --batch-gpu 64 --precision bf16   # throughput, random networks
     python sida.py --prepare-latents IMAGES.zip LATENTS.zip                 # EDM2 latent dataset (diffusers)
 """
