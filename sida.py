@@ -982,15 +982,23 @@ def status_line(row, total_kimg):
     return ' | '.join(p for p in parts if p)
 
 
+PLOT_TITLES = {'fid': 'FID of the EMA generator (lower is better)', 'is': 'Inception Score (higher is better)',
+               'fd': 'toy FID of the EMA generator (lower is better)',
+               'acc': 'share of samples of the asked class (higher is better)',
+               'loss_fake_score': 'L_psi, mean per tick', 'loss_disc': 'L_D, mean per tick',
+               'loss_sid': 'L_sid, mean per tick', 'loss_adv': 'L_adv, mean per tick'}
+
+
 def plot_metrics(rows, path):
-    """One small panel per loss and per metric against kimg, drawn with PIL (no plotting dependency);
-    distances on a log scale. Tick-0 entries named <metric>_<what> (fd_data, fd_teacher, ...) are drawn
-    as labelled horizontal lines in that metric's panel."""
-    names = sorted({k for r in rows for k in r if k.startswith('loss_')})
-    names += sorted({k for r in rows for k in r if k.startswith(METRIC_PREFIXES) and '_' not in k})
+    """One small panel per metric, then per loss, against kimg (all on the run's kimg axis), drawn with PIL
+    (no plotting dependency); distances on a log scale. Tick-0 entries named <metric>_<what> (fd_data,
+    fd_teacher, ...) are drawn as labelled horizontal lines in that metric's panel."""
+    names = sorted({k for r in rows for k in r if k.startswith(METRIC_PREFIXES) and '_' not in k})
+    names += sorted({k for r in rows for k in r if k.startswith('loss_')})
     if not names:
         return
     W, H, m, cols = 360, 250, 45, 3
+    x0, x1 = 0.0, max(max(r['kimg'] for r in rows), 1e-3)
     img = Image.new('RGB', (W * min(cols, len(names)), H * math.ceil(len(names) / cols)), 'white')
     d = ImageDraw.Draw(img)
     for i, name in enumerate(names):
@@ -1001,12 +1009,14 @@ def plot_metrics(rows, path):
             continue
         f = (lambda v: math.log10(v)) if log else (lambda v: v)
         ys = [f(y) for _, y in points] + [f(y) for _, y in refs]
-        x0, x1, y0, y1 = points[0][0], points[-1][0], min(ys), max(ys)
-        x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+        y0, y1 = min(ys), max(ys)
+        y1 = y1 if y1 > y0 else y0 + 1
         px = lambda x: ox + m + (x - x0) / (x1 - x0) * (W - 2 * m)
         py = lambda v: oy + H - m - (f(v) - y0) / (y1 - y0) * (H - 2 * m)
         d.rectangle([ox + m, oy + m, ox + W - m, oy + H - m], outline='black')
-        d.text((ox + m, oy + 15), f'{name}{" (log scale)" if log else ""} vs kimg', fill='black')
+        title = next((v for k, v in PLOT_TITLES.items() if name.startswith(k)), 'mean per tick')
+        d.text((ox + m, oy + 12), f'{name}: {title}', fill='black')
+        d.text((ox + m, oy + 25), f'x: kimg{", y: log scale" if log else ""}', fill='#777777')
         for k in range(3):
             x, y = x0 + (x1 - x0) * k / 2, y0 + (y1 - y0) * k / 2
             d.text((px(x) - 10, oy + H - m + 5), f'{x:g}', fill='black')
@@ -1018,7 +1028,7 @@ def plot_metrics(rows, path):
         for j, (label, y) in enumerate(refs):
             colour = ['#d62728', '#2ca02c', '#9467bd'][j % 3]
             d.line([(ox + m, py(y)), (ox + W - m, py(y))], fill=colour, width=1)
-            d.text((ox + W - m - 55, py(y) - 11), label, fill=colour)
+            d.text((ox + W - m - 55, py(y) - 11), {'data': 'real data'}.get(label, label), fill=colour)
     networks.atomic_write(path, lambda f: img.save(f, format='PNG'))
 
 
