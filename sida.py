@@ -121,8 +121,8 @@ def flag_groups(parser):
 
 RUN_FLAGS, SESSION_FLAGS = (tuple(flag_groups(build_parser())[g]) for g in ('run', 'session'))
 TOY_PRESET = dict(teacher=None, data='toy', cond=True, outdir='runs/toy', batch=64, lr=1e-4, glr=1e-4, ema=0.002,
-                  duration=0.02, dropout=0.0, augment=0.0, gen_start_kimg=0.5, adv_start_kimg=1.0, tick=2.,
-                  snap=2, dump=2, metrics='fd', teacher_kimg=100.)   # teacher_kimg: a new toy teacher's training
+                  duration=0.05, dropout=0.0, augment=0.0, gen_start_kimg=0.5, adv_start_kimg=1.0, tick=2.,
+                  snap=2, dump=2, metrics='fd', teacher_kimg=600.)   # teacher_kimg: a new toy teacher's training
 
 
 def parse_args(argv=None):
@@ -397,6 +397,7 @@ TOY_RES, TOY_CLASSES, toy_images = fid.TOY_RES, fid.TOY_CLASSES, fid.toy_images 
 TOY_SAMPLER_STEPS = 18          # Heun steps of the toy teacher's EDM sampler (35 network evaluations)
 TOY_REF_IMAGES = 10000          # real images behind the toy fd's reference statistics
 TOY_TEACHERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'toy')   # shipped teachers: {arch}/teacher.pt
+TOY_TEACHER_BATCH = 128
 
 
 def load_dataset(path, resolution, channels, latent):
@@ -1281,36 +1282,44 @@ def toy_arch(arch, cond):
 
 
 def train_teacher(args, images, labels, device, path):
-    """Toy run only: a small EDM teacher trained from scratch with the denoising loss (SPEC §3) on real images."""
-    net = networks.build_network(toy_arch(args.arch, labels is not None)).to(device).train()
+    """Toy run only: a small EDM teacher trained from scratch (weights from --seed) with EDM's denoising loss
+    on the real images: Adam at a constant learning rate after a short warm-up; the saved network is
+    an EMA whose averaging length grows with training (about the last 11% of the steps)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        net = networks.build_network(toy_arch(args.arch, labels is not None)).to(device).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3, betas=(0.9, 0.99))
+    edm2 = net.magnitude_preserving
+    # EDM2's weights are normalised to unit scale, so a step of a given size moves them relatively less than
+    # EDM's (whose weights are ~1/sqrt(fan-in)): it takes a larger learning rate, as in EDM2.
+    lr = 1e-2 if edm2 else 1e-3
+    opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.99))
     sampler = Sampler(images, labels, net.label_dim, images.shape[1:], device)
     slot = Slot(-1, args.seed, device)
-    batch = 128
+    batch = TOY_TEACHER_BATCH
     steps = int(args.teacher_kimg * 1000 / batch)
     t0 = time.time()
-    edm2 = is_edm2(net)
-    p_mean, p_std = (-0.4, 1.0) if edm2 else (-1.2, 1.2)
+    p_mean, p_std = net.P_mean, net.P_std
     for step in range(steps):
         if edm2:
             net.normalize_weights_()
         x, c = sampler.real(slot, batch)
         sigma = (torch.randn(batch, 1, 1, 1, generator=slot.gen, device=device) * p_std + p_mean).exp()
         n = sampler.noise(slot, batch)
-        out = net(x + sigma * n, sigma, c, **({'return_logvar': True} if edm2 else {}))
-        denoised, logvar = out if edm2 else (out, None)
+        out = net(x + sigma * n, sigma, c, **({'return_logvar': True} if net.use_logvar else {}))
+        denoised, logvar = out if net.use_logvar else (out, None)
         loss = denoising_loss(denoised, x, sigma, net.sigma_data, logvar).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for g in opt.param_groups:
-            g['lr'] = 2e-3 * min(1, (step + 1) / 100) * 0.1 ** (step / steps)   # warm-up, then decay
+            g['lr'] = lr * min(1, (step + 1) / 100)                          # warm-up
         opt.step()
         with torch.no_grad():
             torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - min(0.999, (step + 1) / (step + 10)))
-        if step % 100 == 0 or step == steps - 1:
+        if step % 500 == 0 or step == steps - 1:
             print(f'teacher: step {step + 1}/{steps}, loss {loss.item():.4f}, {time.time() - t0:.0f} s', flush=True)
-    networks.save_network(ema, path, kimg=args.teacher_kimg, method='edm-teacher', data='toy')
+    # Stored in fp16: half the size in the repository (toy/README.md's figures are of the fp16 file).
+    networks.save_network(ema.half(), path, kimg=args.teacher_kimg, method='edm-teacher', data='toy', seed=args.seed)
     print(f'saved the toy teacher to {path}', flush=True)
 
 

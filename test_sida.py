@@ -1187,10 +1187,9 @@ def test_a_crash_while_writing_leaves_the_previous_file_intact(tmp_path):
 
 
 def test_short_toy_distillation_lowers_fd(tmp_path):
-    # tests_data/toy_teacher.pt is the teacher that `python sida.py --preset toy` trains (100 kimg).
-    teacher = os.path.join(HERE, 'tests_data', 'toy_teacher.pt')
-    r = subprocess.run([sys.executable, os.path.join(HERE, 'sida.py'), '--preset', 'toy', '--teacher', teacher,
-                        '--duration', '0.003', '--tick', '1', '--snap', '3', '--outdir', str(tmp_path), '--device', 'cpu'],
+    # The default toy run (the shipped teacher, toy/ddpmpp/teacher.pt), for 3 kimg.
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'sida.py'), '--preset', 'toy', '--duration', '0.003',
+                        '--tick', '1', '--snap', '3', '--outdir', str(tmp_path), '--device', 'cpu'],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
@@ -1784,7 +1783,7 @@ def test_gen_without_ref_decodes_edm2_latent_generators_with_the_vae(tmp_path, c
 
 def test_progress_bar_shows_images_throughput_and_eta(monkeypatch, capsys):
     monkeypatch.setattr(fid, 'PROGRESS_SECONDS', 0)
-    fid.generator_metrics(toy_generate, 12, fid.ToyFeatures(16, 3), batch=5)
+    fid.generator_metrics(toy_generate, 12, fid.ToyClassifier(), batch=5)
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 3
     assert lines[0].startswith('generating [') and '5/12 images (41%)' in lines[0] and 'img/s, ETA 0:00:' in lines[0]
@@ -1792,7 +1791,7 @@ def test_progress_bar_shows_images_throughput_and_eta(monkeypatch, capsys):
 
 
 def test_short_work_prints_no_progress(capsys):
-    fid.generator_metrics(toy_generate, 12, fid.ToyFeatures(16, 3), batch=5)
+    fid.generator_metrics(toy_generate, 12, fid.ToyClassifier(), batch=5)
     assert capsys.readouterr().err == ''
 
 
@@ -1977,7 +1976,7 @@ def test_toy_fd_sees_noise_blur_colour_and_missing_classes():
 
 class LabelPainter(nn.Module):
     """A 'generator' whose image is its one-hot class label, painted over the whole image."""
-    img_channels, img_resolution, label_dim = 3, 4, 4
+    img_channels, img_resolution, label_dim, latent = 3, 4, 4, False
 
     def forward(self, x, sigma, labels):
         return labels.argmax(dim=1).float().view(-1, 1, 1, 1).expand_as(x) / 127.5 - 1 + 0 * x
@@ -1998,6 +1997,26 @@ def test_toy_run_logs_fd_and_acc_of_data_teacher_and_generator(tiny_teacher, tmp
     assert 'fd1k' in rows[-1] and 'acc1k' in rows[-1]
     assert rows[0]['acc_data'] >= 0.99 and rows[0]['fd_data'] < rows[0]['fd_teacher']
     assert 0 <= rows[-1]['acc1k'] <= 1
+
+
+def test_toy_preset_distils_the_shipped_teacher_unless_asked_to_retrain():
+    args = sida.parse_args(['--preset', 'toy'])
+    assert args.teacher == os.path.join(HERE, 'toy', 'ddpmpp', 'teacher.pt') and os.path.isfile(args.teacher)
+    assert sida.parse_args(['--preset', 'toy', '--teacher-kimg', '5']).teacher is None
+    for arch in ('ncsnpp', 'adm', 'edm2'):                                              # none shipped: trained
+        assert sida.parse_args(['--preset', 'toy', '--arch', arch]).teacher is None
+
+
+def test_teacher_only_trains_saves_and_does_not_overwrite(tmp_path):
+    cmd = [sys.executable, os.path.join(HERE, 'sida.py'), '--preset', 'toy', '--teacher-only', '--teacher-kimg', '0.256',
+           '--metrics', 'none', '--device', 'cpu', '--outdir', str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert r.returncode == 0, r.stderr
+    teacher = networks.load_network(str(tmp_path / 'teacher.pt'))
+    assert teacher.meta['kimg'] == 0.256 and teacher.label_dim == 4 and not (tmp_path / 'log.jsonl').exists()
+    before = (tmp_path / 'teacher.pt').read_bytes()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 1 and 'not overwriting' in r.stderr and (tmp_path / 'teacher.pt').read_bytes() == before
 
 
 def test_toy_fd_needs_toy_data(tiny_teacher, tmp_path):
