@@ -394,7 +394,7 @@ def generator_objective(x_g, real, fake, ok, alpha, lsg, lsg_gan, batch):
 # their zip on demand; labels as integers. Every draw comes from a slot's random stream.
 
 TOY_RES, TOY_CLASSES, toy_images = fid.TOY_RES, fid.TOY_CLASSES, fid.toy_images   # the toy run's data (fid.py)
-TOY_SAMPLER_STEPS = 18          # Heun steps of the toy teacher's EDM sampler (35 network evaluations)
+TOY_SAMPLER_STEPS = 9           # Heun steps of the toy teacher's EDM sampler (17 evaluations: its best fd; toy/README.md)
 TOY_REF_IMAGES = 10000          # real images behind the toy fd's reference statistics
 TOY_TEACHERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'toy')   # shipped teachers: {arch}/teacher.pt
 TOY_TEACHER_BATCH = 128
