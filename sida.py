@@ -1299,16 +1299,13 @@ def train_teacher(args, images, labels, device, path):
     batch = TOY_TEACHER_BATCH
     steps = int(args.teacher_kimg * 1000 / batch)
     t0 = time.time()
-    p_mean, p_std = net.P_mean, net.P_std
     for step in range(steps):
         if edm2:
             net.normalize_weights_()
         x, c = sampler.real(slot, batch)
-        sigma = (torch.randn(batch, 1, 1, 1, generator=slot.gen, device=device) * p_std + p_mean).exp()
-        n = sampler.noise(slot, batch)
-        out = net(x + sigma * n, sigma, c, **({'return_logvar': True} if net.use_logvar else {}))
-        denoised, logvar = out if net.use_logvar else (out, None)
-        loss = denoising_loss(denoised, x, sigma, net.sigma_data, logvar).mean()
+        sigma = (torch.randn(batch, 1, 1, 1, generator=slot.gen, device=device) * net.P_std + net.P_mean).exp()
+        out = denoise(net, x + sigma * sampler.noise(slot, batch), sigma, c, None, net.use_logvar)
+        loss = denoising_loss(out.denoised, x, sigma, net.sigma_data, out.logvar).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for g in opt.param_groups:
@@ -1339,6 +1336,7 @@ def toy_teacher_only(args):
     print(json.dumps({'teacher': path, 'train_minutes': round(minutes, 1), 'sampler_nfe': 2 * TOY_SAMPLER_STEPS - 1,
                       **Evaluator(args, False, device).toy_baselines(teacher)}), flush=True)
 
+
 def save_toy_comparison(teacher, G, path, method, init_sigma, device, n=16):
     """The toy run's result in one picture: rows of real images, the teacher's sampler, the initial and the
     distilled one-step generator; each column one seed, so the same class (and the same z for the three
@@ -1349,7 +1347,8 @@ def save_toy_comparison(teacher, G, path, method, init_sigma, device, n=16):
     real, labels = toy_images(64 * n, seed=3)
     if not teacher.label_dim:
         labels = torch.zeros_like(labels)
-    real = torch.stack([real[(labels == c).nonzero()[(classes[:k] == c).sum()]][0] for k, c in enumerate(classes)])
+    # Column k shows a real image of class classes[k]: the j-th of that class when it is the j-th column asking for it.
+    real = torch.stack([real[labels == c][(classes[:k] == c).sum()] for k, c in enumerate(classes)])
     rows = [('real data', real),
             (f'teacher ({2 * TOY_SAMPLER_STEPS - 1} NFE)', fid.generate_images(EDMSampler(teacher, TOY_SAMPLER_STEPS), seeds, init_sigma, device)),
             ('initial G (1 NFE)', fid.generate_images(teacher, seeds, init_sigma, device)),

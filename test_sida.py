@@ -1195,6 +1195,8 @@ def test_short_toy_distillation_lowers_fd(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
     fds = [row['fd'] for row in rows if 'fd' in row]
     assert fds[-1] < 0.5 * fds[0], fds
+    # toy-comparison.png: 4 rows (real, teacher, initial, distilled) of 16 columns of 64-pixel tiles.
+    assert PIL.Image.open(tmp_path / 'toy-comparison.png').size == (110 + 16 * 66, 4 * 68)
 
 
 def write_dataset(folder, n, size, labels=None):
