@@ -120,9 +120,11 @@ def flag_groups(parser):
 
 
 RUN_FLAGS, SESSION_FLAGS = (tuple(flag_groups(build_parser())[g]) for g in ('run', 'session'))
-TOY_PRESET = dict(teacher=None, data='toy', cond=True, outdir='runs/toy', batch=64, lr=1e-4, glr=1e-4, ema=0.002,
-                  duration=0.05, dropout=0.0, augment=0.0, gen_start_kimg=0.5, adv_start_kimg=1.0, tick=2.,
-                  snap=2, dump=2, metrics='fd', teacher_kimg=600.)   # teacher_kimg: a new toy teacher's training
+# The toy run: 10x the paper's learning rate and 1/4 its batch, and 100x its adversarial weight lsg_gan
+# (at 50 kimg: fd 4191 with 0.01, 2389 with 0.1, 1703 with 1.0; README). teacher_kimg: a new toy teacher's.
+TOY_PRESET = dict(teacher=None, data='toy', cond=True, outdir='runs/toy', batch=64, lr=1e-4, glr=1e-4, lsg_gan=1.0,
+                  ema=0.002, duration=0.05, dropout=0.0, augment=0.0, gen_start_kimg=0.5, adv_start_kimg=1.0, tick=2.,
+                  snap=2, dump=2, metrics='fd', teacher_kimg=600.)
 
 
 def parse_args(argv=None):
@@ -394,7 +396,10 @@ def generator_objective(x_g, real, fake, ok, alpha, lsg, lsg_gan, batch):
 # their zip on demand; labels as integers. Every draw comes from a slot's random stream.
 
 TOY_RES, TOY_CLASSES, toy_images = fid.TOY_RES, fid.TOY_CLASSES, fid.toy_images   # the toy run's data (fid.py)
-TOY_SAMPLER_STEPS = 9           # Heun steps of the toy teacher's EDM sampler (17 evaluations: its best fd; toy/README.md)
+# Heun steps of the toy teacher's EDM sampler, by --arch: each shipped teacher's best fd within 35 evaluations
+# (toy/README.md); for the others EDM's 18 steps (35 evaluations).
+TOY_SAMPLER_STEPS = dict(ddpmpp=9, edm2=18)
+toy_sampler_steps = lambda arch: TOY_SAMPLER_STEPS.get(arch, 18)
 TOY_REF_IMAGES = 10000          # real images behind the toy fd's reference statistics
 TOY_TEACHERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'toy')   # shipped teachers: {arch}/teacher.pt
 TOY_TEACHER_BATCH = 128
@@ -901,7 +906,7 @@ class Evaluator:
         held_out, held_out_labels = toy_images(num, seed=3)
         data = self.toy_metrics(lambda seeds: held_out[seeds],
                                 (lambda seeds: held_out_labels[seeds]) if teacher.label_dim else None, num)
-        teacher_ = self.generator_toy_metrics(EDMSampler(teacher, TOY_SAMPLER_STEPS), num)
+        teacher_ = self.generator_toy_metrics(EDMSampler(teacher, toy_sampler_steps(self.args.arch)), num)
         return {f'{k}_{who}': round(v, 5) for who, r in (('data', data), ('teacher', teacher_)) for k, v in r.items()}
 
     def __call__(self, G):
@@ -1168,13 +1173,13 @@ def distill_in(args, rank, world, device, outdir, state, state_path):
     if master and nimg >= args.duration * 1e6:
         with open(os.path.join(outdir, 'log.jsonl')) as f:
             rows = [json.loads(line) for line in f if line.strip()]
-        labels = dict(data='real data', teacher=f'teacher ({2 * TOY_SAMPLER_STEPS - 1} NFE)', initial='initial generator',
+        labels = dict(data='real data', teacher=f'teacher ({2 * toy_sampler_steps(args.arch) - 1} NFE)', initial='initial generator',
                       final=f'{args.method} one-step generator')
         for line in summary(rows, labels):
             log(line)
         if args.data == 'toy':
             save_toy_comparison(teacher, sida.G_ema, os.path.join(outdir, 'toy-comparison.png'), args.method,
-                                args.init_sigma, device)
+                                args.init_sigma, device, toy_sampler_steps(args.arch))
         log(f'done: the EMA generator is {outdir}/generator-best.pt (best snapshot by {evaluator.metrics[0][0]})'
             if evaluator.metrics else f'done: generators in {outdir}/generator-*.pt')
     return {'nimg': nimg, 'outdir': outdir}
@@ -1333,11 +1338,11 @@ def toy_teacher_only(args):
     train_teacher(args, images, labels if args.cond else None, device, path)
     minutes = (time.time() - start) / 60
     teacher = networks.load_network(path, device)
-    print(json.dumps({'teacher': path, 'train_minutes': round(minutes, 1), 'sampler_nfe': 2 * TOY_SAMPLER_STEPS - 1,
+    print(json.dumps({'teacher': path, 'train_minutes': round(minutes, 1), 'sampler_nfe': 2 * toy_sampler_steps(args.arch) - 1,
                       **Evaluator(args, False, device).toy_baselines(teacher)}), flush=True)
 
 
-def save_toy_comparison(teacher, G, path, method, init_sigma, device, n=16):
+def save_toy_comparison(teacher, G, path, method, init_sigma, device, steps, n=16):
     """The toy run's result in one picture: rows of real images, the teacher's sampler, the initial and the
     distilled one-step generator; each column one seed, so the same class (and the same z for the three
     networks). The README's assets/toy-samples.png is this file of the default toy run."""
@@ -1350,7 +1355,7 @@ def save_toy_comparison(teacher, G, path, method, init_sigma, device, n=16):
     # Column k shows a real image of class classes[k]: the j-th of that class when it is the j-th column asking for it.
     real = torch.stack([real[labels == c][(classes[:k] == c).sum()] for k, c in enumerate(classes)])
     rows = [('real data', real),
-            (f'teacher ({2 * TOY_SAMPLER_STEPS - 1} NFE)', fid.generate_images(EDMSampler(teacher, TOY_SAMPLER_STEPS), seeds, init_sigma, device)),
+            (f'teacher ({2 * steps - 1} NFE)', fid.generate_images(EDMSampler(teacher, steps), seeds, init_sigma, device)),
             ('initial G (1 NFE)', fid.generate_images(teacher, seeds, init_sigma, device)),
             (f'{method} G (1 NFE)', fid.generate_images(G, seeds, init_sigma, device))]
     label_width, size = 110, shape[1] * 4

@@ -2002,10 +2002,14 @@ def test_toy_run_logs_fd_and_acc_of_data_teacher_and_generator(tiny_teacher, tmp
 
 
 def test_toy_preset_distils_the_shipped_teacher_unless_asked_to_retrain():
-    args = sida.parse_args(['--preset', 'toy'])
-    assert args.teacher == os.path.join(HERE, 'toy', 'ddpmpp', 'teacher.pt') and os.path.isfile(args.teacher)
-    assert sida.parse_args(['--preset', 'toy', '--teacher-kimg', '5']).teacher is None
-    for arch in ('ncsnpp', 'adm', 'edm2'):                                              # none shipped: trained
+    for arch in ('ddpmpp', 'edm2'):
+        args = sida.parse_args(['--preset', 'toy', '--arch', arch])
+        assert args.teacher == os.path.join(HERE, 'toy', arch, 'teacher.pt') and os.path.isfile(args.teacher)
+        assert sida.parse_args(['--preset', 'toy', '--arch', arch, '--teacher-kimg', '5']).teacher is None
+        teacher = networks.load_network(args.teacher)
+        assert teacher.meta['kimg'] == 600 and teacher.meta['method'] == 'edm-teacher' and teacher.label_dim == 4
+        assert teacher.magnitude_preserving == (arch == 'edm2')
+    for arch in ('ncsnpp', 'adm'):                                                      # none shipped: trained
         assert sida.parse_args(['--preset', 'toy', '--arch', arch]).teacher is None
 
 
