@@ -121,7 +121,7 @@ def flag_groups(parser):
 
 RUN_FLAGS, SESSION_FLAGS = (tuple(flag_groups(build_parser())[g]) for g in ('run', 'session'))
 # The toy run: 10x the paper's learning rate and 1/4 its batch, and 100x its adversarial weight lsg_gan
-# (at 50 kimg: fd 4191 with 0.01, 2389 with 0.1, 1703 with 1.0; README). teacher_kimg: a new toy teacher's.
+# (the README's sweep). teacher_kimg: a new toy teacher's training.
 TOY_PRESET = dict(teacher=None, data='toy', cond=True, outdir='runs/toy', batch=64, lr=1e-4, glr=1e-4, lsg_gan=1.0,
                   ema=0.002, duration=0.05, dropout=0.0, augment=0.0, gen_start_kimg=0.5, adv_start_kimg=1.0, tick=2.,
                   snap=2, dump=2, metrics='fd', teacher_kimg=600.)
