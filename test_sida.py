@@ -1111,6 +1111,9 @@ def test_preset_keeps_flags_given_on_the_command_line():
     args = sida.parse_args(['--preset', 'toy', '--batch', '256', '--lr', '1e-5', '--method', 'sid'])
     assert (args.batch, args.lr, args.method) == (256, 1e-5, 'sid')      # given, even where equal to the defaults
     assert args.glr == sida.TOY_PRESET['glr'] and args.data == 'toy'
+    # The EDM2 toy's own settings apply over the toy preset's, and flags given still win over both.
+    edm2 = sida.parse_args(['--preset', 'toy', '--arch', 'edm2', '--glr', '2e-4'])
+    assert (edm2.lr, edm2.glr, edm2.lsd, edm2.lsg_gan, edm2.batch) == (1e-3, 2e-4, 100., 0.01, sida.TOY_PRESET['batch'])
 
 
 def test_abbreviated_flags_are_refused(capsys):
