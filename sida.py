@@ -107,6 +107,7 @@ def build_parser():
     a('--prepare-latents', nargs=2, metavar=('SRC', 'DEST'), help='encode 512x512 images into an EDM2 latent zip')
     a('--bench',          action='store_true', help='time full SiDA iterations on random networks and exit')
     a('--bench-iters',    type=int,   default=10,  help='bench: timed iterations')
+    a('--profile',        action='store_true', help='bench: also print the top kernels of one steady-state iteration')
     a('--resolution',     type=int,   default=32,  help='bench: image resolution')
     a('--cbase',          type=int,   default=128, help='bench: channels at multiplier 1')
     a('--cres',           default='2,2,2',         help='bench: channel multipliers per resolution')
@@ -582,17 +583,13 @@ def precision_setup(precision, device):
     return contextlib.nullcontext, False
 
 
-def compile_fn(enabled, device):
-    """torch.compile for --compile; the identity when off or when compiling cannot work here (warned)."""
-    if not enabled:
-        return lambda fn: fn
-    import torch._dynamo
+def can_compile(device):
+    """torch.compile needs Triton on CUDA; warn and run eagerly without it."""
     from torch.utils._triton import has_triton
     if device.type == 'cuda' and not has_triton():
         print('warning: --compile: Triton is not installed, running eagerly', flush=True)
-        return lambda fn: fn
-    torch._dynamo.config.suppress_errors = True    # a graph that fails to compile runs eagerly (logged)
-    return torch.compile
+        return False
+    return True
 
 
 def sanitize_grads(params, clip):
@@ -651,12 +648,28 @@ class SiDA:
         self.nonfinite_streak = torch.zeros((), device=device)
         self.worst_streak = torch.zeros((), device=device)
         # The network calls. The fake score network is trained through DDP in its own step and frozen (a
-        # plain module) in the generator's, where DDP must not see it. torch.compile keeps one graph per
-        # call signature and network class: with EDM networks 4 graphs cover the 6 calls.
-        compile_ = compile_fn(args.compile, device)
-        self.teacher_fn, self.G_fn, self.G_eval_fn = compile_(teacher), compile_(self.G_ddp), compile_(self.G)
-        self.fake_train_fn, self.fake_fn = compile_(self.fake_score_ddp), compile_(self.fake_score)
-        self.discriminate_fn = compile_(self.fake_score.discriminate)
+        # plain module) in the generator's, where DDP must not see it.
+        self.teacher_fn, self.G_fn, self.G_eval_fn = teacher, self.G_ddp, self.G
+        self.fake_train_fn, self.fake_fn = self.fake_score_ddp, self.fake_score
+        self.discriminate_fn = self.fake_score.discriminate
+        if args.compile and can_compile(device):
+            self.compile()
+
+    def compile(self):
+        """torch.compile the network calls (SIDA_COMPILE=whole: one graph per call signature and network class,
+        4 for EDM networks, 5 for EDM2) or only their UNet blocks (SIDA_COMPILE=blocks, the default: the blocks of
+        one shape share one graph across the three networks, so compiling costs a fraction)."""
+        import torch._dynamo
+        torch._dynamo.config.suppress_errors = True    # a graph that fails to compile runs eagerly (logged)
+        if os.environ.get('SIDA_COMPILE', 'blocks') == 'whole':
+            for k in ('teacher_fn', 'G_fn', 'G_eval_fn', 'fake_train_fn', 'fake_fn', 'discriminate_fn'):
+                setattr(self, k, torch.compile(getattr(self, k)))
+            return
+        torch._dynamo.config.cache_size_limit = 256    # one graph per block shape and mode
+        for net in (self.teacher, self.fake_score, self.G):
+            for m in net.modules():
+                if isinstance(m, (networks.UNetBlock, networks.MPBlock)):
+                    m.compile(dynamic=False)
 
     def rounds(self, ddp_net, slots):
         """Yield (slot, context) per accumulation round; gradients sync across ranks on the last one."""
@@ -1444,28 +1457,52 @@ def random_sida(args, world, device):
     return SiDA(args, teacher, teacher, sampler, world, args.batch_gpu, device)
 
 
+def print_profile(iteration, sync, device, top=20):
+    """The kernels (on the CPU: the operators' self times) of one iteration by their share of the device's
+    busy time, and that busy time against the iteration's wall-clock time (a large gap: bound by the host)."""
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    t0 = time.perf_counter()
+    with torch.profiler.profile(activities=acts) as prof:
+        iteration()
+        sync()
+    wall = (time.perf_counter() - t0) * 1e3
+    if device.type == 'cuda':
+        table = {}
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                ms, count = table.get(e.name, (0., 0))
+                table[e.name] = ms + e.time_range.elapsed_us() / 1e3, count + 1
+    else:
+        table = {e.key: (e.self_cpu_time_total / 1e3, e.count) for e in prof.key_averages()}
+    busy = sum(ms for ms, _ in table.values())
+    print(f'profile: {"kernels" if device.type == "cuda" else "operators (self time)"} busy {busy:.1f} ms of a {wall:.1f} ms '
+          f'iteration (under the profiler), {sum(c for _, c in table.values())} launches', flush=True)
+    for name, (ms, count) in sorted(table.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f'{100 * ms / busy:6.2f}% {ms:9.3f} ms {count:6d}x  {name[:110]}', flush=True)
+
+
 def bench(args):
     _, world, device = fid.init_distributed(args.device)
     args.batch_gpu = args.batch_gpu or 64
     args.batch = args.batch_gpu * world
+    compile_ = args.compile and can_compile(device)
+    args.compile = False                                      # counted eagerly, then compiled
     sida = random_sida(args, world, device)
     slots = [Slot(0, args.seed, device)]
     iteration = lambda: (sida.fake_score_step(slots), sida.generator_step(slots, use_adv=sida.adversarial))
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-    eager = {'teacher_fn': sida.teacher, 'G_fn': sida.G_ddp, 'G_eval_fn': sida.G, 'fake_train_fn': sida.fake_score_ddp,
-             'fake_fn': sida.fake_score, 'discriminate_fn': sida.fake_score.discriminate}
-    compiled = {k: getattr(sida, k) for k in eager}
-    for k, fn in eager.items():
-        setattr(sida, k, fn)
     iteration()                                               # creates the optimizer state
-    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter, OpCounter() as ops:   # counted eagerly
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter, OpCounter() as ops:
         iteration()
     flops = counter.get_total_flops()
-    for k, fn in compiled.items():
-        setattr(sida, k, fn)
+    args.compile = compile_
+    if compile_:
+        sida.compile()
+    t0 = time.perf_counter()
     for _ in range(3):                                        # warm-up (and compilation)
         iteration()
     sync()
+    warmup = time.perf_counter() - t0
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
@@ -1476,11 +1513,16 @@ def bench(args):
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     result = {'arch': args.arch, 'resolution': args.resolution, 'batch_gpu': args.batch_gpu, 'precision': args.precision,
-              'compile': args.compile, 'device': name, 'img_per_s': round(args.batch_gpu / sec, 2),
-              'sec_per_iter': round(sec, 4),
+              'compile': os.environ.get('SIDA_COMPILE', 'blocks') if args.compile else False, 'device': name, 'torch': torch.__version__, 'img_per_s': round(args.batch_gpu / sec, 2),
+              'sec_per_iter': round(sec, 4), 'compile_s': round(max(warmup - 3 * sec, 0), 1),
               'peak_gb': round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == 'cuda' else None,
               'gflop_per_iter': round(flops / 1e9, 1), 'eager_ops_per_iter': ops.count,
               'mfu': round(flops / sec / (peak * 1e12), 4) if peak else None}
+    if args.compile:
+        from torch._dynamo.utils import counters
+        result.update(graphs=counters['stats']['unique_graphs'], graph_breaks=sum(counters['graph_break'].values()))
+    if args.profile:
+        print_profile(iteration, sync, device)
     print(json.dumps(result), flush=True)
     return result
 
