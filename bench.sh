@@ -6,7 +6,6 @@
 # Extra arguments go to every `sida.py --bench` call (the last value of a flag wins). LIMIT: seconds per run.
 set -u
 cd "$(dirname "$0")"
-export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/runs/compile-cache}   # compiled kernels kept across runs
 declare -A TARGET=(
   [cifar10]='--arch ddpmpp --resolution 32 --cbase 128 --cres 2,2,2 --batch-gpu 64'
   [imagenet64]='--arch adm --resolution 64 --cbase 192 --cres 1,2,3,4 --label-dim 1000 --batch-gpu 32 --dropout 0.1'

@@ -656,20 +656,14 @@ class SiDA:
             self.compile()
 
     def compile(self):
-        """torch.compile the network calls (SIDA_COMPILE=whole: one graph per call signature and network class,
-        4 for EDM networks, 5 for EDM2) or only their UNet blocks (SIDA_COMPILE=blocks, the default: the blocks of
-        one shape share one graph across the three networks, so compiling costs a fraction)."""
+        """torch.compile the six network calls: one graph per call signature and network class (4 with EDM
+        networks, 5 with EDM2). A graph that fails to compile runs eagerly (dynamo logs why)."""
         import torch._dynamo
-        torch._dynamo.config.suppress_errors = True    # a graph that fails to compile runs eagerly (logged)
-        if os.environ.get('SIDA_COMPILE', 'blocks') == 'whole':
-            for k in ('teacher_fn', 'G_fn', 'G_eval_fn', 'fake_train_fn', 'fake_fn', 'discriminate_fn'):
-                setattr(self, k, torch.compile(getattr(self, k)))
-            return
-        torch._dynamo.config.cache_size_limit = 256    # one graph per block shape and mode
-        for net in (self.teacher, self.fake_score, self.G):
-            for m in net.modules():
-                if isinstance(m, (networks.UNetBlock, networks.MPBlock)):
-                    m.compile(dynamic=False)
+        torch._dynamo.config.suppress_errors = True
+        # Compiled kernels are kept across restarts (and runs) in a stable folder, not in /tmp.
+        os.environ.setdefault('TORCHINDUCTOR_CACHE_DIR', os.path.expanduser('~/.cache/sida/torchinductor'))
+        for k in ('teacher_fn', 'G_fn', 'G_eval_fn', 'fake_train_fn', 'fake_fn', 'discriminate_fn'):
+            setattr(self, k, torch.compile(getattr(self, k)))
 
     def rounds(self, ddp_net, slots):
         """Yield (slot, context) per accumulation round; gradients sync across ranks on the last one."""
@@ -1238,13 +1232,19 @@ def training_loop(args, sida, slots, evaluator, teacher, start, fresh, outdir, s
         log('measuring the initial generator (and, in the toy run, the data and the teacher)...')
         write_row({'tick': 0, 'kimg': 0.0, **evaluator.toy_baselines(teacher)}, snap=True)
     tick_nimg, tick_time, start_time = nimg, time.time(), time.time()
+    uncompiled = {'fake score', 'generator', 'adversarial generator'} if args.compile else set()
     while True:
         if nimg < total:
+            t0, step = time.time(), 'fake score'
             sida.fake_score_step(slots)                      # every iteration from the start
             if nimg >= gen_start:                            # SiDA: after the discriminator warm-up
+                step = 'adversarial generator' if nimg >= adv_start else 'generator'
                 sida.generator_step(slots, use_adv=nimg >= adv_start)
                 sida.update_ema(nimg)
             nimg += args.batch
+            if step in uncompiled:                           # --compile: a new step's graphs compile on first use
+                uncompiled.discard(step)
+                log(f'--compile: the first iteration with the {step} step took {time.time() - t0:.1f} s')
         done = nimg >= total
         # Ranks agree on a stop request every few iterations (a host sync; free in one process).
         stopping = bool(stop) if world == 1 else (nimg // args.batch % 8 == 0 or done) and any_rank(bool(stop), device)
@@ -1486,8 +1486,7 @@ def bench(args):
     args.batch_gpu = args.batch_gpu or 64
     args.batch = args.batch_gpu * world
     compile_ = args.compile and can_compile(device)
-    args.compile = False                                      # counted eagerly, then compiled
-    sida = random_sida(args, world, device)
+    sida = random_sida(argparse.Namespace(**{**vars(args), 'compile': False}), world, device)   # counted eagerly first
     slots = [Slot(0, args.seed, device)]
     iteration = lambda: (sida.fake_score_step(slots), sida.generator_step(slots, use_adv=sida.adversarial))
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
@@ -1495,7 +1494,6 @@ def bench(args):
     with torch.utils.flop_counter.FlopCounterMode(display=False) as counter, OpCounter() as ops:
         iteration()
     flops = counter.get_total_flops()
-    args.compile = compile_
     if compile_:
         sida.compile()
     t0 = time.perf_counter()
@@ -1513,12 +1511,12 @@ def bench(args):
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     result = {'arch': args.arch, 'resolution': args.resolution, 'batch_gpu': args.batch_gpu, 'precision': args.precision,
-              'compile': os.environ.get('SIDA_COMPILE', 'blocks') if args.compile else False, 'device': name, 'torch': torch.__version__, 'img_per_s': round(args.batch_gpu / sec, 2),
+              'compile': compile_, 'device': name, 'torch': torch.__version__, 'img_per_s': round(args.batch_gpu / sec, 2),
               'sec_per_iter': round(sec, 4), 'compile_s': round(max(warmup - 3 * sec, 0), 1),
               'peak_gb': round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == 'cuda' else None,
               'gflop_per_iter': round(flops / 1e9, 1), 'eager_ops_per_iter': ops.count,
               'mfu': round(flops / sec / (peak * 1e12), 4) if peak else None}
-    if args.compile:
+    if compile_:
         from torch._dynamo.utils import counters
         result.update(graphs=counters['stats']['unique_graphs'], graph_breaks=sum(counters['graph_break'].values()))
     if args.profile:

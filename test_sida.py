@@ -970,11 +970,14 @@ def test_training_iteration_never_reads_tensors_back_to_the_host(arch, precision
 
 
 @pytest.mark.parametrize('arch, graphs', [('ddpmpp', 4), ('edm2', 5)])   # EDM2's G has no logvar head of its own
-def test_compiled_iteration_equals_eager_without_graph_breaks(monkeypatch, arch, graphs):
+def test_compiled_iteration_equals_eager_without_graph_breaks(monkeypatch, tmp_path, arch, graphs):
     """--compile traces every network call whole (no graph breaks) into graphs shared between calls; the
     aot_eager backend (no code generation, so quick on a CPU) gives the eager losses."""
     from torch._dynamo.utils import counters
     monkeypatch.setattr(torch, 'compile', functools.partial(torch.compile, backend='aot_eager'))
+    monkeypatch.setenv('HOME', str(tmp_path))
+    monkeypatch.setenv('TORCHINDUCTOR_CACHE_DIR', '')
+    monkeypatch.delenv('TORCHINDUCTOR_CACHE_DIR')              # restored after the test
     torch._dynamo.reset()
     counters.clear()
     stats = {}
@@ -991,6 +994,7 @@ def test_compiled_iteration_equals_eager_without_graph_breaks(monkeypatch, arch,
                 stats[flags] = {k: float(v[0]) / v[1] for k, v in s.stats.items()}
             assert not counters['graph_break'], dict(counters['graph_break'])
             assert counters['stats']['unique_graphs'] == graphs
+            assert os.environ['TORCHINDUCTOR_CACHE_DIR'] == str(tmp_path / '.cache/sida/torchinductor')
         finally:
             torch._dynamo.reset()
     for k, v in stats[()].items():
@@ -1010,6 +1014,21 @@ def test_warmup_schedule_switches_at_the_right_image_counts(tiny_teacher, monkey
     assert calls == [('fake', None), ('fake', None), ('fake', None), ('gen', False), ('ema', 16), ('fake', None),
                      ('gen', False), ('ema', 24), ('fake', None), ('gen', True), ('ema', 32), ('fake', None),
                      ('gen', True), ('ema', 40)]
+
+
+def test_compiled_run_logs_each_steps_first_iteration(tiny_teacher, monkeypatch, tmp_path, capsys):
+    """--compile: each step's graphs compile on its first use; the console says how long that iteration took."""
+    for step in ('fake_score_step', 'generator_step', 'update_ema'):
+        monkeypatch.setattr(sida.SiDA, step, lambda self, *a, **k: None)
+    compiled = []
+    monkeypatch.setattr(sida.SiDA, 'compile', lambda self: compiled.append(True))
+    sida.distill(sida.parse_args(['--teacher', tiny_teacher, '--data', 'toy', '--cond', '--batch', '8', '--compile',
+                                  '--gen-start-kimg', '0.016', '--adv-start-kimg', '0.032', '--duration', '0.000048',
+                                  '--metrics', 'none', '--device', 'cpu', '--outdir', str(tmp_path)]))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('--compile: the first')]
+    assert compiled == [True]
+    assert [line.split(' step took')[0].split('with the ')[1] for line in lines] == \
+        ['fake score', 'generator', 'adversarial generator']
 
 
 def test_two_process_gloo_run_matches_one_process(tiny_teacher, tmp_path):
@@ -1339,11 +1358,16 @@ def test_forced_normalisation_renormalises_the_generator_and_only_optionally_the
 def test_bench_runs_on_cpu():
     r = subprocess.run([sys.executable, os.path.join(HERE, 'sida.py'), '--bench', '--arch', 'ddpmpp',
                         '--resolution', '8', '--cbase', '8', '--cres', '1,2', '--batch-gpu', '2', '--bench-iters', '1',
-                        '--device', 'cpu'], capture_output=True, text=True, timeout=300)
+                        '--device', 'cpu', '--profile'], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    result = json.loads(r.stdout.strip().splitlines()[-1])
-    assert result['img_per_s'] > 0 and result['gflop_per_iter'] > 0
+    lines = r.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert result['img_per_s'] > 0 and result['gflop_per_iter'] > 0 and result['compile_s'] == 0
     assert result['eager_ops_per_iter'] > 1000          # two updates of networks with dozens of layers each
+    # --profile: a summary line, then 20 operators by share, the largest first
+    head = next(i for i, line in enumerate(lines) if line.startswith('profile: operators (self time) busy'))
+    shares = [float(line.split('%')[0]) for line in lines[head + 1:head + 21]]
+    assert len(shares) == 20 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.01
 
 
 # ===================================================================================================
