@@ -12,7 +12,9 @@ declare -A TARGET=(
   [edm2-xs]='--arch edm2 --resolution 64 --cbase 128 --cres 1,2,3,4 --label-dim 1000 --batch-gpu 64 --dropout 0'
 )
 for name in ${TARGETS:-cifar10 imagenet64 edm2-xs}; do
+  [ -n "${TARGET[$name]+set}" ] || { echo "bench.sh: TARGETS: unknown target '$name' (${!TARGET[*]})" >&2; exit 2; }
   for mode in ${MODES:-eager compile}; do
+    [ "$mode" = eager ] || [ "$mode" = compile ] || { echo "bench.sh: MODES: unknown mode '$mode' (eager compile)" >&2; exit 2; }
     flags="--bench ${TARGET[$name]} --precision ${PRECISION:-bf16}"
     [ "$mode" = compile ] && flags="$flags --compile"
     [ "${PROFILE:-0}" = 1 ] && flags="$flags --profile"

@@ -1512,13 +1512,14 @@ def bench(args):
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     result = {'arch': args.arch, 'resolution': args.resolution, 'batch_gpu': args.batch_gpu, 'precision': args.precision,
               'compile': compile_, 'device': name, 'torch': torch.__version__, 'img_per_s': round(args.batch_gpu / sec, 2),
-              'sec_per_iter': round(sec, 4), 'compile_s': round(max(warmup - 3 * sec, 0), 1),
+              'sec_per_iter': round(sec, 4),
               'peak_gb': round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == 'cuda' else None,
               'gflop_per_iter': round(flops / 1e9, 1), 'eager_ops_per_iter': ops.count,
               'mfu': round(flops / sec / (peak * 1e12), 4) if peak else None}
     if compile_:
         from torch._dynamo.utils import counters
-        result.update(graphs=counters['stats']['unique_graphs'], graph_breaks=sum(counters['graph_break'].values()))
+        result.update(compile_s=round(max(warmup - 3 * sec, 0), 1), graphs=counters['stats']['unique_graphs'],
+                      graph_breaks=sum(counters['graph_break'].values()))
     if args.profile:
         print_profile(iteration, sync, device)
     print(json.dumps(result), flush=True)

@@ -1362,7 +1362,7 @@ def test_bench_runs_on_cpu():
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     result = json.loads(lines[-1])
-    assert result['img_per_s'] > 0 and result['gflop_per_iter'] > 0 and result['compile_s'] == 0
+    assert result['img_per_s'] > 0 and result['gflop_per_iter'] > 0 and 'compile_s' not in result   # compiled runs only
     assert result['eager_ops_per_iter'] > 1000          # two updates of networks with dozens of layers each
     # --profile: a summary line, then 20 operators by share, the largest first
     head = next(i for i, line in enumerate(lines) if line.startswith('profile: operators (self time) busy'))
