@@ -2034,8 +2034,9 @@ def test_toy_preset_distils_the_shipped_teacher_unless_asked_to_retrain():
         assert args.teacher == os.path.join(HERE, 'toy', arch, 'teacher.pt') and os.path.isfile(args.teacher)
         assert sida.parse_args(['--preset', 'toy', '--arch', arch, '--teacher-kimg', '5']).teacher is None
         teacher = networks.load_network(args.teacher)
-        assert teacher.meta['kimg'] == 600 and teacher.meta['method'] == 'edm-teacher' and teacher.label_dim == 4
+        assert teacher.meta['kimg'] == {'ddpmpp': 600, 'edm2': 1000}[arch] and teacher.meta['method'] == 'edm-teacher' and teacher.label_dim == 4
         assert teacher.magnitude_preserving == (arch == 'edm2')
+        assert sida.parse_args(['--preset', 'toy', '--arch', arch, '--teacher-only']).teacher_kimg == teacher.meta['kimg']
     for arch in ('ncsnpp', 'adm'):                                                      # none shipped: trained
         assert sida.parse_args(['--preset', 'toy', '--arch', arch]).teacher is None
 
