@@ -126,7 +126,7 @@ RUN_FLAGS, SESSION_FLAGS = (tuple(flag_groups(build_parser())[g]) for g in ('run
 TOY_PRESET = dict(teacher=None, data='toy', cond=True, outdir='runs/toy', batch=64, lr=1e-4, glr=1e-4, lsg_gan=1.0,
                   ema=0.002, duration=0.05, dropout=0.0, augment=0.0, gen_start_kimg=0.5, adv_start_kimg=1.0, tick=2.,
                   snap=2, dump=2, metrics='fd', teacher_kimg=600.)
-# The EDM2 toy changes four: EDM2's unit-norm weights take a 10x larger learning rate (as its toy teacher's
+# The EDM2 toy changes five: EDM2's unit-norm weights take a 10x larger learning rate (as its toy teacher's
 # training does), and the paper's EDM2 weights lsd 100, lsg_gan 0.01 (the README's EDM2 toy runs). Its
 # teacher trains longer: 600 kimg drew the asked class 94.1% of the time, 1000 kimg 96.3% (toy/README.md).
 TOY_PRESET_BY_ARCH = {'edm2': dict(lr=1e-3, glr=1e-3, lsd=100., lsg_gan=0.01, teacher_kimg=1000.)}
