@@ -5,6 +5,7 @@ The real Inception detector, official checkpoints and datasets are replaced by s
 """
 
 import functools
+import importlib.util
 import http.server
 import io
 import json
@@ -2051,6 +2052,21 @@ def test_teacher_only_trains_saves_and_does_not_overwrite(tmp_path):
     before = (tmp_path / 'teacher.pt').read_bytes()
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 1 and 'not overwriting' in r.stderr and (tmp_path / 'teacher.pt').read_bytes() == before
+
+
+def test_toy_sweep_summary_reads_each_run_against_its_teacher():
+    spec = importlib.util.spec_from_file_location('sweep', os.path.join(HERE, 'toy', 'sweep.py'))
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    rows = [{'tick': 0, 'kimg': 0.0, 'fd_teacher': 100.0, 'acc_teacher': 0.9, 'fd': 1000.0, 'acc': 0.5},
+            {'kimg': 2.0, 'fd': 90.0, 'acc': 0.8}, {'kimg': 4.0, 'fd': 120.0, 'acc': 0.95},
+            {'kimg': 6.0, 'fd': 95.0, 'acc': 0.91, 'sec_per_kimg': 3.0}]
+    line = sweep.summarise('x', rows, [4, 50])
+    assert '@4:     120 0.950' in line and '@50: -' in line and 'best fd 90 @2' in line and 'both @6' in line
+    assert 'both -' in sweep.summarise('x', rows[:3], [4]) and 'no snapshot' in sweep.summarise('x', [], [4])
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'toy', 'sweep.py'), 'no-such-runs.txt', 'out'],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.strip() == 'sweep.py: no-such-runs.txt: no such file'
 
 
 def test_toy_fd_needs_toy_data(tiny_teacher, tmp_path):
