@@ -2054,7 +2054,7 @@ def test_teacher_only_trains_saves_and_does_not_overwrite(tmp_path):
     assert r.returncode == 1 and 'not overwriting' in r.stderr and (tmp_path / 'teacher.pt').read_bytes() == before
 
 
-def test_toy_sweep_summary_reads_each_run_against_its_teacher():
+def test_toy_sweep_summary_reads_each_run_against_its_teacher(tmp_path):
     spec = importlib.util.spec_from_file_location('sweep', os.path.join(HERE, 'toy', 'sweep.py'))
     sweep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sweep)
@@ -2067,6 +2067,11 @@ def test_toy_sweep_summary_reads_each_run_against_its_teacher():
     r = subprocess.run([sys.executable, os.path.join(HERE, 'toy', 'sweep.py'), 'no-such-runs.txt', 'out'],
                        capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.strip() == 'sweep.py: no-such-runs.txt: no such file'
+    runs = tmp_path / 'runs.txt'
+    runs.write_text('a\n\n# a comment\na --seed 1\n')
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'toy', 'sweep.py'), str(runs), str(tmp_path / 'out')],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and 'run names must differ' in r.stderr and not (tmp_path / 'out').exists()
 
 
 def test_toy_fd_needs_toy_data(tiny_teacher, tmp_path):

@@ -51,7 +51,8 @@ def main(argv):
     p.add_argument('outdir', help='each run goes to OUTDIR/NAME, its console to OUTDIR/NAME.log')
     p.add_argument('--device', default='cuda', help='device of every run')
     p.add_argument('--deadline', type=float, default=480, help='seconds; runs still going then are stopped')
-    p.add_argument('--kimg', default='50,100', help='kimg at which the summary reads fd and acc')
+    p.add_argument('--kimg', default='50,100', type=lambda v: [float(k) for k in v.split(',')],
+                   help='kimg at which the summary reads fd and acc (comma list)')
     extra = argv[argv.index('--') + 1:] if '--' in argv else []      # after --: flags for every run
     opts = p.parse_args(argv[:len(argv) - len(extra) - ('--' in argv)])
     runs_file, outdir = opts.runs, opts.outdir
@@ -59,9 +60,12 @@ def main(argv):
         sys.exit(f'sweep.py: {runs_file}: no such file')
     runs = []
     for line in open(runs_file):
-        if line.strip() and not line.startswith('#'):
-            name, *flags = line.split()
+        name, *flags = line.split() or ['#']
+        if not name.startswith('#'):
             runs.append((name, flags))
+    names = [name for name, _ in runs]
+    if len(set(names)) < len(names):
+        sys.exit(f'sweep.py: {runs_file}: run names must differ (each is a folder of OUTDIR)')
     os.makedirs(outdir, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,14 +73,11 @@ def main(argv):
     for name, flags in runs:
         cmd = [sys.executable, os.path.join(here, 'sida.py'), '--preset', 'toy', '--device', opts.device,
                '--outdir', os.path.join(outdir, name), *extra, *flags]
-        log = open(os.path.join(outdir, name + '.log'), 'w')
-        procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        with open(os.path.join(outdir, name + '.log'), 'w') as log:          # the child keeps its own handle
+            procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     t0, deadline = time.time(), opts.deadline
     while time.time() - t0 < deadline and any(p.poll() is None for p in procs.values()):
         time.sleep(5)
-        failed = [n for n, p in procs.items() if p.poll() not in (None, 0)]
-        if failed and time.time() - t0 < 120 and len(failed) == len(procs):
-            break                                                # everything crashed at start-up
     for p in procs.values():
         if p.poll() is None:
             p.terminate()
@@ -86,10 +87,9 @@ def main(argv):
         except subprocess.TimeoutExpired:
             p.kill()
     print(f'sweep: {len(runs)} runs, {time.time() - t0:.0f} s')
-    marks = [float(k) for k in opts.kimg.split(',')]
     for name, flags in runs:
         rows = read_rows(os.path.join(outdir, name, 'log.jsonl'))
-        print(summarise(name, rows, marks), '|', ' '.join(flags), f'(exit {procs[name].returncode})')
+        print(summarise(name, rows, opts.kimg), '|', ' '.join(flags), f'(exit {procs[name].returncode})')
         if not rows:
             tail = open(os.path.join(outdir, name + '.log')).read()[-600:]
             print('   ', tail.replace('\n', '\n    '))
