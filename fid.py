@@ -15,8 +15,6 @@ The names of the released generators and reference statistics, with the paper's 
 Several GPUs (images are split across ranks, statistics summed with all_reduce); spell --num as
 --num-images there, since torchrun mistakes --num for its own --numa-binding:
     torchrun --standalone --nproc_per_node=8 fid.py gen --network ... --ref ... --num-images 50000
-The toy run's classifier (its Inception: fd and class accuracy), trained on the CPU and shipped:
-    python fid.py toy-classifier --dest toy/classifier.pt
 
 Names, the Inception detector and reference statistics are downloaded once into the cache ($SIDA_CACHE
 or ~/.cache/sida; `--detector PATH|URL` points elsewhere, e.g. a local copy when offline). The detector
@@ -203,123 +201,6 @@ def run_detector(detector, images, device, **kwargs):
         return detector(images, **kwargs)
 
 
-# The toy run's images and its Inception: a small classifier trained on those images only.
-
-TOY_RES, TOY_CLASSES = 16, 4
-TOY_CLASSIFIER_SEED = 1_000_000   # classifier training batches use seeds from here on; the toy run's sets use 1, 2, 3
-TOY_TEST_SEED, TOY_TEST_IMAGES = 4, 10000   # the classifier's held-out test set
-TOY_CLASSIFIER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'toy', 'classifier.pt')
-
-
-def toy_images(n, seed):
-    """Procedural 16x16 RGB images in 4 classes: discs, squares, stripes, crosses on plain backgrounds."""
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.rand(n, *s, generator=g)
-    labels = torch.randint(TOY_CLASSES, (n,), generator=g)
-    yy, xx = torch.meshgrid(torch.arange(TOY_RES) + 0.5, torch.arange(TOY_RES) + 0.5, indexing='ij')
-    cx, cy = (4 + 8 * r(1, 1)), (4 + 8 * r(1, 1))
-    size = 2.5 + 2.5 * r(1, 1)
-    dx, dy = xx - cx, yy - cy
-    soft = lambda d: torch.sigmoid(d * 3)                   # anti-aliased edges
-    disc = soft(size - (dx ** 2 + dy ** 2).sqrt())
-    square = soft(size - torch.maximum(dx.abs(), dy.abs()))
-    angle, freq = r(1, 1) * np.pi, 0.5 + 0.4 * r(1, 1)
-    stripes = soft(2 * torch.sin(freq * (xx * angle.cos() + yy * angle.sin()) + 6 * r(1, 1)))
-    cross = torch.maximum(soft(1.2 - dx.abs()), soft(1.2 - dy.abs())) * soft(size + 1.5 - torch.maximum(dx.abs(), dy.abs()))
-    shape = torch.stack([disc, square, stripes, cross], 1)[torch.arange(n), labels]   # [n, H, W]
-    fg, bg = r(3, 1, 1), r(3, 1, 1) * 0.6
-    img = bg + (fg - bg) * shape[:, None]
-    return (img * 255).round().clamp(0, 255).to(torch.uint8), labels
-
-
-class ToyClassifier(torch.nn.Module):
-    """The toy run's Inception: a small CNN that tells the four toy shapes apart, trained on real toy
-    images only (train_toy_classifier). Same call signature as the Inception detector: uint8 images in;
-    return_features=True gives the penultimate features (the toy FID's space), no_output_bias=True
-    the class probabilities. The last layer has no bias, so both calls see the same classifier."""
-
-    def __init__(self,
-        img_channels    = 3,        # Input channels (grayscale is repeated to 3 by run_detector).
-        num_classes     = TOY_CLASSES,  # Outputs of the last layer.
-        width           = 32,       # Channels of the first level; doubled at each of the two halvings.
-    ):
-        super().__init__()
-        conv = lambda cin, cout: torch.nn.Conv2d(cin, cout, 3, padding=1)
-        self.kwargs = dict(img_channels=img_channels, num_classes=num_classes, width=width)
-        self.convs = torch.nn.ModuleList([conv(img_channels, width), conv(width, width),               # 16x16
-                                          conv(width, 2 * width), conv(2 * width, 2 * width),          # 8x8
-                                          conv(2 * width, 4 * width), conv(4 * width, 4 * width)])     # 4x4
-        self.head = torch.nn.Linear(4 * width, num_classes, bias=False)
-        self.dim = 4 * width
-
-    def features(self, x):
-        """Penultimate features [N, 4 * width] of images in [-1, 1]: the spatial mean of the last conv layer."""
-        for i, conv in enumerate(self.convs):
-            if i in (2, 4):
-                x = F.avg_pool2d(x, 2)
-            x = F.relu(conv(x))
-        return x.mean(dim=(2, 3))
-
-    def forward(self, images, return_features: bool = False, no_output_bias: bool = False):
-        f = self.features(images.to(torch.float32) / 127.5 - 1)
-        return f if return_features else self.head(f).softmax(dim=1)
-
-
-def train_toy_classifier(steps=2000, batch=128, lr=2e-3, seed=0):
-    """ToyClassifier trained on real toy images only: a fresh batch at every step (seeds from
-    TOY_CLASSIFIER_SEED on, apart from every set the toy run uses), Adam with a cosine decay.
-    Deterministic: the same weights on every run on one machine."""
-    torch.manual_seed(seed)
-    net = ToyClassifier()
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    for step in range(steps):
-        images, labels = toy_images(batch, seed=TOY_CLASSIFIER_SEED + step)
-        loss = F.cross_entropy(net.head(net.features(images.float() / 127.5 - 1)), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for group in opt.param_groups:
-            group['lr'] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
-        opt.step()
-    return net.eval().requires_grad_(False)
-
-
-def toy_accuracy(classifier, images, labels, device='cpu', batch=1024):
-    """Fraction of the images that the classifier assigns to their label."""
-    correct = sum(int((run_detector(classifier, x, device).argmax(dim=1).cpu() == y.cpu()).sum())
-                  for x, y in zip(images.split(batch), labels.split(batch)))
-    return correct / len(images)
-
-
-def generated_classes(seeds, label_dim, shape):
-    """The class generate_images gives each seed: the draw after z from that seed's generator."""
-    classes = []
-    for seed in torch.as_tensor(seeds).tolist():
-        g = torch.Generator().manual_seed(int(seed))
-        torch.randn(list(shape), generator=g)
-        classes.append(int(torch.randint(label_dim, [], generator=g)))
-    return torch.tensor(classes, dtype=torch.int64)
-
-
-def save_toy_classifier(net, path, **meta):
-    """Plain tensors in fp16 (half the size; the classifier is defined by the stored, rounded weights)."""
-    data = {'format': 'sida-toy-classifier', 'kwargs': net.kwargs, 'meta': meta,
-            'state_dict': {k: v.detach().cpu().half() for k, v in net.state_dict().items()}}
-    networks.atomic_write(path, lambda f: torch.save(data, f))
-
-
-def load_toy_classifier(path=TOY_CLASSIFIER, device='cpu'):
-    """The toy classifier from its file (plain tensors, read with weights_only=True: no code runs)."""
-    if not os.path.isfile(path):
-        raise UserError(f'{path}: the toy classifier is missing; make it with python fid.py toy-classifier --dest {path}')
-    try:
-        data = torch.load(path, map_location='cpu', weights_only=True)
-        net = ToyClassifier(**data['kwargs'])
-        net.load_state_dict({k: v.float() for k, v in data['state_dict'].items()})
-    except Exception as e:
-        reason = f'{type(e).__name__}: {e}'.splitlines()[0]
-        raise UserError(f'{path}: not a toy classifier file ({reason})') from None
-    return net.eval().requires_grad_(False).to(device)
-
 # ----------------------------------------------------------------------------------------------------
 # Statistics and distances.
 
@@ -416,9 +297,12 @@ def load_ref(source):
         raise UserError(f'--ref {source}: no such file, nor a known name ({", ".join(REF_URLS)})')
     path = networks.open_url(REF_URLS.get(source, source))
     try:
-        if zipfile.is_zipfile(path):                             # npz files are zip archives
-            with np.load(path) as data:
-                mu, sigma = data['mu'], data['sigma']
+        if networks.is_zip(path):                                # npz files are zip archives
+            try:
+                with np.load(path) as data:
+                    mu, sigma = data['mu'], data['sigma']
+            except (zipfile.BadZipFile, EOFError, zlib.error) as e:
+                raise UserError(f'--ref {source}: a damaged npz file (truncated or corrupt?): {type(e).__name__}') from None
         else:
             data = networks.safe_pickle_load(path, NUMPY_PICKLE_GLOBALS)
             data = data['fid'] if isinstance(data, dict) and 'fid' in data else data
@@ -515,24 +399,11 @@ class ImageDataset(torch.utils.data.Dataset):
         if not self.names:
             raise UserError(f'{path}: no images found (looked for {", ".join(IMAGE_EXTENSIONS)})')
         if label_json is not None:
-            self.labels = self._parse_labels(label_json)
+            self.labels = parse_labels(label_json, self.names, path)
         first = self[0][0]
         if isinstance(first, str):
             raise UserError(f'{path}: {first}')
         self.shape = first.shape                          # (C, H, W): every image must have it
-
-    def _parse_labels(self, text):
-        try:
-            pairs = json.loads(text)['labels']
-        except (ValueError, KeyError, TypeError):
-            raise UserError(f'{self.path}: dataset.json has no "labels" list') from None
-        if pairs is None:
-            return None
-        table = dict(pairs)
-        missing = [n for n in self.names if n not in table]
-        if missing:
-            raise UserError(f'{self.path}: dataset.json has no label for {missing[0]}')
-        return np.array([table[n] for n in self.names], np.int64)
 
     def __len__(self):
         return len(self.names)
@@ -552,6 +423,28 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getstate__(self):
         return {**self.__dict__, '_zip': None}
+
+
+def parse_labels(text, names, where):
+    """The labels of `names` (int64 numpy) from EDM's dataset.json {"labels": [[name, label], ...] or null}
+    (None for null); `where` names the dataset in errors."""
+    try:
+        pairs = json.loads(text)
+    except ValueError as e:                                   # also a file cut short
+        raise UserError(f'{where}: dataset.json is not valid JSON (truncated or corrupt?): {e}') from None
+    try:
+        table = None if pairs['labels'] is None else dict(pairs['labels'])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f'{where}: dataset.json has no "labels" list of [name, label] pairs') from None
+    if table is None:
+        return None
+    missing = [n for n in names if n not in table]
+    if missing:
+        raise UserError(f'{where}: dataset.json has no label for {missing[0]}')
+    try:
+        return np.array([table[n] for n in names], np.int64)
+    except (TypeError, ValueError):
+        raise UserError(f'{where}: dataset.json has labels that are not integers') from None
 
 
 def _keep_list(items):
@@ -674,6 +567,16 @@ def generate_images(G, seeds, sigma_init=SIGMA_INIT, device=None, vae=None):
             raise UserError('a latent (4-channel) generator needs the VAE to decode its images: pass --vae')
         return networks.decode_latents(vae, x)
     return (x.to(torch.float32) * 127.5 + 128).clip(0, 255).to(torch.uint8)   # [-1, 1] -> 0..255 (EDM)
+
+
+def generated_classes(seeds, label_dim, shape):
+    """The class generate_images gives each seed: the draw after z from that seed's generator."""
+    classes = []
+    for seed in torch.as_tensor(seeds).tolist():
+        g = torch.Generator().manual_seed(int(seed))
+        torch.randn(list(shape), generator=g)
+        classes.append(int(torch.randint(label_dim, [], generator=g)))
+    return torch.tensor(classes, dtype=torch.int64)
 
 
 def save_images(images, seeds, outdir):
@@ -803,20 +706,6 @@ def cmd_names():
         print(f'  {name:31} {url}')
 
 
-def cmd_toy_classifier(args, device):
-    """Train the toy classifier on the CPU (deterministic there) and report its held-out accuracy."""
-    if os.path.exists(args.dest):
-        raise UserError(f'--dest {args.dest} exists; not overwriting it')
-    start = time.time()
-    net = train_toy_classifier(steps=args.steps)
-    net.load_state_dict({k: v.half().float() for k, v in net.state_dict().items()})   # as stored
-    images, labels = toy_images(TOY_TEST_IMAGES, seed=TOY_TEST_SEED)
-    accuracy = toy_accuracy(net, images, labels)
-    save_toy_classifier(net, args.dest, steps=args.steps, held_out_accuracy=accuracy)
-    print(f'toy classifier: {args.steps} steps in {time.time() - start:.0f} s, held-out accuracy {accuracy:.4f} '
-          f'({len(images)} images); saved {args.dest}')
-
-
 def _report(result, num):
     if rank() == 0:
         if 'is' in result:
@@ -855,9 +744,6 @@ def parse_args(argv=None):
     gen.add_argument('--num', '--num-images', dest='num', type=int,
                      help='number of images (default 50000, or the number of --seeds)')
     ref.add_argument('--num', '--num-images', dest='num', type=int, help='use the first N images (error if fewer)')
-    toy = sub.add_parser('toy-classifier', help="train the toy run's classifier (its Inception) on the CPU")
-    toy.add_argument('--dest', default=TOY_CLASSIFIER, help='file to write (default: the shipped one)')
-    toy.add_argument('--steps', type=int, default=2000, help='training steps of 128 fresh toy images')
     for p in (ref, calc, gen):
         p.add_argument('--detector', help='Inception TorchScript file or URL (default: the official one, cached)')
         p.add_argument('--batch', type=int, default=64, help='images per batch per GPU')
@@ -869,7 +755,7 @@ def parse_args(argv=None):
         return args
     if args.command == 'gen' and args.num is None and not args.seeds:
         args.num = 50000 if args.ref else GRID_IMAGES
-    for flag in ('num', 'batch', 'steps'):
+    for flag in ('num', 'batch'):
         if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
             parser.error(f'--{flag} must be at least 1')
     if getattr(args, 'workers', 0) < 0:
@@ -884,7 +770,7 @@ def main(argv=None):
         return 0
     try:
         _, _, device = init_distributed(getattr(args, 'device', None))
-        commands = {'ref': cmd_ref, 'calc': cmd_calc, 'gen': cmd_gen, 'toy-classifier': cmd_toy_classifier}
+        commands = {'ref': cmd_ref, 'calc': cmd_calc, 'gen': cmd_gen}
         commands[args.command](args, device)
     except (UserError, OSError) as e:
         print(f'error: {e}'.splitlines()[0], file=sys.stderr)

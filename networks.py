@@ -133,6 +133,13 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
+def is_zip(path):
+    """A zip archive (torch.save, npz), whole or cut short: a cut one has lost its directory at the end, but
+    still starts with a zip entry's signature."""
+    with open(path, 'rb') as f:
+        return zipfile.is_zipfile(path) or f.read(4) == b'PK\x03\x04'
+
+
 def open_url(source, cache_dir=None):
     """A local path for `source`: a file path as it is, an http(s) or file:// URL downloaded once into
     the cache ($SIDA_CACHE or ~/.cache/sida). The download is written atomically, so an interrupted
@@ -1191,7 +1198,7 @@ def load_network(source, device='cpu'):
             and source not in OFFICIAL_URLS and source not in RELEASED_URLS:
         raise UserError(f'{source}: no such file, nor a known network name (python fid.py names lists them)')
     path = open_url(OFFICIAL_URLS.get(source) or RELEASED_URLS.get(source) or source)
-    if zipfile.is_zipfile(path):  # torch.save archive
+    if is_zip(path):  # torch.save archive
         net = _load_sida_file(path)
     else:
         net = _load_official_pickle(path)

@@ -4,11 +4,11 @@
 The whole distillation loop in one file. A pretrained EDM/EDM2 denoiser (the teacher) becomes a one-step
 generator. It reads top to bottom as the paper does: settings; the method (noise levels, augmentation,
 the losses); data; networks; one iteration (the fake score update, then the generator update); the
-training state; evaluation and the console; the loop; the entry points (the toy teacher, latent
-preparation, the benchmark).
+training state; evaluation and the console; the loop; the entry points (latent preparation, the
+benchmark). The toy run's world (its images, classifier, teacher sampler and shipped files) is in toy/.
 
 One process (CPU or one GPU):
-    python sida.py --preset toy                     # offline toy run on the CPU (no downloads, < 10 min)
+    python sida.py --preset toy                     # offline toy run on the CPU (no downloads, ~10 min)
     python sida.py --teacher edm-cifar10-32x32-uncond-vp --data cifar-10-python.tar.gz \
         --ref cifar10-32x32 --outdir runs/c10
 One node with 8 GPUs:
@@ -46,6 +46,7 @@ from PIL import Image, ImageDraw
 
 import fid
 import networks
+import toy
 from networks import UserError
 
 # ----------------------------------------------------------------------------------------------------
@@ -69,6 +70,7 @@ def build_parser():
     a('--lsd',            type=float, default=1.0,  help='discriminator loss scale')
     a('--lsg-gan',        type=float, default=0.01, help='adversarial generator loss scale')
     a('--ema',            type=float, default=0.5,  help='EMA half-life of the generator, Mimg')
+    a('--ema-rampup',     type=float, default=0.05, help='EMA half-life at most this fraction of the images seen (EDM)')
     a('--dropout',        type=float, default=0.13, help='dropout of the trained networks')
     a('--augment',        type=float, default=0.12, help='augmentation probability on the fake-score side')
     a('--p-mean',         type=float, default=None, help="log-normal mean of the fake-score noise (default: the teacher's, EDM -1.2, EDM2 -0.4)")
@@ -102,8 +104,6 @@ def build_parser():
     a('--resume',         default=None,  help='continue the run in this folder from its training-state.pt')
     a('--device',         default=None,  help='cuda or cpu (default: cuda when available)')
     a('--preset',         default=None, choices=['toy'], help='toy: offline run on procedurally generated images')
-    a('--teacher-kimg',   type=float, default=None, help='toy: train the toy teacher from scratch on this many kimg')
-    a('--teacher-only',   action='store_true', help='toy: train the toy teacher into --outdir/teacher.pt, measure it, exit')
     a('--prepare-latents', nargs=2, metavar=('SRC', 'DEST'), help='encode 512x512 images into an EDM2 latent zip')
     a('--bench',          action='store_true', help='time full SiDA iterations on random networks and exit')
     a('--bench-iters',    type=int,   default=10,  help='bench: timed iterations')
@@ -121,15 +121,19 @@ def flag_groups(parser):
 
 
 RUN_FLAGS, SESSION_FLAGS = (tuple(flag_groups(build_parser())[g]) for g in ('run', 'session'))
-# The toy run: 10x the paper's learning rate and 1/4 its batch, and 100x its adversarial weight lsg_gan
-# (the README's sweep). teacher_kimg: a new toy teacher's training.
-TOY_PRESET = dict(teacher=None, data='toy', cond=True, outdir='runs/toy', batch=64, lr=1e-4, glr=1e-4, lsg_gan=1.0,
-                  ema=0.002, duration=0.05, dropout=0.0, augment=0.0, gen_start_kimg=0.5, adv_start_kimg=1.0, tick=2.,
-                  snap=2, dump=2, metrics='fd', teacher_kimg=600.)
-# The EDM2 toy changes five: EDM2's unit-norm weights take a 10x larger learning rate (as its toy teacher's
-# training does), and the paper's EDM2 weights lsd 100, lsg_gan 0.01 (the README's EDM2 toy runs). Its
-# teacher trains longer: 600 kimg drew the asked class 94.1% of the time, 1000 kimg 96.3% (toy/README.md).
-TOY_PRESET_BY_ARCH = {'edm2': dict(lr=1e-3, glr=1e-3, lsd=100., lsg_gan=0.01, teacher_kimg=1000.)}
+# The toy run: SiD²A, the paper's fast path, from the shipped toy SiD generator (toy/ddpmpp/sid-generator.pt).
+# Against the paper's CIFAR-10 runs: 10x the learning rate at 1/4 the batch, 100x the adversarial weight
+# lsg_gan, an EMA averaging the last quarter of the run, and a warm-up of 10 kimg in which the fake score
+# network (initialised from the teacher) learns the SiD generator's distribution before the generator moves
+# (toy/README.md has the runs behind each choice).
+TOY_PRESET = dict(data='toy', cond=True, outdir='runs/toy', method='sid2a', batch=64, lr=1e-4, glr=1e-4, lsg_gan=1.0,
+                  ema=0.02, ema_rampup=0.25, duration=0.05, dropout=0.0, augment=0.0, gen_start_kimg=10.,
+                  adv_start_kimg=10., tick=2., snap=2, dump=2, metrics='fd')
+# The EDM2 toy: SiDA from the teacher (no EDM2 toy SiD generator is shipped), with the short warm-up of a run
+# from the teacher; EDM2's unit-norm weights take a 10x larger learning rate (as its toy teacher's training
+# does), and the paper's EDM2 runs weight lsd 100, lsg_gan 0.01.
+TOY_PRESET_BY_ARCH = {'edm2': dict(method='sida', gen_start_kimg=0.5, adv_start_kimg=1., lr=1e-3, glr=1e-3, lsd=100.,
+                                   lsg_gan=0.01)}
 
 
 def parse_args(argv=None):
@@ -140,15 +144,41 @@ def parse_args(argv=None):
     # and a preset changes only flags that were not given.
     given = {a.split('=')[0] for a in argv if a.startswith('--')}
     args.explicit = sorted({act.dest for act in p._actions if given & set(act.option_strings)})
-    if args.preset == 'toy':
-        # The teacher: the shipped one of --arch (toy/ARCH/teacher.pt, made by --teacher-only), or one trained
-        # from scratch with --teacher-kimg / --teacher-only (and for architectures that ship none).
-        shipped = os.path.join(TOY_TEACHERS, args.arch, 'teacher.pt')
-        retrain = args.teacher_only or args.teacher_kimg is not None or not os.path.isfile(shipped)
-        for k, v in dict(TOY_PRESET, **TOY_PRESET_BY_ARCH.get(args.arch, {}), teacher=None if retrain else shipped).items():
+    if args.preset == 'toy':        # the shipped teacher of --arch, and for SiD²A its shipped SiD generator
+        for k, v in dict(TOY_PRESET, **TOY_PRESET_BY_ARCH.get(args.arch, {}), teacher=toy.shipped('teacher', args.arch)).items():
             if k not in args.explicit:
                 setattr(args, k, v)
+        if args.method == 'sid2a' and 'init_generator' not in args.explicit:
+            args.init_generator = toy.shipped('sid-generator', args.arch)
+    check_args(args)
     return args
+
+
+# The range of every numeric flag (None: not given), checked before anything loads. A forker's new numeric
+# flag needs an entry here (a test checks that every one has).
+POSITIVE, AT_LEAST_0, PROBABILITY = (lambda v: v > 0, '> 0'), (lambda v: v >= 0, '>= 0'), (lambda v: 0 <= v <= 1, 'in [0, 1]')
+ANY = (lambda v: True, 'a finite number')
+FLAG_RANGES = dict(
+    alpha=ANY, tmax=(lambda v: 0 < v <= 1000, 'in 1..1000'), init_sigma=POSITIVE, batch=POSITIVE, lr=AT_LEAST_0,
+    glr=AT_LEAST_0, ls=AT_LEAST_0, lsg=AT_LEAST_0, lsd=AT_LEAST_0, lsg_gan=AT_LEAST_0, ema=AT_LEAST_0,
+    ema_rampup=AT_LEAST_0, dropout=PROBABILITY, augment=PROBABILITY, p_mean=ANY, p_std=POSITIVE,
+    gen_start_kimg=AT_LEAST_0, adv_start_kimg=AT_LEAST_0, seed=AT_LEAST_0, duration=POSITIVE, batch_gpu=POSITIVE,
+    tick=POSITIVE, snap=POSITIVE, dump=POSITIVE, max_nonfinite=POSITIVE, bench_iters=POSITIVE, resolution=POSITIVE,
+    cbase=POSITIVE, label_dim=AT_LEAST_0)
+
+
+def check_args(args):
+    """Every flag's value on its own, before anything loads: one line naming the first flag out of range."""
+    for k, (ok, what) in FLAG_RANGES.items():
+        v = getattr(args, k)
+        if v is not None and not (math.isfinite(v) and ok(v)):
+            raise UserError(f'--{k.replace("_", "-")} {v}: must be {what}')
+    # (--bench sets --batch from --batch-gpu; a resumed run checks its saved --batch once it is read.)
+    if args.batch_gpu and args.batch % args.batch_gpu and not args.bench and (args.resume is None or 'batch' in args.explicit):
+        raise UserError(f'--batch {args.batch} is not a multiple of --batch-gpu {args.batch_gpu}')
+    if not all(m.strip().isdigit() and int(m) > 0 for m in args.cres.split(',')):
+        raise UserError(f'--cres {args.cres}: expected positive channel multipliers, e.g. 2,2,2')
+    parse_metrics(args.metrics)
 
 # ----------------------------------------------------------------------------------------------------
 # The method. Every random draw can be passed in, so the tests pin them.
@@ -400,16 +430,6 @@ def generator_objective(x_g, real, fake, ok, alpha, lsg, lsg_gan, batch):
 # Data: images in memory as uint8 [N, C, H, W] (on the GPU when they fit), or EDM2 latents read from
 # their zip on demand; labels as integers. Every draw comes from a slot's random stream.
 
-TOY_RES, TOY_CLASSES, toy_images = fid.TOY_RES, fid.TOY_CLASSES, fid.toy_images   # the toy run's data (fid.py)
-# Heun steps of the toy teacher's EDM sampler, by --arch: each shipped teacher's best fd within 35 evaluations
-# (toy/README.md); for the others EDM's 18 steps (35 evaluations).
-TOY_SAMPLER_STEPS = dict(ddpmpp=9, edm2=18)
-toy_sampler_steps = lambda arch: TOY_SAMPLER_STEPS.get(arch, 18)
-TOY_REF_IMAGES = 10000          # real images behind the toy fd's reference statistics
-TOY_TEACHERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'toy')   # shipped teachers: {arch}/teacher.pt
-TOY_TEACHER_BATCH = 128
-
-
 def load_dataset(path, resolution, channels, latent):
     """Images (uint8 [N, C, H, W]) and labels (or None) of an EDM zip or folder or the CIFAR-10 tarball;
     for latent teachers (EDM2) an EDM2 latent zip, read on demand."""
@@ -443,9 +463,8 @@ class LatentData:
         self.shape = (first.shape[0] // 2, *first.shape[1:])
         self.labels = None
         if 'dataset.json' in self.zip.namelist():
-            labels = dict(json.loads(self.zip.read('dataset.json')).get('labels') or [])
-            if labels:
-                self.labels = torch.tensor([labels[n] for n in self.names], dtype=torch.int64)
+            labels = fid.parse_labels(self.zip.read('dataset.json'), self.names, f'--data {path}')
+            self.labels = None if labels is None else torch.from_numpy(labels)
 
     def __len__(self):
         return len(self.names)
@@ -539,38 +558,6 @@ def trainable_copy(net, dropout, device, drop_logvar=False):
     copy_.load_state_dict(net.state_dict(), strict=not drop_logvar)
     return copy_.train().requires_grad_(True)
 
-
-@torch.no_grad()
-def edm_sampler(net, z, labels, steps=18):
-    """EDM's deterministic 2nd-order Heun sampler (Karras et al. 2022, Alg. 1) for the teacher."""
-    t = torch.cat([karras_sigma(torch.arange(steps, dtype=torch.float64, device=z.device) / (steps - 1)),
-                   torch.zeros(1, dtype=torch.float64, device=z.device)])
-    x = z.double() * t[0]
-    for k in range(steps):
-        d = (x - net(x.float(), t[k].float().expand(len(x)), labels).double()) / t[k]
-        x_next = x + (t[k + 1] - t[k]) * d
-        if k < steps - 1:
-            d2 = (x_next - net(x_next.float(), t[k + 1].float().expand(len(x)), labels).double()) / t[k + 1]
-            x_next = x + (t[k + 1] - t[k]) * (d + d2) / 2
-        x = x_next
-    return x.float()
-
-
-class EDMSampler(torch.nn.Module):
-    """The teacher's multi-step sampler behind the one-step call G(sigma_init z, sigma_init, c), so that
-    fid.generate_images (same seeds, same z) measures it like a generator."""
-
-    def __init__(self, net, steps):
-        super().__init__()
-        self.net, self.steps = net, steps
-        self.img_resolution, self.img_channels, self.label_dim = net.img_resolution, net.img_channels, net.label_dim
-        self.latent = net.latent
-
-    def forward(self, x, sigma, class_labels=None):
-        return edm_sampler(self.net, x / sigma, class_labels, self.steps)
-
-# ----------------------------------------------------------------------------------------------------
-# One iteration: the fake score update, then the generator update, on the three networks.
 
 def precision_setup(precision, device):
     """Autocast context for the networks (losses stay fp32) and whether fp16 loss scaling is needed."""
@@ -750,8 +737,8 @@ class SiDA:
 
     @torch.no_grad()
     def update_ema(self, nimg):
-        """Generator EMA with half-life `ema` Mimg and ramp-up 0.05, nimg counted before this step's images."""
-        halflife = min(self.args.ema * 1e6, nimg * 0.05)
+        """Generator EMA with half-life `ema` Mimg, at most `ema_rampup` of the images seen before this step (EDM)."""
+        halflife = min(self.args.ema * 1e6, nimg * self.args.ema_rampup)
         beta = 0.5 ** (self.args.batch / max(halflife, 1e-8))
         torch._foreach_lerp_(list(self.G_ema.parameters()), list(self.G.parameters()), 1 - beta)
 
@@ -796,7 +783,9 @@ def read_state(path, args):
     """Read a training state written by save_state and take its run flags: those given again on the
     command line must agree; the others are restored."""
     if not os.path.isfile(path):
-        raise UserError(f'--resume: {path} does not exist')
+        stopped = os.path.isfile(os.path.join(os.path.dirname(path), 'log.jsonl'))
+        raise UserError(f'--resume: {path} does not exist' + (' (the run stopped before its first state: start it '
+                                                              'again, without --resume)' if stopped else ''))
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
@@ -855,77 +844,36 @@ def parse_metrics(spec):
 
 class Evaluator:
     """Metrics and sample grids of the EMA generator, from their own seeds: never the training streams.
-
-    The toy run measures with its own Inception, fid.ToyClassifier (trained on real toy images only):
-    `fd` is the Fréchet distance of its penultimate features to those of TOY_REF_IMAGES real images (the
-    toy FID, same statistics code), and for a conditional generator `acc` is the fraction of samples the
-    classifier assigns to the class they were generated for."""
+    FID and IS with the Inception network; in the toy run fd and acc with the toy's own (toy.Metrics)."""
 
     def __init__(self, args, latent, device):
         self.args, self.device = args, device
         self.metrics = parse_metrics(args.metrics)
-        self.detector = self.ref = self.classifier = self.toy_ref = None
+        self.detector = self.ref = self.toy = None
         self.vae = networks.load_vae(args.vae, device) if latent else None    # EDM2: decode latents
         kinds = {kind for _, kind, _ in self.metrics}
-        if 'fd' in kinds:
-            if args.data != 'toy':
-                raise UserError(f'--metrics {args.metrics}: fd is the toy run\'s metric (its classifier knows only '
-                                f'the toy images); use --data toy, or fidNk with --ref')
-            self.classifier = fid.load_toy_classifier(device=device)
-            stats = fid.FeatureStats()
-            for chunk in toy_images(TOY_REF_IMAGES, seed=2)[0].split(1000):
-                stats.update(fid.run_detector(self.classifier, chunk, device, return_features=True))
-            self.toy_ref = stats.mean_cov()
+        if 'fd' in kinds:                 # check_inputs made sure of the toy data and of --ref
+            self.toy = toy.Metrics(device, num=next(num for _, kind, num in self.metrics if kind == 'fd'))
         if 'fid' in kinds:
-            if args.ref is None:
-                raise UserError('--metrics fid...: pass --ref (reference statistics) or --metrics none')
             self.ref = fid.load_ref(args.ref)
         if kinds & {'fid', 'is'}:
             self.detector = fid.load_detector(args.detector, device)
 
-    def toy_metrics(self, generate, classes, num):
-        """{'fd'} of num images generate(seeds) -> uint8 [n, C, H, W], plus {'acc'} when classes(seeds) gives
-        the class each image was made for (None: unconditional)."""
-        correct = torch.zeros([], dtype=torch.int64, device=self.device)
-
-        def generate_and_classify(seeds):
-            images = generate(seeds)
-            if classes is not None:
-                predicted = fid.run_detector(self.classifier, images, self.device).argmax(dim=1)
-                correct.add_((predicted == classes(seeds).to(self.device)).sum())
-            return images
-        r = fid.generator_metrics(generate_and_classify, num, self.classifier, ref=self.toy_ref, batch=256,
-                                  device=self.device, progress=False)
-        if classes is None:
-            return {'fd': r['fid']}
-        if dist.is_initialized():
-            dist.all_reduce(correct)               # each rank classified its share of the seeds
-        return {'fd': r['fid'], 'acc': int(correct) / num}
-
-    def generator_toy_metrics(self, G, num):
-        generate = lambda seeds: fid.generate_images(G, seeds, self.args.init_sigma, self.device)
-        shape = (G.img_channels, G.img_resolution, G.img_resolution)
-        classes = (lambda seeds: fid.generated_classes(seeds, G.label_dim, shape)) if G.label_dim else None
-        return self.toy_metrics(generate, classes, num)
-
-    def toy_baselines(self, teacher):
-        """Toy run, tick 0: fd (and acc) of held-out real images and of the teacher's multi-step sampler
-        (the floor and the mark to beat)."""
-        if self.args.data != 'toy' or self.classifier is None:
+    def baselines(self, teacher):
+        """Toy run, tick 0: fd (and acc) of held-out real data and of the teacher's multi-step samplers, named
+        after the run's metric (fd_data, fd1k_teacher35, ...) so that its plot and summary show them beside it."""
+        if not self.toy:
             return {}
-        num = next(num for _, kind, num in self.metrics if kind == 'fd')
-        held_out, held_out_labels = toy_images(num, seed=3)
-        data = self.toy_metrics(lambda seeds: held_out[seeds],
-                                (lambda seeds: held_out_labels[seeds]) if teacher.label_dim else None, num)
-        teacher_ = self.generator_toy_metrics(EDMSampler(teacher, toy_sampler_steps(self.args.arch)), num)
-        return {f'{k}_{who}': round(v, 5) for who, r in (('data', data), ('teacher', teacher_)) for k, v in r.items()}
+        fd = next(name for name, kind, _ in self.metrics if kind == 'fd')
+        r = self.toy.baselines(teacher, toy.sampler_steps(self.args.teacher, self.args.arch))
+        return {k.replace('fd', fd, 1).replace('acc', 'acc' + fd[2:], 1): v for k, v in r.items()}
 
     def __call__(self, G):
         generate = lambda seeds: fid.generate_images(G, seeds, self.args.init_sigma, self.device, self.vae)
         results = {}
         for name, kind, num in self.metrics:
             if kind == 'fd':
-                r = self.generator_toy_metrics(G, num)
+                r = self.toy(G, self.args.init_sigma)
                 results.update({name: r['fd']}, **({'acc' + name[2:]: r['acc']} if 'acc' in r else {}))
             else:
                 r = fid.generator_metrics(generate, num, self.detector, ref=self.ref if kind == 'fid' else None,
@@ -936,40 +884,66 @@ class Evaluator:
 
 
 class Tee(io.TextIOBase):
-    """A console stream that also writes everything to a file (EDM's log.txt)."""
+    """A console stream that also writes everything to a file (EDM's log.txt). The copy is only a copy:
+    when the file cannot be written (a full disk) it stops with a warning and the console goes on."""
 
     def __init__(self, stream, file):
         self.stream, self.file = stream, file
 
     def write(self, text):
         self.stream.write(text)
-        self.file.write(text)
+        self.copy(lambda: self.file.write(text))
         return len(text)
 
     def flush(self):
         self.stream.flush()
-        self.file.flush()
+        self.copy(self.file.flush)
+
+    def copy(self, action):
+        if self.file.closed:            # the other stream's copy failed
+            return
+        try:
+            action()
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                self.file.close()
+            self.stream.write(f'\nwarning: log.txt is no longer written ({e.strerror or e}); the run goes on\n')
 
 
 @contextlib.contextmanager
 def tee_console(path, enabled=True):
-    """Copy stdout and stderr (status lines, progress, warnings) to `path` while the block runs."""
+    """Copy stdout and stderr (status lines, progress, warnings) to `path` while the block runs. The copy is
+    held in memory until the block calls the start() it is given: a block that fails before writes nothing."""
     if not enabled:
-        yield
+        yield lambda: None
         return
-    with open(path, 'a') as f:
-        saved = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = Tee(saved[0], f), Tee(saved[1], f)
+    saved, memory, files = (sys.stdout, sys.stderr), io.StringIO(), []
+    tees = Tee(saved[0], memory), Tee(saved[1], memory)
+
+    def start():
         try:
-            yield
-        finally:
-            sys.stdout, sys.stderr = saved
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            files.append(open(path, 'a'))
+        except OSError as e:
+            raise UserError(f'{path}: cannot write the run\'s folder ({e.strerror or e})') from None
+        for tee in tees:
+            tee.file = files[0]
+        tees[0].copy(lambda: files[0].write(memory.getvalue()))
+
+    sys.stdout, sys.stderr = tees
+    try:
+        yield start
+    finally:
+        sys.stdout, sys.stderr = saved
+        for f in files:
+            with contextlib.suppress(OSError):
+                f.close()
 
 
 def print_options(args, world, rounds, batch_gpu, device):
     """Every option once at the start, grouped as on the command line, and the batch layout."""
     groups = flag_groups(build_parser())
-    print(f'{args.method}: {args.teacher or "a toy teacher trained first"} -> one-step generator on {device}; '
+    print(f'{args.method}: {args.teacher} -> one-step generator on {device}; '
           f'batch {args.batch} = {world} process(es) x {rounds} round(s) x {batch_gpu} images')
     for title in ('run', 'session'):
         print(f'{title + " options:":17s}' + '  '.join(f'{k.replace("_", "-")} {getattr(args, k)}' for k in groups[title]))
@@ -1045,37 +1019,86 @@ def plot_metrics(rows, path):
         for j, (label, y) in enumerate(refs):
             colour = ['#d62728', '#2ca02c', '#9467bd'][j % 3]
             d.line([(ox + m, py(y)), (ox + W - m, py(y))], fill=colour, width=1)
-            d.text((ox + W - m - 55, py(y) - 11), {'data': 'real data'}.get(label, label), fill=colour)
+            d.text((ox + W - m - 80, py(y) - 11), toy.baseline_label(label), fill=colour)
     networks.atomic_write(path, lambda f: img.save(f, format='PNG'))
 
 
-def save_snapshot(G_ema, row, best, evaluator, args, outdir, device):
-    """Sample grid and EMA generator at this kimg; generator-best.pt when the main metric improves."""
-    tag, metrics = f'{row["kimg"]:010.3f}', evaluator.metrics     # kimg to the image: fractional ticks never collide
+def snapshot_path(outdir, kimg):
+    return os.path.join(outdir, f'generator-{kimg:010.3f}.pt')    # kimg to the image: fractional ticks never collide
+
+
+def save_snapshot(G_ema, row, is_best, evaluator, args, outdir, device):
+    """Sample grid and EMA generator at this kimg; generator-best.pt too when the main metric improved."""
     fid.save_grid(fid.generate_images(G_ema, torch.arange(64), args.init_sigma, device, evaluator.vae),
-                  os.path.join(outdir, f'samples-{tag}.png'))
+                  os.path.join(outdir, f'samples-{row["kimg"]:010.3f}.png'))
     meta = dict(kimg=row['kimg'], method=args.method, teacher=str(args.teacher))
-    networks.save_network(G_ema, os.path.join(outdir, f'generator-{tag}.pt'), **meta)
-    if metrics:
-        name, kind, _ = metrics[0]
-        value = row[name]
-        if best is None or (value > best if kind == 'is' else value < best):
-            networks.save_network(G_ema, os.path.join(outdir, 'generator-best.pt'), **meta, **{name: value})
-            return value
-    return best
+    networks.save_network(G_ema, snapshot_path(outdir, row['kimg']), **meta)
+    if is_best:
+        name = evaluator.metrics[0][0]
+        networks.save_network(G_ema, os.path.join(outdir, 'generator-best.pt'), **meta, **{name: row[name]})
 
 
-def summary(rows, labels):
-    """The run's result, one line per metric, side by side: the tick-0 baselines (real data, the teacher),
-    the initial and the final one-step generator, and the best snapshot."""
-    lines = []
-    for name in sorted({k for r in rows for k in r if k.startswith(METRIC_PREFIXES) and '_' not in k}):
-        values = [r[name] for r in rows if name in r]
-        best = (max if name.startswith(('is', 'acc')) else min)(values)
-        parts = [f'{labels.get(k.split("_", 1)[1], k)} {v:.4g}' for k, v in rows[0].items() if k.startswith(name + '_')]
-        parts += [f'{labels["initial"]} {values[0]:.4g}', f'{labels["final"]} {values[-1]:.4g} (best {best:.4g})']
-        lines.append(f'{name:6s} ' + ' | '.join(parts))
-    return lines
+def improves(row, best, metrics):
+    """Whether the run's main metric (the first of --metrics) in `row` is better than `best`."""
+    name, kind, _ = metrics[0] if metrics else (None, None, None)
+    value = row.get(name)                        # None without metrics, or when the measurement failed
+    return value is not None and (best is None or (value > best if kind == 'is' else value < best))
+
+
+def append_row(path, row):
+    """Append one row to log.jsonl as a whole line, on disk before the state that follows it. A line cut short
+    by an earlier failed write is ended first, so that it never swallows this row."""
+    line = (json.dumps(row) + '\n').encode()
+    with open(path, 'a+b') as f:
+        size = f.seek(0, os.SEEK_END)
+        if size:
+            f.seek(size - 1)
+            if f.read(1) != b'\n':
+                line = b'\n' + line
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def derived(what, make, *args):
+    """Make a derived output (the status line, samples, a snapshot, the plot), always after the training state:
+    a failure is one warning line and the run goes on."""
+    try:
+        make(*args)
+    except Exception as e:
+        print(f'warning: {what} failed ({type(e).__name__}: {" ".join(str(e).split())}); the run goes on', flush=True)
+
+
+def read_log(path):
+    """The rows of a run's log.jsonl. A line cut short (a kill or a full disk in mid-write) or otherwise
+    unreadable is skipped with a warning: a damaged log never stops a run (resume repairs it)."""
+    rows, bad = [], 0
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    bad += bool(line.strip())
+    if bad:
+        print(f'warning: {path}: skipped {bad} unreadable line(s)', flush=True)
+    return rows
+
+
+def summary(rows, method):
+    """The run's result as a table, a column per metric: the tick-0 baselines (the toy's real data and teacher
+    samplers), the initial generator, and the final EMA generator (the run's result), all 1 NFE but the teacher's."""
+    names = sorted({k for r in rows for k in r if k.startswith(METRIC_PREFIXES) and '_' not in k},
+                   key=lambda k: (METRIC_PREFIXES.index(k.rstrip('0123456789k')), k))
+    if not names:
+        return []
+    baselines = list(dict.fromkeys(k.split('_', 1)[1] for k in rows[0] if k.split('_', 1)[0] in names and '_' in k))
+    table = [(toy.baseline_label(who), [rows[0].get(f'{name}_{who}') for name in names]) for who in baselines]
+    table += [('initial generator (1 NFE)', [rows[0].get(name) for name in names]),
+              (f'{method} generator (1 NFE), final EMA', [[r[name] for r in rows if name in r][-1] for name in names])]
+    cell = lambda v: f'{"-":>10s}' if v is None else f'{v:10,.0f}' if v >= 100 else f'{v:10.4g}'
+    return [f'{"result":40s}' + ''.join(f'{name:>10s}' for name in names)] + \
+           [f'  {label:38s}' + ''.join(cell(v) for v in values) for label, values in table]
 
 # ----------------------------------------------------------------------------------------------------
 # The distillation: set-up, the loop, the summary.
@@ -1097,6 +1120,40 @@ def any_rank(flag, device):
     return t.item() > 0
 
 
+def is_url(source):
+    return source.startswith(('http://', 'https://', 'file://'))
+
+
+def check_inputs(args, outdir):
+    """What the run reads and where it writes, checked before the teacher is loaded or anything downloaded:
+    the method's inputs are given, their paths exist (or are known names or URLs), --outdir can be a folder."""
+    if args.method == 'sid2a' and args.init_generator is None:
+        raise UserError('--method sid2a needs --init-generator (a distilled SiD generator)')
+    if args.method != 'sid' and args.data is None:
+        raise UserError(f'--method {args.method} needs real images for its discriminator: pass --data')
+    kinds = {kind for _, kind, _ in parse_metrics(args.metrics)}
+    if 'fd' in kinds and args.data != 'toy':
+        raise UserError(f'--metrics {args.metrics}: fd is the toy run\'s metric (its classifier knows only '
+                        f'the toy images); use --data toy, or fidNk with --ref')
+    if 'fid' in kinds and args.ref is None:
+        raise UserError('--metrics fid...: pass --ref (reference statistics) or --metrics none')
+    if args.data not in (None, 'toy') and not os.path.exists(args.data):
+        raise UserError(f'--data {args.data}: no such file or folder')
+    nets = {**networks.OFFICIAL_URLS, **networks.RELEASED_URLS}
+    for flag, source, names in (('--teacher', args.teacher, nets),
+                                ('--init-generator', args.init_generator if args.method == 'sid2a' else None, nets),
+                                ('--ref', args.ref if 'fid' in kinds else None, fid.REF_URLS),
+                                ('--detector', args.detector if kinds & {'fid', 'is'} else None, {})):
+        if source is not None and not (os.path.exists(source) or source in names or is_url(source)):
+            raise UserError(f'{flag} {source}: no such file, nor a known name or URL')
+    if args.data == 'toy':          # the toy's shipped files, missing only from a partial copy of the project
+        for what, path in (('teacher', args.teacher), ('sid-generator', args.init_generator if args.method == 'sid2a' else None)):
+            if path == toy.shipped(what, args.arch) and not os.path.isfile(path):
+                raise UserError(f'{path} is missing: make it with python toy/make.py {what} --arch {args.arch}')
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise UserError(f'{"--resume" if args.resume else "--outdir"} {outdir}: not a folder')
+
+
 def distill(args):
     rank, world, device = fid.init_distributed(args.device)
     master = rank == 0
@@ -1107,11 +1164,12 @@ def distill(args):
     if state is None and os.path.exists(state_path):
         raise UserError(f'--outdir {outdir} already holds a run: continue it with --resume {outdir} '
                         f'or choose another --outdir')
-    if master:
-        os.makedirs(outdir, exist_ok=True)
-    with tee_console(os.path.join(outdir, 'log.txt'), enabled=master):
+    check_inputs(args, outdir)
+    # The folder is written only once the set-up has succeeded (distill_in calls start): a failed start
+    # leaves it as it was, with no log.txt or args.json.
+    with tee_console(os.path.join(outdir, 'log.txt'), enabled=master) as start:
         try:
-            result = distill_in(args, rank, world, device, outdir, state, state_path)
+            result = distill_in(args, rank, world, device, outdir, state, state_path, start)
             if dist.is_initialized():
                 dist.barrier()
         finally:
@@ -1120,7 +1178,7 @@ def distill(args):
     return result
 
 
-def distill_in(args, rank, world, device, outdir, state, state_path):
+def distill_in(args, rank, world, device, outdir, state, state_path, start):
     master = rank == 0
     log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
 
@@ -1129,33 +1187,20 @@ def distill_in(args, rank, world, device, outdir, state, state_path):
     if batch_gpu < 1 or args.batch % (world * batch_gpu) != 0:
         raise UserError(f'--batch {args.batch} is not divisible by world_size * --batch-gpu = {world} * {batch_gpu}')
     rounds = args.batch // (world * batch_gpu)
-    if args.method == 'sid2a' and args.init_generator is None:
-        raise UserError('--method sid2a needs --init-generator (a distilled SiD generator)')
     if master:
         print_options(args, world, rounds, batch_gpu, device)
 
-    # Data and teacher. The toy run makes its images and, unless --teacher is given, trains its teacher.
+    # Data and teacher. The toy run draws its images (toy.images).
     images = labels = None
     if args.data == 'toy':
-        images, labels = toy_images(4096, seed=1)
-        if not args.cond:
-            labels = None
-        if args.teacher is None:
-            args.teacher = os.path.join(outdir, 'teacher.pt')
-            if master and not os.path.isfile(args.teacher):
-                train_teacher(args, images, labels, device, args.teacher)
-            if dist.is_initialized():
-                dist.barrier()
-    elif args.teacher is None:
-        raise UserError('--teacher is required (only the toy run, --data toy, trains its own)')
+        images, labels = toy.images(toy.TRAIN_IMAGES, toy.TRAIN_SEED)
+        labels = labels if args.cond else None
     log(f'loading the teacher {args.teacher}')
     teacher = networks.load_network(args.teacher, device)
     shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
     if args.data not in (None, 'toy'):
         log(f'loading the data {args.data}')
         images, labels = load_dataset(args.data, teacher.img_resolution, teacher.img_channels, teacher.latent)
-    if images is None and args.method != 'sid':
-        raise UserError(f'--method {args.method} needs real images for its discriminator: pass --data')
     if args.cond != (teacher.label_dim > 0):
         raise UserError(f'--teacher {args.teacher} is {"" if teacher.label_dim else "un"}conditional: '
                         f'{"pass" if teacher.label_dim else "drop"} --cond')
@@ -1174,64 +1219,100 @@ def distill_in(args, rank, world, device, outdir, state, state_path):
     nimg, cur_tick, best = 0, 0, None
     if state is not None:
         nimg, cur_tick, best = restore_state(state, state_path, teacher, sida, slots, rank, world)
+    start()
+    log_path, rows = os.path.join(outdir, 'log.jsonl'), []
+    if master:
+        for name in os.listdir(outdir):         # temporary files of atomic writes that a kill cut short
+            if name.startswith('.') and name.endswith('.tmp'):
+                os.remove(os.path.join(outdir, name))
+        # The log as of the state: rows past it are redone and unreadable lines dropped; a fresh run drops
+        # the rows of an attempt stopped before its first state.
+        if state is not None:
+            rows = [r for r in read_log(log_path) if r.get('tick', 0) <= cur_tick]
+        else:
+            networks.atomic_write(os.path.join(outdir, 'args.json'), lambda f: f.write(json.dumps(vars(args), indent=2).encode()))
+        networks.atomic_write(log_path, lambda f: f.write(''.join(json.dumps(r) + '\n' for r in rows).encode()))
+    if state is not None:
         log(f'resumed from {state_path} at {nimg / 1000:g} kimg')
-    elif master:
-        networks.atomic_write(os.path.join(outdir, 'args.json'), lambda f: f.write(json.dumps(vars(args), indent=2).encode()))
     log(f'networks: {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M parameters each (teacher, fake score '
         f'network, generator)')
-    nimg = training_loop(args, sida, slots, evaluator, teacher, (nimg, cur_tick, best), state is None, outdir, state_path,
-                         rank, world, device)
+    nimg = training_loop(args, sida, slots, evaluator, teacher, (nimg, cur_tick, best), rows, state is None, outdir,
+                         state_path, rank, world, device)
     if master and nimg >= args.duration * 1e6:
-        with open(os.path.join(outdir, 'log.jsonl')) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        labels = dict(data='real data', teacher=f'teacher ({2 * toy_sampler_steps(args.arch) - 1} NFE)', initial='initial generator',
-                      final=f'{args.method} one-step generator')
-        for line in summary(rows, labels):
+        for line in summary(rows, args.method):
             log(line)
         if args.data == 'toy':
-            save_toy_comparison(teacher, sida.G_ema, os.path.join(outdir, 'toy-comparison.png'), args.method,
-                                args.init_sigma, device, toy_sampler_steps(args.arch))
-        log(f'done: the EMA generator is {outdir}/generator-best.pt (best snapshot by {evaluator.metrics[0][0]})'
-            if evaluator.metrics else f'done: generators in {outdir}/generator-*.pt')
+            derived('toy-comparison.png', toy.save_comparison, teacher, G_init, sida.G_ema,
+                    os.path.join(outdir, 'toy-comparison.png'), args.method, toy.sampler_steps(args.teacher, args.arch),
+                    args.init_sigma, device)
+        log(f'done: the final EMA generator is {outdir}/generator-{nimg / 1000:010.3f}.pt'
+            + (f' (the best snapshot by {evaluator.metrics[0][0]}: generator-best.pt)' if evaluator.metrics else ''))
     return {'nimg': nimg, 'outdir': outdir}
 
 
-def training_loop(args, sida, slots, evaluator, teacher, start, fresh, outdir, state_path, rank, world, device):
+def training_loop(args, sida, slots, evaluator, teacher, start, rows, fresh, outdir, state_path, rank, world, device):
     """Iterate until --duration; every --tick kimg a status line, at snapshots metrics and samples, at
-    dumps the training state. SIGTERM / SIGINT finish the iteration, save the state and stop."""
+    dumps the training state. SIGTERM / SIGINT finish the iteration, save the state and stop. `rows`: the
+    log so far (rank 0), extended as the run goes."""
     master = rank == 0
     log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
     nimg, cur_tick, best = start
     gen_start = args.gen_start_kimg * 1000 if sida.adversarial else 0
     adv_start = args.adv_start_kimg * 1000 if sida.adversarial else float('inf')
     total = int(args.duration * 1e6)
+    log_path = os.path.join(outdir, 'log.jsonl')
+    if not fresh and nimg >= total:      # a finished run resumed: nothing to add but a final snapshot a kill cut short
+        if master and rows and not os.path.isfile(snapshot_path(outdir, rows[-1]['kimg'])):
+            is_best = best is not None and rows[-1].get(evaluator.metrics[0][0]) == best
+            derived('the snapshot', save_snapshot, sida.G_ema, rows[-1], is_best, evaluator, args, outdir, device)
+        return nimg
     stop = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.append(signum))
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
-    log_path = os.path.join(outdir, 'log.jsonl')
 
-    def write_row(row, snap):
-        """Log one row; at snapshots add the metrics, the sample grid and the generator files."""
+    def finish_tick(row, snap, dump):
+        """The tick's row (with the metrics, at snapshots) on disk, then at dumps the training state, and only
+        then what derives from them: the status line, the samples and generator files, the plot. A kill leaves
+        the state and the rows up to it whole; a failed derived output costs only itself."""
         nonlocal best
-        if snap:
-            if evaluator.metrics:
-                log(f'measuring {args.metrics} of the EMA generator...')
+        if snap and evaluator.metrics:
+            log(f'measuring {args.metrics} of the EMA generator...')
+            try:
                 row.update({k: round(v, 5) for k, v in evaluator(sida.G_ema).items()})
-            if master:
-                best = save_snapshot(sida.G_ema, row, best, evaluator, args, outdir, device)
-            best = broadcast_object(best)
+            except UserError:
+                raise
+            except Exception as e:
+                log(f'warning: measuring {args.metrics} failed ({type(e).__name__}: {" ".join(str(e).split())}); '
+                    f'the run goes on')
+        is_best = snap and improves(row, best, evaluator.metrics)
+        best = broadcast_object(row[evaluator.metrics[0][0]] if is_best else best)
         if master:
-            log(status_line(row, total / 1000))
-            with open(log_path, 'a') as f:
-                f.write(json.dumps(row) + '\n')
-            with open(log_path) as f:
-                plot_metrics([json.loads(line) for line in f if line.strip()], os.path.join(outdir, 'metrics.png'))
+            try:
+                append_row(log_path, row)
+            except OSError as e:
+                raise UserError(f'could not append to {log_path} ({e.strerror or e}); the last training state is '
+                                f'intact: continue with --resume {outdir} once that is fixed') from None
+            rows.append(row)
+        if float(sida.worst_streak) >= args.max_nonfinite:
+            raise UserError(f'no finite generated sample in {args.max_nonfinite} iterations in a row; stopped '
+                            f'(the last good state is {state_path}); lower --lr/--glr or check the teacher')
+        if dump:
+            try:
+                save_state(state_path, sida, slots, nimg, cur_tick, best, args, rank)
+            except OSError as e:
+                raise UserError(f'could not write {state_path} ({e.strerror or e}); the state written before (if any) '
+                                f'is intact: continue with --resume {outdir} once that is fixed') from None
+        if master:
+            derived('the status line', log, status_line(row, total / 1000))
+            if snap:
+                derived('the snapshot', save_snapshot, sida.G_ema, row, is_best, evaluator, args, outdir, device)
+            derived('metrics.png', plot_metrics, rows, os.path.join(outdir, 'metrics.png'))
 
     if fresh:             # tick 0: the initial generator, and in the toy run the data and the teacher
         log('measuring the initial generator (and, in the toy run, the data and the teacher)...')
-        write_row({'tick': 0, 'kimg': 0.0, **evaluator.toy_baselines(teacher)}, snap=True)
+        finish_tick({'tick': 0, 'kimg': 0.0, **evaluator.baselines(teacher)}, snap=True, dump=False)
     tick_nimg, tick_time, start_time = nimg, time.time(), time.time()
     uncompiled = {'fake score', 'generator', 'adversarial generator'} if args.compile else set()
     while True:
@@ -1266,12 +1347,8 @@ def training_loop(args, sida, slots, evaluator, teacher, start, fresh, outdir, s
         row['img_per_s'] = round((nimg - tick_nimg) / max(elapsed, 1e-9), 2)
         row['peak_gb'] = round((torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else peak_rss()) / 2**30, 3)
         row['time_s'] = round(time.time() - start_time, 1)
-        write_row(row, snap=cur_tick % args.snap == 0 or done or stopping)
-        if float(sida.worst_streak) >= args.max_nonfinite:
-            raise UserError(f'no finite generated sample in {args.max_nonfinite} iterations in a row; stopped '
-                            f'(the last good state is {state_path}); lower --lr/--glr or check the teacher')
-        if cur_tick % args.dump == 0 or done or stopping:
-            save_state(state_path, sida, slots, nimg, cur_tick, best, args, rank)
+        finish_tick(row, snap=cur_tick % args.snap == 0 or done or stopping,
+                    dump=cur_tick % args.dump == 0 or done or stopping)
         if done or stopping:
             break
         tick_nimg, tick_time = nimg, time.time()
@@ -1287,111 +1364,13 @@ def peak_rss():
 # ----------------------------------------------------------------------------------------------------
 # Entry points: the toy run's teacher, EDM2 latent preparation, the benchmark, main.
 
-def toy_arch(arch, cond):
-    """Small networks of each architecture for the toy run and the CPU tests."""
-    common = dict(img_resolution=TOY_RES, img_channels=3, label_dim=TOY_CLASSES if cond else 0)
-    if arch == 'edm2':
-        return {'class_name': 'EDM2Precond', 'kwargs': dict(common, model_channels=32, channel_mult=[1, 2],
-                                                            num_blocks=1, attn_resolutions=[8], logvar_channels=32)}
-    if arch == 'adm':
-        return {'class_name': 'EDMPrecond', 'kwargs': dict(common, model_type='DhariwalUNet', model_channels=32,
-                                                           channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])}
-    song = dict(model_type='SongUNet', model_channels=24, channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[8],
-                dropout=0.0)
-    if arch == 'ncsnpp':
-        song.update(embedding_type='fourier', channel_mult_noise=2, encoder_type='residual', resample_filter=[1, 3, 3, 1])
-    return {'class_name': 'EDMPrecond', 'kwargs': dict(common, **song)}
-
-
-def train_teacher(args, images, labels, device, path):
-    """Toy run only: a small EDM teacher trained from scratch (weights from --seed) with EDM's denoising loss
-    on the real images: Adam at a constant learning rate after a short warm-up; the saved network is
-    an EMA whose averaging length grows with training (about the last 11% of the steps)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        net = networks.build_network(toy_arch(args.arch, labels is not None)).to(device).train()
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    edm2 = net.magnitude_preserving
-    # EDM2's weights are normalised to unit scale, so a step of a given size moves them relatively less than
-    # EDM's (whose weights are ~1/sqrt(fan-in)): it takes a larger learning rate, as in EDM2.
-    lr = 1e-2 if edm2 else 1e-3
-    opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.99))
-    sampler = Sampler(images, labels, net.label_dim, images.shape[1:], device)
-    slot = Slot(-1, args.seed, device)
-    batch = TOY_TEACHER_BATCH
-    steps = int(args.teacher_kimg * 1000 / batch)
-    t0 = time.time()
-    for step in range(steps):
-        if edm2:
-            net.normalize_weights_()
-        x, c = sampler.real(slot, batch)
-        sigma = (torch.randn(batch, 1, 1, 1, generator=slot.gen, device=device) * net.P_std + net.P_mean).exp()
-        out = denoise(net, x + sigma * sampler.noise(slot, batch), sigma, c, None, net.use_logvar)
-        loss = denoising_loss(out.denoised, x, sigma, net.sigma_data, out.logvar).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for g in opt.param_groups:
-            g['lr'] = lr * min(1, (step + 1) / 100)                          # warm-up
-        opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - min(0.999, (step + 1) / (step + 10)))
-        if step % 500 == 0 or step == steps - 1:
-            print(f'teacher: step {step + 1}/{steps}, loss {loss.item():.4f}, {time.time() - t0:.0f} s', flush=True)
-    # Stored in fp16: half the size in the repository (toy/README.md's figures are of the fp16 file).
-    networks.save_network(ema.half(), path, kimg=args.teacher_kimg, method='edm-teacher', data='toy', seed=args.seed)
-    print(f'saved the toy teacher to {path}', flush=True)
-
-
-def toy_teacher_only(args):
-    """--teacher-only: train the toy teacher into --outdir/teacher.pt, print its tick-0 figures, stop."""
-    if args.data != 'toy':
-        raise UserError('--teacher-only trains the toy teacher: use it with --preset toy')
-    path = os.path.join(args.outdir, 'teacher.pt')
-    if os.path.exists(path):
-        raise UserError(f'--teacher-only: {path} exists; not overwriting it (choose another --outdir)')
-    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    images, labels = toy_images(4096, seed=1)
-    start = time.time()
-    train_teacher(args, images, labels if args.cond else None, device, path)
-    minutes = (time.time() - start) / 60
-    teacher = networks.load_network(path, device)
-    print(json.dumps({'teacher': path, 'train_minutes': round(minutes, 1), 'sampler_nfe': 2 * toy_sampler_steps(args.arch) - 1,
-                      **Evaluator(args, False, device).toy_baselines(teacher)}), flush=True)
-
-
-def save_toy_comparison(teacher, G, path, method, init_sigma, device, steps, n=16):
-    """The toy run's result in one picture: rows of real images, the teacher's sampler, the initial and the
-    distilled one-step generator; each column one seed, so the same class (and the same z for the three
-    networks). The README's assets/toy-samples.png is this file of the default toy run."""
-    seeds = torch.arange(n)
-    shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
-    classes = fid.generated_classes(seeds, teacher.label_dim, shape) if teacher.label_dim else torch.zeros(n, dtype=torch.int64)
-    real, labels = toy_images(64 * n, seed=3)
-    if not teacher.label_dim:
-        labels = torch.zeros_like(labels)
-    # Column k shows a real image of class classes[k]: the j-th of that class when it is the j-th column asking for it.
-    real = torch.stack([real[labels == c][(classes[:k] == c).sum()] for k, c in enumerate(classes)])
-    rows = [('real data', real),
-            (f'teacher ({2 * steps - 1} NFE)', fid.generate_images(EDMSampler(teacher, steps), seeds, init_sigma, device)),
-            ('initial G (1 NFE)', fid.generate_images(teacher, seeds, init_sigma, device)),
-            (f'{method} G (1 NFE)', fid.generate_images(G, seeds, init_sigma, device))]
-    label_width, size = 110, shape[1] * 4
-    img = Image.new('RGB', (label_width + n * (size + 2), len(rows) * (size + 4)), 'white')
-    d = ImageDraw.Draw(img)
-    for r, (label, images) in enumerate(rows):
-        y = r * (size + 4)
-        d.text((5, y + size // 2 - 6), label, fill='black')
-        for k, image in enumerate(images.cpu()):
-            tile = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((size, size), Image.NEAREST)
-            img.paste(tile, (label_width + k * (size + 2), y))
-    networks.atomic_write(path, lambda f: img.save(f, format='PNG'))
-
-
 def prepare_latents(src, dest, device, vae=networks.VAE_NAME):
     """Encode a dataset of 512x512 images (EDM-style zip or folder, e.g. from EDM2's dataset_tool.py
     convert) into an EDM2 latent zip with the Stable Diffusion VAE."""
     if os.path.exists(dest):
         raise UserError(f'--prepare-latents: {dest} exists; not overwriting it')
+    if not os.path.exists(src):                 # before the VAE, which may be a download
+        raise UserError(f'--prepare-latents: {src}: no such file or folder')
     vae = networks.load_vae(vae, device=device)
     dataset = fid.ImageDataset(src)
 
@@ -1528,15 +1507,13 @@ def bench(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         if args.prepare_latents:
             prepare_latents(*args.prepare_latents, device=args.device or ('cuda' if torch.cuda.is_available() else 'cpu'),
                             vae=args.vae)
         elif args.bench:
             bench(args)
-        elif args.teacher_only:
-            toy_teacher_only(args)
         else:
             distill(args)
     except UserError as e:

@@ -4,6 +4,7 @@ Golden fixtures (tiny networks made with the official EDM/EDM2 code) are in test
 The real Inception detector, official checkpoints and datasets are replaced by stand-ins the tests build.
 """
 
+import errno
 import functools
 import importlib.util
 import http.server
@@ -42,7 +43,9 @@ ROOT = Path(HERE)
 import fid
 import networks
 import sida
+import toy
 from networks import UserError  # noqa: E402
+from toy import make
 
 
 # ===================================================================================================
@@ -285,6 +288,7 @@ def test_truncated_file_is_refused_naming_it(tmp_path):
     with pytest.raises(UserError) as error:
         networks.load_network(str(truncated))
     assert str(truncated) in str(error.value) and '\n' not in str(error.value)
+    assert 'not a readable network file (truncated' in str(error.value) and 'pickle' not in str(error.value)
 
 
 def test_garbage_file_is_refused_naming_it(tmp_path):
@@ -858,18 +862,20 @@ def test_augment_translation_moves_content_by_an_eighth_of_the_size_per_unit_on_
     assert max_diff(y[1, :, 6:, :-2], x[1, :, :-6, 2:]) <= 1e-4
 
 
-def test_ema_follows_the_half_life_rule():
-    class A:
-        ema, batch = 0.5, 256
+@pytest.mark.parametrize('ema, rampup', [(0.5, 0.05), (0.02, 0.25)])     # the paper's runs; the toy's
+def test_ema_follows_the_half_life_rule(ema, rampup):
+    """Half-life `ema` Mimg, and at most `ema_rampup` of the images seen (EDM's ramp-up): the toy averages
+    over the last quarter of its images, so its reported generator does not hang on one snapshot."""
     s = sida.SiDA.__new__(sida.SiDA)
-    s.args = A
+    s.args = types.SimpleNamespace(ema=ema, ema_rampup=rampup, batch=256)
     s.G, s.G_ema = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
     for nimg in (1000, 10_000_000):
         s.G.weight.data.fill_(1.0)
         s.G_ema.weight.data.fill_(0.0)
         s.update_ema(nimg)
-        halflife = min(0.5e6, nimg * 0.05)
+        halflife = min(ema * 1e6, nimg * rampup)
         assert abs(s.G_ema.weight.item() - (1 - 0.5 ** (256 / halflife))) < 1e-6
+    assert sida.parse_args([]).ema_rampup == 0.05 and sida.parse_args(['--preset', 'toy']).ema_rampup == 0.25
 
 # ---------------------------------------------------------------------------------------------------
 # The loop on tiny networks.
@@ -888,15 +894,23 @@ def tiny_teacher(tmp_path_factory):
     return path
 
 
-def run_sida(tmp, teacher, *extra, check=True, env=None, nproc=None):
-    cmd = [sys.executable, os.path.join(HERE, 'sida.py'), '--teacher', teacher, '--data', 'toy', '--cond',
-           '--batch', '8', '--lr', '1e-4', '--glr', '1e-4', '--ema', '0.0005', '--dropout', '0', '--augment', '0.1',
-           '--gen-start-kimg', '0.016', '--adv-start-kimg', '0.032', '--tick', '0.016', '--snap', '100',
-           '--dump', '100', '--metrics', 'none', '--device', 'cpu', '--outdir', str(tmp), *extra]
+def tiny_run_argv(tmp, teacher, *extra):
+    return ['--teacher', teacher, '--data', 'toy', '--cond', '--batch', '8', '--lr', '1e-4', '--glr', '1e-4',
+            '--ema', '0.0005', '--dropout', '0', '--augment', '0.1', '--gen-start-kimg', '0.016',
+            '--adv-start-kimg', '0.032', '--tick', '0.016', '--snap', '100', '--dump', '100', '--metrics', 'none',
+            '--device', 'cpu', '--outdir', str(tmp), *extra]
+
+
+def run_sida(tmp, teacher, *extra, check=True, env=None, nproc=None, kill_at=None):
+    """A tiny toy run in a subprocess; kill_at=(point, n): SIGKILLed at the nth call of a point (kill_at, below)."""
+    cmd = [sys.executable, os.path.join(HERE, 'sida.py'), *tiny_run_argv(tmp, teacher, *extra)]
     if nproc:
         cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] + cmd[1:]
+    if kill_at:
+        cmd = [sys.executable, '-c', 'import sys, test_sida; test_sida.kill_at(sys.argv[1], int(sys.argv[2]), sys.argv[3:])',
+               kill_at[0], str(kill_at[1])] + cmd[2:]
     e = dict(os.environ, OMP_NUM_THREADS='1', **(env or {}))
-    r = subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=300)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=300, cwd=HERE)
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r
@@ -904,7 +918,7 @@ def run_sida(tmp, teacher, *extra, check=True, env=None, nproc=None):
 
 def test_teacher_gets_no_gradient_but_passes_it_to_the_generator(tiny_teacher):
     teacher = networks.load_network(tiny_teacher)
-    images, labels = sida.toy_images(32, seed=0)
+    images, labels = toy.images(32, seed=0)
     sampler = sida.Sampler(images, labels, 4, (3, 16, 16), torch.device('cpu'))
     args = sida.parse_args(['--batch', '4', '--dropout', '0', '--device', 'cpu'])
     s = sida.SiDA(args, teacher, teacher, sampler, 1, 4, torch.device('cpu'))
@@ -921,7 +935,7 @@ def test_teacher_gets_no_gradient_but_passes_it_to_the_generator(tiny_teacher):
 def test_losses_under_autocast_stay_within_tolerance_of_fp32(tiny_teacher, precision):
     """bf16 autocast (fp32 master weights, fp32 loss arithmetic): recorded losses within 5% of fp32."""
     teacher = networks.load_network(tiny_teacher)
-    images, labels = sida.toy_images(32, seed=0)
+    images, labels = toy.images(32, seed=0)
     stats = {}
     for p in ('fp32', precision):
         sampler = sida.Sampler(images, labels, 4, (3, 16, 16), torch.device('cpu'))
@@ -1055,6 +1069,21 @@ def test_split_run_resumes_bit_identically(tiny_teacher, tmp_path):
             assert torch.equal(v, b['nets'][net][k]), (net, k)
 
 
+def test_resume_repairs_a_cut_log_and_drops_rows_past_the_state(tiny_teacher, tmp_path):
+    """A kill in mid-append leaves log.jsonl ending in half a line, and rows logged after the last saved state
+    are redone on resume: the resumed run neither dies on the broken line nor logs a tick twice."""
+    run_sida(tmp_path, tiny_teacher, '--duration', '0.000032')
+    log = tmp_path / 'log.jsonl'
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r['tick'] for r in rows] == [0, 1, 2]
+    with open(log, 'a') as f:                        # tick 3 logged, then a kill while writing tick 4
+        f.write(json.dumps(dict(rows[-1], tick=3, kimg=0.048)) + '\n' + '{"tick": 4, "kimg": 0.0')
+    run_sida(tmp_path / 'x', tiny_teacher, '--duration', '0.000064', '--resume', str(tmp_path))
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r['tick'] for r in rows] == [0, 1, 2, 3, 4]
+    assert torch.load(tmp_path / 'training-state.pt', weights_only=True)['nimg'] == 64
+
+
 def test_resume_with_different_method_flags_is_refused(tiny_teacher, tmp_path):
     run_sida(tmp_path, tiny_teacher, '--duration', '0.000016')
     r = run_sida(tmp_path, tiny_teacher, '--duration', '0.000032', '--method', 'sid', '--alpha', '1.2',
@@ -1149,14 +1178,27 @@ def test_fractional_ticks_give_one_snapshot_file_each(tiny_teacher, tmp_path):
                      'generator-000000.024.pt']
 
 
+UNREACHABLE = 'http://127.0.0.1:9/teacher.pkl'     # a teacher that fails only if something tries to load it
+
+
 @pytest.mark.parametrize('argv, message', [
     (['--teacher', '/nonexistent/teacher.pkl'], 'teacher.pkl'),
-    (['--teacher', 'http://127.0.0.1:9/teacher.pkl'], 'could not reach http://127.0.0.1:9/teacher.pkl'),
-    (['--batch', '10', '--batch-gpu', '4'], '--batch'),
+    (['--teacher', UNREACHABLE], 'could not reach http://127.0.0.1:9/teacher.pkl'),
+    (['--batch', '10', '--batch-gpu', '4'], '--batch 10 is not a multiple of --batch-gpu 4'),
     (['--method', 'sida', '--data', None], '--data'),
     (['--metrics', 'fid50k'], '--ref'),
+    (['--duration', '-1'], '--duration -1.0: must be > 0'),              # out of range: refused at parse time
+    # Inputs checked before the teacher is loaded (an unreachable one: it is never tried).
+    (['--teacher', UNREACHABLE, '--data', '/nonexistent/images.zip'], '--data /nonexistent/images.zip: no such file'),
+    (['--teacher', UNREACHABLE, '--metrics', 'fid50k', '--ref', '/nonexistent/ref.npz'], '--ref /nonexistent/ref.npz'),
+    (['--teacher', UNREACHABLE, '--metrics', 'fid50k'], '--ref'),
+    (['--teacher', UNREACHABLE, '--method', 'sid2a', '--init-generator', '/nonexistent/g.pt'], '--init-generator'),
+    (['--teacher', UNREACHABLE, '--method', 'sid2a'], '--init-generator'),
+    (['--teacher', UNREACHABLE, '--method', 'sida', '--data', None], '--data'),
+    (['--teacher', UNREACHABLE, '--method', 'sid', '--data', None, '--metrics', 'fd'], "fd is the toy run's metric"),
+    (['--teacher', UNREACHABLE, '--resume', '/nonexistent/run'], '--resume'),
 ])
-def test_bad_inputs_give_one_line_errors(tiny_teacher, tmp_path, argv, message):
+def test_bad_inputs_give_one_line_errors_and_write_nothing(tiny_teacher, tmp_path, argv, message):
     base = ['--teacher', tiny_teacher, '--data', 'toy', '--cond', '--metrics', 'none', '--device', 'cpu',
             '--outdir', str(tmp_path / 'out')]
     for flag, value in zip(argv[::2], argv[1::2]):
@@ -1165,9 +1207,86 @@ def test_bad_inputs_give_one_line_errors(tiny_teacher, tmp_path, argv, message):
             del base[i:i + 2]
         if value is not None:
             base += [flag, value]
-    r = subprocess.run([sys.executable, os.path.join(HERE, 'sida.py'), *base], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'sida.py'), *base], capture_output=True, text=True,
+                       timeout=60)                     # a value out of range once started a whole run
     assert r.returncode == 1 and 'Traceback' not in r.stderr
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / 'out').exists()                 # not even the folder, nor log.txt or args.json in it
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--batch', '10', '--batch-gpu', '4'], '--batch 10 is not a multiple of --batch-gpu 4'),
+    (['--duration', 'nan'], '--duration nan: must be > 0'),
+    (['--batch', '-4'], '--batch -4: must be > 0'),
+    (['--batch-gpu', '0'], '--batch-gpu 0: must be > 0'),
+    (['--tick', '0'], '--tick 0.0: must be > 0'),
+    (['--snap', '0'], '--snap 0: must be > 0'),
+    (['--dump', '-1'], '--dump -1: must be > 0'),
+    (['--lr', '-0.5'], '--lr -0.5: must be >= 0'),
+    (['--glr', 'inf'], '--glr inf: must be >= 0'),
+    (['--augment', '1.5'], '--augment 1.5: must be in [0, 1]'),
+    (['--dropout', '-0.1'], '--dropout -0.1: must be in [0, 1]'),
+    (['--tmax', '0'], '--tmax 0: must be in 1..1000'),
+    (['--init-sigma', '0'], '--init-sigma 0.0: must be > 0'),
+    (['--seed', '-1'], '--seed -1: must be >= 0'),
+    (['--max-nonfinite', '0'], '--max-nonfinite 0: must be > 0'),
+    (['--p-std', '0'], '--p-std 0.0: must be > 0'),
+    (['--alpha', 'nan'], '--alpha nan: must be a finite number'),
+    (['--metrics', 'fid50'], '--metrics: unknown metric "fid50"'),
+    (['--ema', '-1'], '--ema -1.0: must be >= 0'),
+    (['--lsg-gan', '-1'], '--lsg-gan -1.0: must be >= 0'),
+    (['--gen-start-kimg', '-1'], '--gen-start-kimg -1.0: must be >= 0'),
+    (['--bench-iters', '0'], '--bench-iters 0: must be > 0'),
+    (['--cres', '2,x'], '--cres 2,x: expected positive channel multipliers'),
+])
+def test_flags_out_of_range_are_refused_at_parse_time(argv, message):
+    with pytest.raises(UserError) as error:
+        sida.parse_args(['--data', 'toy', *argv])
+    assert str(error.value).startswith(message), str(error.value)
+
+
+def test_every_numeric_flag_has_a_range():
+    numeric = {act.dest for act in sida.build_parser()._actions if act.type in (int, float)}
+    assert numeric == set(sida.FLAG_RANGES)
+
+
+def test_failed_start_in_an_existing_folder_leaves_it_as_it_was(tiny_teacher, tmp_path):
+    """A failure after the teacher, the data and the networks are loaded writes nothing either: log.txt
+    is not appended to and no args.json appears."""
+    (tmp_path / 'out').mkdir()
+    (tmp_path / 'out' / 'notes.txt').write_text('mine')
+    write_dataset(tmp_path / 'd', 4, 16)              # unlabelled, for a conditional teacher: found once loaded
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'sida.py'), '--teacher', tiny_teacher, '--data',
+                        str(tmp_path / 'd'), '--cond', '--metrics', 'none', '--device', 'cpu', '--outdir',
+                        str(tmp_path / 'out')], capture_output=True, text=True)
+    assert r.returncode == 1 and 'class labels' in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert os.listdir(tmp_path / 'out') == ['notes.txt']
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--duration', '-1'], '--duration'),
+    (['--data', '/nonexistent/images'], '--data'),
+    (['--teacher', 'OTHER'], 'another architecture'),        # found once both are loaded
+])
+def test_a_bad_resume_changes_nothing_in_the_run(tiny_teacher, tmp_path, argv, message):
+    run_sida(tmp_path / 'run', tiny_teacher, '--duration', '0.000016')
+    before = {n: (tmp_path / 'run' / n).read_bytes() for n in os.listdir(tmp_path / 'run')}
+    torch.manual_seed(0)
+    networks.save_network(networks.build_network({**TINY, 'kwargs': {**TINY['kwargs'], 'model_channels': 16}}),
+                          str(tmp_path / 'other.pt'))
+    argv = [str(tmp_path / 'other.pt') if a == 'OTHER' else a for a in argv]
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'sida.py'), '--resume', str(tmp_path / 'run'), *argv],
+                       capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=60)
+    assert r.returncode == 1 and 'Traceback' not in r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert {n: (tmp_path / 'run' / n).read_bytes() for n in os.listdir(tmp_path / 'run')} == before
+
+
+def test_outdir_that_is_a_file_is_refused(tiny_teacher, tmp_path):
+    (tmp_path / 'out').write_text('mine')
+    r = run_sida(tmp_path / 'out', tiny_teacher, '--duration', '0.000008', check=False)
+    assert r.returncode == 1 and '--outdir' in r.stderr and 'not a folder' in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and (tmp_path / 'out').read_text() == 'mine'
 
 
 def test_truncated_teacher_is_refused_in_one_line(tiny_teacher, tmp_path):
@@ -1175,8 +1294,8 @@ def test_truncated_teacher_is_refused_in_one_line(tiny_teacher, tmp_path):
     with open(tmp_path / 'cut.pt', 'wb') as f:
         f.write(data[:len(data) // 2])
     r = subprocess.run([sys.executable, os.path.join(HERE, 'sida.py'), '--teacher', str(tmp_path / 'cut.pt'),
-                        '--data', 'toy', '--cond', '--device', 'cpu', '--outdir', str(tmp_path / 'out')],
-                       capture_output=True, text=True)
+                        '--data', 'toy', '--cond', '--metrics', 'none', '--device', 'cpu', '--outdir',
+                        str(tmp_path / 'out')], capture_output=True, text=True)
     assert r.returncode == 1 and 'Traceback' not in r.stderr and 'cut.pt' in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
@@ -1209,17 +1328,176 @@ def test_a_crash_while_writing_leaves_the_previous_file_intact(tmp_path):
     assert open(path, 'rb').read() == b'good' and os.listdir(tmp_path) == ['state.pt']
 
 
+# ---------------------------------------------------------------------------------------------------
+# Faults: a kill at any point, a full disk. The training state is written before anything derived from it,
+# so nothing that happens to a run costs more than the iterations since its last state.
+
+FAULT_RUN = ('--snap', '2', '--dump', '2', '--duration', '0.000064')   # 4 ticks of 2 iterations; states at ticks 2, 4
+
+
+def kill_at(point, nth, argv):
+    """sida.main(argv), SIGKILLed at the nth call of a point: 'iteration' (a generator step, after that
+    iteration's fake score step), 'state' and 'snapshot' (torch.save of a training state or a network, once
+    half of its bytes are written), 'log row' (half of a row appended), 'state after log row' (save_state,
+    called once the tick's row is on disk)."""
+    calls = []
+
+    def wrap(owner, name, applies=lambda *a: True, write_half=None):
+        original = getattr(owner, name)
+
+        def wrapper(*a, **k):
+            if applies(*a):
+                calls.append(name)
+                if len(calls) == nth:
+                    if write_half:
+                        write_half(original, *a)
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return original(*a, **k)
+        setattr(owner, name, wrapper)
+
+    def half_save(save, obj, f):
+        buf = io.BytesIO()
+        save(obj, buf)
+        f.write(buf.getvalue()[:len(buf.getvalue()) // 2])
+        f.flush()
+
+    def half_row(append, path, row):
+        with open(path, 'a') as f:
+            f.write(json.dumps(row)[:20])
+
+    saves = lambda fmt: lambda obj, f: isinstance(obj, dict) and obj.get('format') == fmt
+    {'iteration': lambda: wrap(sida.SiDA, 'generator_step'),
+     'state': lambda: wrap(torch, 'save', saves('sida-training-state'), half_save),
+     'snapshot': lambda: wrap(torch, 'save', saves('sida-network'), half_save),
+     'log row': lambda: wrap(sida, 'append_row', write_half=half_row),
+     'state after log row': lambda: wrap(sida, 'save_state')}[point]()
+    sida.main(argv)
+
+
+def assert_identical(a, b, where='state'):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_identical(a[k], b[k], f'{where}.{k}')
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f'{where}[{i}]')
+    elif torch.is_tensor(a):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def training_rows(folder):
+    """log.jsonl without its timings: what a resumed run must reproduce exactly."""
+    return [{k: v for k, v in json.loads(line).items() if k not in ('sec_per_kimg', 'img_per_s', 'peak_gb', 'time_s')}
+            for line in open(folder / 'log.jsonl')]
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tiny_teacher, tmp_path_factory):
+    folder = tmp_path_factory.mktemp('uninterrupted')
+    run_sida(folder, tiny_teacher, *FAULT_RUN)
+    return folder
+
+
+@pytest.mark.parametrize('point, nth', [
+    ('iteration', 4),               # mid-iteration in tick 3
+    ('state', 2),                   # while the final state is written
+    ('log row', 4),                 # while tick 3's row is appended
+    ('state after log row', 2),     # tick 4 logged, its state not yet written
+    ('snapshot', 3),                # while the final generator is written, after the final state
+])
+def test_a_run_killed_at_any_point_resumes_to_the_uninterrupted_state(tiny_teacher, uninterrupted, tmp_path, point, nth):
+    r = run_sida(tmp_path, tiny_teacher, *FAULT_RUN, kill_at=(point, nth), check=False)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    run_sida(tmp_path / 'unused', tiny_teacher, *FAULT_RUN, '--resume', str(tmp_path))
+    assert_identical(torch.load(tmp_path / 'training-state.pt', weights_only=True),
+                     torch.load(uninterrupted / 'training-state.pt', weights_only=True))
+    assert training_rows(tmp_path) == training_rows(uninterrupted)       # every tick once, none cut
+    final = networks.load_network(str(tmp_path / 'generator-000000.064.pt')).state_dict()
+    assert_identical(final, networks.load_network(str(uninterrupted / 'generator-000000.064.pt')).state_dict())
+    assert not [n for n in os.listdir(tmp_path) if n.endswith('.tmp')]
+
+
+def test_a_run_killed_before_its_first_state_starts_again_from_scratch(tiny_teacher, uninterrupted, tmp_path):
+    r = run_sida(tmp_path, tiny_teacher, *FAULT_RUN, kill_at=('iteration', 1), check=False)
+    assert r.returncode == -signal.SIGKILL and (tmp_path / 'log.jsonl').exists()
+    r = run_sida(tmp_path / 'unused', tiny_teacher, *FAULT_RUN, '--resume', str(tmp_path), check=False)
+    assert r.returncode == 1 and 'without --resume' in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    run_sida(tmp_path, tiny_teacher, *FAULT_RUN)
+    assert_identical(torch.load(tmp_path / 'training-state.pt', weights_only=True),
+                     torch.load(uninterrupted / 'training-state.pt', weights_only=True))
+    assert training_rows(tmp_path) == training_rows(uninterrupted)
+
+
+def full_disk_at(monkeypatch, owner, name, nth, applies=lambda *a: True):
+    """Make the nth call of owner.name (among those `applies` to) fail as a full disk does, after writing a
+    partial file when it is a torch.save."""
+    original, calls = getattr(owner, name), []
+
+    def fail(*a, **k):
+        if applies(*a):
+            calls.append(1)
+            if len(calls) == nth:
+                if name == 'save':
+                    a[1].write(b'PK\x03\x04partial')
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return original(*a, **k)
+    monkeypatch.setattr(owner, name, fail)
+
+
+@pytest.mark.parametrize('what', ['state', 'log row'])
+def test_a_full_disk_while_saving_the_state_or_its_row_keeps_the_last_state_and_stops_in_one_line(
+        tiny_teacher, tmp_path, monkeypatch, capsys, what):
+    if what == 'state':             # the second state (tick 4); the first, of tick 2, must survive it
+        full_disk_at(monkeypatch, torch, 'save', 2, lambda obj, f: obj.get('format') == 'sida-training-state')
+    else:                           # tick 3's row: the state of tick 2 stays the last
+        full_disk_at(monkeypatch, sida, 'append_row', 4)
+    with pytest.raises(SystemExit) as e:
+        sida.main(tiny_run_argv(tmp_path, tiny_teacher, *FAULT_RUN))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and len(err.splitlines()) == 1 and 'No space left on device' in err, err
+    assert '--resume' in err and 'Traceback' not in err
+    state = torch.load(tmp_path / 'training-state.pt', weights_only=True)
+    assert (state['nimg'], state['tick']) == (32, 2)
+    assert not [n for n in os.listdir(tmp_path) if n.endswith('.tmp')]
+
+
+@pytest.mark.parametrize('what', ['snapshot', 'plot', 'log.txt'])
+def test_a_full_disk_while_writing_a_derived_output_warns_and_the_run_goes_on(
+        tiny_teacher, tmp_path, monkeypatch, capsys, what):
+    if what == 'snapshot':          # the tick-2 generator
+        full_disk_at(monkeypatch, torch, 'save', 2, lambda obj, f: obj.get('format') == 'sida-network')
+    elif what == 'plot':
+        full_disk_at(monkeypatch, sida, 'plot_metrics', 2)
+    else:                           # log.txt fills up after 1000 characters
+        class Filling(io.StringIO):
+            def write(self, text):
+                if self.tell() + len(text) > 1000:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                return super().write(text)
+        monkeypatch.setattr(sida, 'open', lambda path, *a, real=open: Filling() if path.endswith('log.txt') else real(path, *a),
+                            raising=False)
+    sida.main(tiny_run_argv(tmp_path, tiny_teacher, *FAULT_RUN))
+    warnings_ = [line for line in capsys.readouterr().out.splitlines() if line.startswith('warning:')]
+    assert len(warnings_) == 1 and 'No space left on device' in warnings_[0], warnings_
+    assert torch.load(tmp_path / 'training-state.pt', weights_only=True)['nimg'] == 64
+
+
 def test_short_toy_distillation_lowers_fd(tmp_path):
-    # The default toy run (the shipped teacher, toy/ddpmpp/teacher.pt), for 3 kimg.
-    r = subprocess.run([sys.executable, os.path.join(HERE, 'sida.py'), '--preset', 'toy', '--duration', '0.003',
-                        '--tick', '1', '--snap', '3', '--outdir', str(tmp_path), '--device', 'cpu'],
-                       capture_output=True, text=True, timeout=600)
+    # SiDA from the shipped teacher (toy/ddpmpp/teacher.pt) for 3 kimg, measured on 1000 samples.
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'sida.py'), '--preset', 'toy', '--method', 'sida',
+                        '--gen-start-kimg', '0.5', '--adv-start-kimg', '1', '--duration', '0.003', '--tick', '1', '--snap', '3', '--metrics', 'fd1k', '--outdir', str(tmp_path),
+                        '--device', 'cpu'], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
-    fds = [row['fd'] for row in rows if 'fd' in row]
+    fds = [row['fd1k'] for row in rows if 'fd1k' in row]
     assert fds[-1] < 0.5 * fds[0], fds
-    # toy-comparison.png: 4 rows (real, teacher, initial, distilled) of 16 columns of 64-pixel tiles.
-    assert PIL.Image.open(tmp_path / 'toy-comparison.png').size == (110 + 16 * 66, 4 * 68)
+    assert {'fd1k_data', 'fd1k_teacher35', 'fd1k_teacher17', 'acc1k_teacher17'} <= set(rows[0])
+    # toy-comparison.png: 5 rows (real, the teacher's two samplers, initial, distilled) of 16 columns of 64-pixel tiles.
+    assert PIL.Image.open(tmp_path / 'toy-comparison.png').size == (110 + 16 * 66, 5 * 68)
 
 
 def write_dataset(folder, n, size, labels=None):
@@ -1270,6 +1548,25 @@ def write_latent_zip(path, n=6, channels=4, res=8, labels=True):
     return str(path)
 
 
+@pytest.mark.parametrize('kind', ['folder', 'latent zip'])
+def test_a_cut_dataset_json_is_reported_as_cut_not_as_having_no_labels(tmp_path, kind):
+    text = json.dumps({'labels': [[f'{i:04d}.png', 0] for i in range(4)]})[:30]
+    if kind == 'folder':
+        write_dataset(tmp_path / 'd', 4, 16)
+        (tmp_path / 'd' / 'dataset.json').write_text(text)
+        load = lambda: fid.ImageDataset(str(tmp_path / 'd'))
+    else:
+        write_latent_zip(tmp_path / 'l.zip')
+        with zipfile.ZipFile(tmp_path / 'l.zip') as src, zipfile.ZipFile(tmp_path / 'cut.zip', 'w') as dst:
+            for name in src.namelist():
+                dst.writestr(name, text if name == 'dataset.json' else src.read(name))
+        load = lambda: sida.LatentData(str(tmp_path / 'cut.zip'))
+    with pytest.raises(UserError) as error:
+        load()
+    message = str(error.value)
+    assert 'dataset.json is not valid JSON (truncated' in message and 'no "labels"' not in message and '\n' not in message
+
+
 def test_latent_zip_reads_and_normalises_like_edm2(tmp_path):
     path = write_latent_zip(tmp_path / 'latents.zip')
     images, labels = sida.load_dataset(path, 8, 4, latent=True)
@@ -1309,6 +1606,15 @@ def test_prepare_latents_writes_an_edm2_latent_zip_with_labels(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(HERE, 'sida.py'), '--prepare-latents', images, dest,
                         '--vae', str(tmp_path / 'vae'), '--device', 'cpu'], capture_output=True, text=True)
     assert r.returncode == 1 and 'not overwriting' in r.stderr
+
+def test_prepare_latents_of_a_missing_source_is_refused_before_the_vae_loads(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(networks, 'load_vae', lambda *a, **k: pytest.fail('the VAE was loaded'))
+    with pytest.raises(SystemExit) as e:
+        sida.main(['--prepare-latents', str(tmp_path / 'missing'), str(tmp_path / 'latents.zip'), '--device', 'cpu'])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and 'missing: no such file' in err and len(err.splitlines()) == 1
+    assert os.listdir(tmp_path) == []
+
 
 def test_edm2_sida_runs_in_latent_space_with_forced_weight_normalisation(tmp_path):
     torch.manual_seed(0)
@@ -1503,6 +1809,18 @@ def test_load_ref_reads_npz_like_edm(tmp_path):
     got_mu, got_sigma = fid.load_ref(str(tmp_path / 'ref.npz'))
     np.testing.assert_array_equal(got_mu, mu)
     np.testing.assert_array_equal(got_sigma, sigma)
+
+
+@pytest.mark.parametrize('damage', ['cut', 'corrupt'])
+def test_damaged_npz_reference_is_reported_as_a_damaged_npz_not_a_pickle(tmp_path, damage):
+    fid.save_ref(str(tmp_path / 'ref.npz'), np.arange(64.0), np.eye(64))
+    data = (tmp_path / 'ref.npz').read_bytes()
+    damaged = data[:len(data) // 2] if damage == 'cut' else data[:200] + bytes(400) + data[600:]
+    (tmp_path / 'bad.npz').write_bytes(damaged)
+    with pytest.raises(UserError) as error:
+        fid.load_ref(str(tmp_path / 'bad.npz'))
+    message = str(error.value)
+    assert message.startswith('--ref') and 'damaged npz' in message and 'pickle' not in message and '\n' not in message
 
 
 def test_load_ref_reads_edm2_pickle_of_numpy_arrays(tmp_path):
@@ -1813,7 +2131,7 @@ def test_gen_without_ref_decodes_edm2_latent_generators_with_the_vae(tmp_path, c
 
 def test_progress_bar_shows_images_throughput_and_eta(monkeypatch, capsys):
     monkeypatch.setattr(fid, 'PROGRESS_SECONDS', 0)
-    fid.generator_metrics(toy_generate, 12, fid.ToyClassifier(), batch=5)
+    fid.generator_metrics(toy_generate, 12, toy.Classifier(), batch=5)
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 3
     assert lines[0].startswith('generating [') and '5/12 images (41%)' in lines[0] and 'img/s, ETA 0:00:' in lines[0]
@@ -1821,7 +2139,7 @@ def test_progress_bar_shows_images_throughput_and_eta(monkeypatch, capsys):
 
 
 def test_short_work_prints_no_progress(capsys):
-    fid.generator_metrics(toy_generate, 12, fid.ToyClassifier(), batch=5)
+    fid.generator_metrics(toy_generate, 12, toy.Classifier(), batch=5)
     assert capsys.readouterr().err == ''
 
 
@@ -1933,14 +2251,14 @@ def toy_generate(seeds):
 
 def distributed_worker(rank, world_size, init_file, out_file):
     torch.distributed.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world_size)
-    result = fid.generator_metrics(toy_generate, 23, fid.load_toy_classifier(), batch=4, want_is=True, progress=False)
+    result = fid.generator_metrics(toy_generate, 23, toy.load_classifier(), batch=4, want_is=True, progress=False)
     if rank == 1:
         torch.save(result, out_file)
     torch.distributed.destroy_process_group()
 
 
 def test_generator_metrics_on_two_ranks_equal_one_process(tmp_path):
-    single = fid.generator_metrics(toy_generate, 23, fid.load_toy_classifier(), batch=5, want_is=True)
+    single = fid.generator_metrics(toy_generate, 23, toy.load_classifier(), batch=5, want_is=True)
     torch.multiprocessing.spawn(distributed_worker, args=(2, str(tmp_path / 'init'), str(tmp_path / 'out.pt')), nprocs=2)
     double = torch.load(tmp_path / 'out.pt', weights_only=False)
     np.testing.assert_allclose(double['mu'], single['mu'], rtol=1e-12)
@@ -1948,7 +2266,7 @@ def test_generator_metrics_on_two_ranks_equal_one_process(tmp_path):
     assert double['is'] == pytest.approx(single['is'], rel=1e-9)        # same images in the same splits
 
 # ----------------------------------------------------------------------------------------------------
-# The toy run's Inception: fid.ToyClassifier, its fd and acc.
+# The toy run's Inception: toy.Classifier, its fd and acc.
 
 def toy_fd(classifier, images, ref):
     s = fid.FeatureStats()
@@ -1957,42 +2275,42 @@ def toy_fd(classifier, images, ref):
 
 
 def test_toy_classifier_training_is_deterministic():
-    a, b = fid.train_toy_classifier(steps=3, batch=16), fid.train_toy_classifier(steps=3, batch=16)
+    a, b = make.train_classifier(steps=3, batch=16), make.train_classifier(steps=3, batch=16)
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
-    images = fid.toy_images(8, seed=0)[0]
+    images = toy.images(8, seed=0)[0]
     assert torch.equal(a(images, return_features=True), b(images, return_features=True))
 
 
 def test_toy_classifier_shipped_is_accurate_on_held_out_images():
-    classifier = fid.load_toy_classifier()
-    images, labels = fid.toy_images(fid.TOY_TEST_IMAGES, seed=fid.TOY_TEST_SEED)
-    assert fid.toy_accuracy(classifier, images, labels) >= 0.99
+    classifier = toy.load_classifier()
+    images, labels = toy.images(toy.TEST_IMAGES, seed=toy.TEST_SEED)
+    assert toy.accuracy(classifier, images, labels) >= 0.99
 
 
 def test_toy_classifier_has_the_inception_call_signature():
-    classifier = fid.load_toy_classifier()
-    images = fid.toy_images(5, seed=0)[0]
+    classifier = toy.load_classifier()
+    images = toy.images(5, seed=0)[0]
     features = classifier(images, return_features=True)
     probs = classifier(images, no_output_bias=True)
-    assert features.shape == (5, classifier.dim) and probs.shape == (5, fid.TOY_CLASSES)
+    assert features.shape == (5, classifier.dim) and probs.shape == (5, toy.CLASSES)
     assert torch.allclose(probs.sum(dim=1), torch.ones(5)) and torch.equal(probs, classifier(images))
 
 
 def test_toy_classifier_file_that_is_not_one_is_refused(tmp_path):
     (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
     with pytest.raises(UserError, match='junk.pt'):
-        fid.load_toy_classifier(str(tmp_path / 'junk.pt'))
-    with pytest.raises(UserError, match='toy-classifier'):
-        fid.load_toy_classifier(str(tmp_path / 'missing.pt'))
+        toy.load_classifier(str(tmp_path / 'junk.pt'))
+    with pytest.raises(UserError, match='toy/make.py classifier'):
+        toy.load_classifier(str(tmp_path / 'missing.pt'))
 
 
 def test_toy_fd_sees_noise_blur_colour_and_missing_classes():
-    classifier = fid.load_toy_classifier()
+    classifier = toy.load_classifier()
     s = fid.FeatureStats()
-    s.update(fid.run_detector(classifier, fid.toy_images(4000, seed=2)[0], 'cpu', return_features=True))
+    s.update(fid.run_detector(classifier, toy.images(4000, seed=2)[0], 'cpu', return_features=True))
     ref = s.mean_cov()
-    images, labels = fid.toy_images(1000, seed=3)
+    images, labels = toy.images(1000, seed=3)
     torch.manual_seed(0)
     blurred = F.avg_pool2d(F.pad(images.float(), (1, 1, 1, 1), mode='replicate'), 3, stride=1)
     changed = {'noisy': (images.double() + 15 * torch.randn(images.shape)).clamp(0, 255).to(torch.uint8),
@@ -2020,45 +2338,82 @@ def test_generated_classes_are_the_classes_generate_images_asks_for():
 
 
 def test_toy_run_logs_fd_and_acc_of_data_teacher_and_generator(tiny_teacher, tmp_path):
-    run_sida(tmp_path, tiny_teacher, '--duration', '0.000016', '--metrics', 'fd1k')
+    r = run_sida(tmp_path, tiny_teacher, '--duration', '0.000016', '--metrics', 'fd1k')
     rows = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
-    for key in ('fd_data', 'fd_teacher', 'acc_data', 'acc_teacher', 'fd1k', 'acc1k'):
+    # The summary reports the final EMA generator (the last snapshot: 16 images), beside the baselines.
+    lines = r.stdout.splitlines()
+    table = lines[[i for i, line in enumerate(lines) if line.startswith('result')][-1]:]
+    cell = lambda v: f'{v:,.0f}' if v >= 100 else f'{v:.4g}'
+    assert table[0].split() == ['result', 'fd1k', 'acc1k']
+    assert table[1].split() == ['real', 'data', cell(rows[0]['fd1k_data']), cell(rows[0]['acc1k_data'])]
+    final = [line for line in table if 'final EMA' in line][0].split()
+    assert final[-2:] == [cell(rows[-1]['fd1k']), cell(rows[-1]['acc1k'])]
+    assert 'generator-000000.016.pt' in table[-1] and os.path.isfile(tmp_path / 'generator-000000.016.pt')
+    for key in ('fd1k_data', 'fd1k_teacher35', 'acc1k_data', 'acc1k_teacher35', 'fd1k', 'acc1k'):
         assert key in rows[0], key
+    assert 'fd1k_teacher17' not in rows[0]            # the best sampler is known for the shipped teachers only
     assert 'fd1k' in rows[-1] and 'acc1k' in rows[-1]
-    assert rows[0]['acc_data'] >= 0.99 and rows[0]['fd_data'] < rows[0]['fd_teacher']
+    assert rows[0]['acc1k_data'] >= 0.99 and rows[0]['fd1k_data'] < rows[0]['fd1k_teacher35']
     assert 0 <= rows[-1]['acc1k'] <= 1
 
 
-def test_toy_preset_distils_the_shipped_teacher_unless_asked_to_retrain():
+def test_toy_preset_distils_the_shipped_files_of_its_architecture():
     for arch in ('ddpmpp', 'edm2'):
         args = sida.parse_args(['--preset', 'toy', '--arch', arch])
         assert args.teacher == os.path.join(HERE, 'toy', arch, 'teacher.pt') and os.path.isfile(args.teacher)
-        assert sida.parse_args(['--preset', 'toy', '--arch', arch, '--teacher-kimg', '5']).teacher is None
         teacher = networks.load_network(args.teacher)
-        assert teacher.meta['kimg'] == {'ddpmpp': 600, 'edm2': 1000}[arch] and teacher.meta['method'] == 'edm-teacher' and teacher.label_dim == 4
-        assert teacher.magnitude_preserving == (arch == 'edm2')
-        assert sida.parse_args(['--preset', 'toy', '--arch', arch, '--teacher-only']).teacher_kimg == teacher.meta['kimg']
-    for arch in ('ncsnpp', 'adm'):                                                      # none shipped: trained
-        assert sida.parse_args(['--preset', 'toy', '--arch', arch]).teacher is None
+        assert teacher.meta['kimg'] == make.TEACHER_KIMG[arch] and teacher.meta['method'] == 'edm-teacher'
+        assert teacher.label_dim == 4 and teacher.magnitude_preserving == (arch == 'edm2')
+    # DDPM++: SiD²A from the shipped SiD generator; EDM2 (no SiD generator shipped): SiDA from the teacher.
+    args = sida.parse_args(['--preset', 'toy'])
+    assert args.method == 'sid2a' and args.init_generator == os.path.join(HERE, 'toy', 'ddpmpp', 'sid-generator.pt')
+    assert sida.parse_args(['--preset', 'toy', '--method', 'sida']).init_generator is None
+    assert sida.parse_args(['--preset', 'toy', '--arch', 'edm2']).method == 'sida'
 
 
-def test_teacher_only_trains_saves_and_does_not_overwrite(tmp_path):
-    cmd = [sys.executable, os.path.join(HERE, 'sida.py'), '--preset', 'toy', '--teacher-only', '--teacher-kimg', '0.256',
-           '--metrics', 'none', '--device', 'cpu', '--outdir', str(tmp_path)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+def test_toy_sid_generator_is_the_documented_commands_output(tmp_path):
+    """toy/ddpmpp/sid-generator.pt is what `python toy/make.py sid-generator` writes: the final EMA generator
+    of a SiD run of the shipped teacher, with the run's flags; here the same command for 1 kimg."""
+    shipped = networks.load_network(toy.shipped('sid-generator'))
+    teacher = networks.load_network(toy.shipped('teacher'))
+    assert shipped.config == teacher.config and shipped.meta['method'] == 'sid'
+    assert shipped.meta['flags'] == ' '.join(['--preset', 'toy', '--arch', 'ddpmpp', *make.SID_FLAGS,
+                                              '--duration', str(make.SID_DURATION)])
+    assert shipped.meta['kimg'] >= 1000 * make.SID_DURATION
+    dest = tmp_path / 'sid-generator.pt'
+    cmd = [sys.executable, os.path.join(HERE, 'toy', 'make.py'), 'sid-generator', '--dest', str(dest),
+           '--outdir', str(tmp_path / 'run'), '--duration', '0.001', '--', '--metrics', 'none', '--device', 'cpu']
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=600)
     assert r.returncode == 0, r.stderr
-    teacher = networks.load_network(str(tmp_path / 'teacher.pt'))
-    assert teacher.meta['kimg'] == 0.256 and teacher.label_dim == 4 and not (tmp_path / 'log.jsonl').exists()
-    before = (tmp_path / 'teacher.pt').read_bytes()
+    made = networks.load_network(str(dest))
+    assert made.config == shipped.config and set(made.meta) == set(shipped.meta) and made.meta['kimg'] == 1.024
+    assert {k: v.dtype for k, v in made.state_dict().items()} == {k: v.dtype for k, v in shipped.state_dict().items()}
     r = subprocess.run(cmd, capture_output=True, text=True)
-    assert r.returncode == 1 and 'not overwriting' in r.stderr and (tmp_path / 'teacher.pt').read_bytes() == before
+    assert r.returncode == 1 and r.stderr.strip() == f'error: --dest {dest} exists; not overwriting it (move it away to remake it)'
+
+
+def test_toy_teacher_command_trains_saves_and_does_not_overwrite(tmp_path):
+    dest = tmp_path / 'teacher.pt'
+    cmd = [sys.executable, os.path.join(HERE, 'toy', 'make.py'), 'teacher', '--kimg', '0.256', '--dest', str(dest)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=600)
+    assert r.returncode == 0, r.stderr
+    teacher = networks.load_network(str(dest))
+    assert teacher.meta['kimg'] == 0.256 and teacher.label_dim == 4 and teacher.config == toy_config('ddpmpp')
+    assert {'fd_data', 'acc_data', 'fd_teacher35', 'acc_teacher35'} <= set(json.loads(r.stdout.splitlines()[-1]))
+    before = dest.read_bytes()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 1 and 'not overwriting' in r.stderr and dest.read_bytes() == before
+
+
+def toy_config(arch):
+    return networks.build_network(toy.arch(arch)).config
 
 
 def test_toy_sweep_summary_reads_each_run_against_its_teacher(tmp_path):
     spec = importlib.util.spec_from_file_location('sweep', os.path.join(HERE, 'toy', 'sweep.py'))
     sweep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sweep)
-    rows = [{'tick': 0, 'kimg': 0.0, 'fd_teacher': 100.0, 'acc_teacher': 0.9, 'fd': 1000.0, 'acc': 0.5},
+    rows = [{'tick': 0, 'kimg': 0.0, 'fd_teacher35': 100.0, 'acc_teacher35': 0.9, 'fd': 1000.0, 'acc': 0.5},
             {'kimg': 2.0, 'fd': 90.0, 'acc': 0.8}, {'kimg': 4.0, 'fd': 120.0, 'acc': 0.95},
             {'kimg': 6.0, 'fd': 95.0, 'acc': 0.91, 'sec_per_kimg': 3.0}]
     line = sweep.summarise('x', rows, [4, 50])
@@ -2072,6 +2427,30 @@ def test_toy_sweep_summary_reads_each_run_against_its_teacher(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(HERE, 'toy', 'sweep.py'), str(runs), str(tmp_path / 'out')],
                        capture_output=True, text=True)
     assert r.returncode == 1 and 'run names must differ' in r.stderr and not (tmp_path / 'out').exists()
+
+def test_toy_curves_tabulate_mean_and_std_over_seeds(tmp_path):
+    def run(name, fds, accs, kimgs=(0.0, 12.288, 24.576, 49.152, 60.0)):
+        (tmp_path / name).mkdir()
+        rows = [{'tick': 0, 'kimg': 0.0, 'fd_data': 50.0, 'acc_data': 0.99, 'fd_teacher35': 800.0, 'acc_teacher35': 0.97}]
+        rows += [{'tick': i + 1, 'kimg': k, 'time_s': 10.0 * k, 'fd': f, 'acc': a} for i, (k, f, a) in enumerate(zip(kimgs[1:], fds, accs))]
+        (tmp_path / name / 'log.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+        return str(tmp_path / name)
+    a = run('a', [3000., 2000., 1000., 10.], [0.90, 0.92, 0.94, 0.99])
+    b = run('b', [5000., 4000., 1400., 20.], [0.80, 0.94, 0.96, 0.99])
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'toy', 'curves.py'), str(tmp_path / 'c.png'), 'row',
+                        f'X={a},{b}', '--kimg', '12,25,49', '--until', '50', '--at-time', '250'],
+                       capture_output=True, text=True, check=True)
+    lines = r.stdout.splitlines()
+    assert lines[0] == '| | fd at 12 / 25 / 49 kimg / end | acc at 12 / 25 / 49 kimg / end | fd, acc after 250 s (kimg) |'
+    assert lines[2] == ('| X (2 seeds) | 4,000 ± 1,000 / 3,000 ± 1,000 / 1,200 ± 200 / 1,200 ± 200 '   # the 60-kimg rows are left out
+                        '| 0.850 ± 0.050 / 0.930 ± 0.010 / 0.950 ± 0.010 / 0.950 ± 0.010 | 3,000 ± 1,000, 0.930 ± 0.010 (25) |')
+    assert lines[3:] == ['| real data | 50.0 | 0.990 | |', '| teacher, 35 NFE | 800.0 | 0.970 | |']
+    with PIL.Image.open(tmp_path / 'c.png') as plot:
+        assert plot.size == (1040, 390)
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'toy', 'curves.py'), str(tmp_path / 'd.png'), f'X={a},nowhere'],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.strip() == 'curves.py: X: nowhere: no log.jsonl' and not (tmp_path / 'd.png').exists()
+
 
 
 def test_toy_fd_needs_toy_data(tiny_teacher, tmp_path):

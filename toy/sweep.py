@@ -1,28 +1,28 @@
 """Run many toy distillations side by side (one process each) and print where each stands.
 
-    python toy/sweep.py RUNS.txt OUTDIR [--device cuda] [--deadline 480] [--kimg 50,100] [-- extra sida.py flags]
+    python toy/sweep.py RUNS.txt OUTDIR [--device cuda] [--jobs N] [--deadline 480] [--kimg 50,100] [-- extra sida.py flags]
 
 RUNS.txt holds one run per line: a name, then the flags it adds to `python sida.py --preset toy` (lines
-starting with # are skipped). All runs start at once, each on one CPU thread (on a GPU machine they share
-the GPU); at the deadline (seconds) the ones still running are stopped. The summary prints, per run, its
-fd and acc at the asked kimg, its best fd, and the first snapshot where fd <= the teacher's and acc >= the
-teacher's (both baselines from the run's own tick-0 row). Runs are read from OUTDIR/NAME/log.jsonl.
+starting with # are skipped). The runs start at once, or --jobs at a time (one per CPU core on a CPU-only
+machine), each on one CPU thread (on a GPU machine they share the GPU); at the deadline (seconds) the ones
+still running are stopped and those not started are skipped. The summary prints, per run, its
+fd and acc at the asked kimg, its best fd, and the first snapshot where fd <= and acc >= those of the
+teacher's 35-evaluation sampler (from the run's own tick-0 row). Runs are read from OUTDIR/NAME/log.jsonl;
+toy/curves.py plots and tabulates them over seeds.
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from sida import read_log  # noqa: E402
+
 
 def read_rows(path):
-    try:
-        with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
-    except (OSError, ValueError):
-        return []
+    return read_log(path) if os.path.isfile(path) else []
 
 
 def summarise(name, rows, marks):
@@ -30,7 +30,7 @@ def summarise(name, rows, marks):
     if not snaps:
         return f'{name:14s} no snapshot'
     base = rows[0]
-    fd_t, acc_t = base.get('fd_teacher', float('nan')), base.get('acc_teacher', float('nan'))
+    fd_t, acc_t = base.get('fd_teacher35', float('nan')), base.get('acc_teacher35', float('nan'))
     at = lambda k: min(snaps, key=lambda r: abs(r['kimg'] - k))
     cells = []
     for k in marks:
@@ -51,6 +51,7 @@ def main(argv):
     p.add_argument('outdir', help='each run goes to OUTDIR/NAME, its console to OUTDIR/NAME.log')
     p.add_argument('--device', default='cuda', help='device of every run')
     p.add_argument('--deadline', type=float, default=480, help='seconds; runs still going then are stopped')
+    p.add_argument('--jobs', type=int, default=0, help='runs at a time (0: all at once)')
     p.add_argument('--kimg', default='50,100', type=lambda v: [float(k) for k in v.split(',')],
                    help='kimg at which the summary reads fd and acc (comma list)')
     extra = argv[argv.index('--') + 1:] if '--' in argv else []      # after --: flags for every run
@@ -69,14 +70,15 @@ def main(argv):
     os.makedirs(outdir, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    procs = {}
-    for name, flags in runs:
-        cmd = [sys.executable, os.path.join(here, 'sida.py'), '--preset', 'toy', '--device', opts.device,
-               '--outdir', os.path.join(outdir, name), *extra, *flags]
-        with open(os.path.join(outdir, name + '.log'), 'w') as log:          # the child keeps its own handle
-            procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    procs, waiting = {}, list(runs)
     t0, deadline = time.time(), opts.deadline
-    while time.time() - t0 < deadline and any(p.poll() is None for p in procs.values()):
+    while time.time() - t0 < deadline and (waiting or any(p.poll() is None for p in procs.values())):
+        while waiting and (opts.jobs <= 0 or sum(p.poll() is None for p in procs.values()) < opts.jobs):
+            name, flags = waiting.pop(0)
+            cmd = [sys.executable, os.path.join(here, 'sida.py'), '--preset', 'toy', '--device', opts.device,
+                   '--outdir', os.path.join(outdir, name), *extra, *flags]
+            with open(os.path.join(outdir, name + '.log'), 'w') as log:      # the child keeps its own handle
+                procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         time.sleep(5)
     for p in procs.values():
         if p.poll() is None:
@@ -88,6 +90,9 @@ def main(argv):
             p.kill()
     print(f'sweep: {len(runs)} runs, {time.time() - t0:.0f} s')
     for name, flags in runs:
+        if name not in procs:
+            print(f'{name:14s} not started (deadline) | ' + ' '.join(flags))
+            continue
         rows = read_rows(os.path.join(outdir, name, 'log.jsonl'))
         print(summarise(name, rows, opts.kimg), '|', ' '.join(flags), f'(exit {procs[name].returncode})')
         if not rows:
