@@ -827,7 +827,7 @@ def restore_state(state, path, teacher, sida, slots, rank, world):
 # ----------------------------------------------------------------------------------------------------
 # Evaluation and the console: metrics of the EMA generator, the status line, log.txt, metrics.png.
 
-METRIC_PREFIXES = ('fid', 'is', 'fd', 'acc')     # log keys of metrics: fid50k, is50k, fd, acc, fd_teacher, ...
+METRIC_PREFIXES = ('fid', 'is', 'fd', 'acc')     # log keys of metrics: fid50k, is50k, fd, acc, fd_teacher35, ...
 
 
 def parse_metrics(spec):
@@ -983,7 +983,7 @@ PLOT_TITLES = {'fid': 'FID of the EMA generator (lower is better)', 'is': 'Incep
 def plot_metrics(rows, path):
     """One small panel per metric, then per loss, against kimg (all on the run's kimg axis), drawn with PIL
     (no plotting dependency); distances on a log scale. Tick-0 entries named <metric>_<what> (fd_data,
-    fd_teacher, ...) are drawn as labelled horizontal lines in that metric's panel."""
+    fd_teacher35, ...) are drawn as labelled horizontal lines in that metric's panel."""
     names = sorted({k for r in rows for k in r if k.startswith(METRIC_PREFIXES) and '_' not in k})
     names += sorted({k for r in rows for k in r if k.startswith('loss_')})
     if not names:
