@@ -558,6 +558,8 @@ def trainable_copy(net, dropout, device, drop_logvar=False):
     copy_.load_state_dict(net.state_dict(), strict=not drop_logvar)
     return copy_.train().requires_grad_(True)
 
+# ----------------------------------------------------------------------------------------------------
+# One iteration: the fake score update, then the generator update, on the three networks.
 
 def precision_setup(precision, device):
     """Autocast context for the networks (losses stay fp32) and whether fp16 loss scaling is needed."""
