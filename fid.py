@@ -8,6 +8,8 @@ URL or name):
 FID of a one-step generator (ours, or a released one by name), no PNGs written unless --outdir is given;
 --is adds the Inception Score (on by default for the releases whose paper reports it, CIFAR-10):
     python fid.py gen  --network sida-cifar10-uncond --ref cifar10-32x32 --num 50000
+The official protocol, 10 trials of 50,000 images (seeds 0-499999): each trial, then mean, std, min, max:
+    python fid.py gen  --network sida-cifar10-uncond --ref cifar10-32x32 --trials 10
 Images and a grid from any generator (EDM2 latent generators are decoded by the Stable Diffusion VAE):
     python fid.py gen  --network sida-edm2-img512-xs --seeds 0-63 --outdir samples/
 The names of the released generators and reference statistics, with the paper's FIDs:
@@ -22,11 +24,15 @@ is the TorchScript Inception network used by StyleGAN2-ADA and EDM. It takes uin
 [N, 3, H, W] in 0..255 and resizes them to 299x299 itself. FID follows EDM: float64 running sums,
 unbiased covariance, and the real part of scipy's matrix square root. IS follows StyleGAN: class
 probabilities with the output bias left out, 10 splits.
+
+Contents: distributed helpers; the detector; statistics and distances; reading images; measuring; one-step
+generation and sample grids; a run's metrics.png; the command line.
 """
 
 import argparse
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -38,6 +44,7 @@ import zlib
 
 import numpy as np
 import PIL.Image
+import PIL.ImageDraw
 import scipy.linalg
 import scipy.special
 import torch
@@ -604,6 +611,59 @@ def save_grid(images, path):
     img = img.resize((img.width * scale, img.height * scale), PIL.Image.NEAREST)
     networks.atomic_write(path, lambda f: img.save(f, format='PNG'))
 
+# ----------------------------------------------------------------------------------------------------
+# A run's metrics against kimg (sida.py's metrics.png).
+
+PLOT_TITLES = {'fid': 'FID of the EMA generator (lower is better)', 'is': 'Inception Score (higher is better)',
+               'fd': 'toy FID of the EMA generator (lower is better)',
+               'acc': 'share of samples of the asked class (higher is better)',
+               'loss_fake_score': 'L_psi, mean per tick', 'loss_disc': 'L_D, mean per tick',
+               'loss_sid': 'L_sid, mean per tick', 'loss_adv': 'L_adv, mean per tick'}
+
+
+def plot_metrics(rows, path, prefixes=('fid', 'is'), label=str):
+    """A run's metrics.png from its log rows: one small panel per metric (keys starting with `prefixes`), then
+    per loss, against kimg, drawn with PIL (no plotting dependency); distances on a log scale. Tick-0 entries
+    named <metric>_<what> (fd_data, fd_teacher35, ...) are horizontal lines in that metric's panel, named
+    label(what)."""
+    names = sorted({k for r in rows for k in r if k.startswith(prefixes) and '_' not in k})
+    names += sorted({k for r in rows for k in r if k.startswith('loss_')})
+    if not names:
+        return
+    W, H, m, cols = 360, 250, 45, 3
+    x0, x1 = 0.0, max(max(r['kimg'] for r in rows), 1e-3)
+    img = PIL.Image.new('RGB', (W * min(cols, len(names)), H * math.ceil(len(names) / cols)), 'white')
+    d = PIL.ImageDraw.Draw(img)
+    for i, name in enumerate(names):
+        ox, oy, log = i % cols * W, i // cols * H, name.startswith(('fid', 'fd'))
+        points = [(r['kimg'], r[name]) for r in rows if name in r and (r[name] > 0 or not log)]
+        refs = [(k.split('_', 1)[1], v) for k, v in rows[0].items() if k.startswith(name + '_') and (v > 0 or not log)]
+        if not points:
+            continue
+        f = (lambda v: math.log10(v)) if log else (lambda v: v)
+        ys = [f(y) for _, y in points] + [f(y) for _, y in refs]
+        y0, y1 = min(ys), max(ys)
+        y1 = y1 if y1 > y0 else y0 + 1
+        px = lambda x: ox + m + (x - x0) / (x1 - x0) * (W - 2 * m)
+        py = lambda v: oy + H - m - (f(v) - y0) / (y1 - y0) * (H - 2 * m)
+        d.rectangle([ox + m, oy + m, ox + W - m, oy + H - m], outline='black')
+        title = next((v for k, v in PLOT_TITLES.items() if name.startswith(k)), 'mean per tick')
+        d.text((ox + m, oy + 12), f'{name}: {title}', fill='black')
+        d.text((ox + m, oy + 25), f'x: kimg{", y: log scale" if log else ""}', fill='#777777')
+        for k in range(3):
+            x, y = x0 + (x1 - x0) * k / 2, y0 + (y1 - y0) * k / 2
+            d.text((px(x) - 10, oy + H - m + 5), f'{x:g}', fill='black')
+            d.text((ox + 2, py(10 ** y if log else y) - 5), f'{10 ** y if log else y:.3g}', fill='black')
+        xy = [(px(x), py(y)) for x, y in points]
+        d.line(xy, fill='#1f77b4', width=2) if len(xy) > 1 else None
+        for x, y in xy:
+            d.ellipse([x - 2, y - 2, x + 2, y + 2], fill='#1f77b4')
+        for j, (who, y) in enumerate(refs):
+            colour = ['#d62728', '#2ca02c', '#9467bd'][j % 3]
+            d.line([(ox + m, py(y)), (ox + W - m, py(y))], fill=colour, width=1)
+            d.text((ox + W - m - 80, py(y) - 11), label(who), fill=colour)
+    networks.atomic_write(path, lambda f: img.save(f, format='PNG'))
+
 
 def parse_seeds(text):
     """'0-49999' or '1,5,10-19' (ranges include both ends) -> list of ints."""
@@ -648,11 +708,12 @@ def cmd_gen(args, device):
     ref = load_ref(args.ref) if args.ref else None
     if ref is None and not args.outdir:
         raise UserError('gen: nothing to do; pass --ref to measure FID, --outdir to save images, or both')
-    seeds = parse_seeds(args.seeds) if args.seeds else list(range(args.num))
+    if args.trials > 1 and (ref is None or args.outdir or args.seeds):
+        raise UserError(f'--trials {args.trials}: FID only, from seeds 0.. on (pass --ref; drop --outdir and --seeds)')
+    seeds = parse_seeds(args.seeds) if args.seeds else list(range(args.num * args.trials))
     num = args.num if args.num is not None else len(seeds)
     if len(seeds) < num:
         raise UserError(f'--seeds {args.seeds} gives {len(seeds)} seeds, fewer than --num {num}')
-    seeds = seeds[:num]
     G = networks.load_network(args.network, device)
     vae = networks.load_vae(args.vae, device) if G.latent else None     # EDM2 latent generators
 
@@ -665,35 +726,47 @@ def cmd_gen(args, device):
     if ref is not None:
         data = release_data(args.network)
         want_is = args.inception_score or (data is not None and PAPER[data][3])
-        result = generator_metrics(generate, num, load_detector(args.detector, device), ref=ref, batch=args.batch,
-                                   device=device, want_is=want_is, seeds=seeds)
+        detector = load_detector(args.detector, device)
+        results = []
+        for trial in range(args.trials):            # trial k: seeds k*num .. (k+1)*num - 1
+            trial_seeds = seeds[trial * num:(trial + 1) * num]
+            results.append(generator_metrics(generate, num, detector, ref=ref, batch=args.batch, device=device,
+                                             want_is=want_is, seeds=trial_seeds))
+            if args.trials > 1:
+                _report(results[-1], num, f'trial {trial + 1}/{args.trials}, seeds {trial_seeds[0]}-{trial_seeds[-1]}: ')
     else:
         meter = Progress('sampling', num)
-        for batch_seeds in torch.tensor(seeds[rank()::world_size()], dtype=torch.int64).split(args.batch):
+        for batch_seeds in torch.tensor(seeds[:num][rank()::world_size()], dtype=torch.int64).split(args.batch):
             generate(batch_seeds)
             meter.update(len(batch_seeds))
     if args.outdir:
         if world_size() > 1:
             dist.barrier()                      # every rank has written its PNGs; rank 0 reads the grid's back
         if rank() == 0:
-            first = seeds[:GRID_IMAGES]
+            first = seeds[:min(num, GRID_IMAGES)]
             save_grid(torch.from_numpy(np.stack([_read_png(args.outdir, seed) for seed in first])),
                       os.path.join(args.outdir, 'grid.png'))
             print(f'wrote {num} images and grid.png (the first {len(first)}) to {args.outdir}', file=sys.stderr)
-    if ref is not None:
-        _report(result, num)
+    if ref is not None and args.trials == 1:
+        _report(results[0], num)
+    elif ref is not None and rank() == 0:
+        for key in ('fid', 'is') if 'is' in results[0] else ('fid',):
+            v = np.array([r[key] for r in results])
+            print(f'{key} over {args.trials} trials of {num} images: mean {v.mean():.4f} std {v.std(ddof=1):.4f} '
+                  f'min {v.min():.4f} max {v.max():.4f}')
 
 
 def cmd_names():
     """The names accepted for --network (and sida.py's --teacher, --init-generator) and --ref."""
-    print('Released one-step generators, FID-50k as published (SiD: SiD paper; SiDA/SiD²A: the best of the two,')
-    print('one figure per data set). Score one with: python fid.py gen --network NAME --ref REF')
-    print(f'  {"NAME":31} {"REF":15} PAPER FID-50k')
+    print('Released one-step generators and the FID-50k published for them. SiD: the SiD paper\'s figure (alpha 1.2).')
+    print('SiDA and SiD²A: the SiDA paper gives one figure per data set, the best of its SiDA and SiD²A runs, and')
+    print('does not say which released file it belongs to, so a file\'s own figure is "-". Score one with:')
+    print('python fid.py gen --network NAME --ref REF [--trials 10]')
+    print(f'  {"NAME":31} {"REF":15} {"THIS FILE":>9}  BEST SiDA/SiD²A OF THE DATA SET')
     for name in networks.RELEASED_URLS:
         ref, sid_fid, best_fid, _ = PAPER[release_data(name)]
-        published = (f'SiD: {sid_fid:.3f}' if sid_fid is not None else '- (none published)') if name.startswith('sid-') \
-            else f'best of SiDA/SiD²A: {best_fid:.3f}'
-        print(f'  {name:31} {ref:15} {published}')
+        own = f'{sid_fid:.3f}' if name.startswith('sid-') and sid_fid is not None else '-'
+        print(f'  {name:31} {ref:15} {own:>9}  {best_fid:.3f}')
     print('  Named by the release table, whose file names disagree twice: sida-edm2-img512-xl is the file')
     print('  edm2_img512_xl_sid2a_alpha1-024578.pkl, sid-edm2-img512-xxl is edm2_img512_xxl_sida_alpha1-077932.pkl;')
     print('  no EDM2-XXL SiD²A generator is released. For CIFAR-10, whose tables also report the Inception')
@@ -706,11 +779,11 @@ def cmd_names():
         print(f'  {name:31} {url}')
 
 
-def _report(result, num):
+def _report(result, num, prefix=''):
     if rank() == 0:
         if 'is' in result:
-            print(f'is ({num} images): {result["is"]:.4f} +- {result["is_std"]:.4f}')
-        print(f'fid ({num} images): {result["fid"]:.4f}')
+            print(f'{prefix}is ({num} images): {result["is"]:.4f} +- {result["is_std"]:.4f}')
+        print(f'{prefix}fid ({num} images): {result["fid"]:.4f}')
 
 
 class _Parser(argparse.ArgumentParser):
@@ -743,6 +816,9 @@ def parse_args(argv=None):
     calc.add_argument('--num', '--num-images', dest='num', type=int, help='use the first N images (error if fewer)')
     gen.add_argument('--num', '--num-images', dest='num', type=int,
                      help='number of images (default 50000, or the number of --seeds)')
+    gen.add_argument('--trials', type=int, default=1,
+                     help='FID of this many sets of --num images, seeds 0.. on (the official protocol: 10 of 50000); '
+                          'prints each, then mean, std, min and max')
     ref.add_argument('--num', '--num-images', dest='num', type=int, help='use the first N images (error if fewer)')
     for p in (ref, calc, gen):
         p.add_argument('--detector', help='Inception TorchScript file or URL (default: the official one, cached)')
@@ -755,7 +831,7 @@ def parse_args(argv=None):
         return args
     if args.command == 'gen' and args.num is None and not args.seeds:
         args.num = 50000 if args.ref else GRID_IMAGES
-    for flag in ('num', 'batch'):
+    for flag in ('num', 'batch', 'trials'):
         if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
             parser.error(f'--{flag} must be at least 1')
     if getattr(args, 'workers', 0) < 0:

@@ -15,7 +15,8 @@ them with a restricted unpickler that runs nothing from the file: it collects th
 constructor arguments, builds our module and checks every tensor name and shape.
 
 Contents: errors and downloads; EDM layers; SongUNet and DhariwalUNet; EDM2 layers and UNet;
-the two preconditioners; building, saving and loading.
+the two preconditioners; EDM's augmentation; building, saving and loading; EDM2's latent space (the VAE,
+the latent dataset of an EDM2 run: LatentData reads it, `python networks.py encode-latents` writes it).
 """
 
 import functools
@@ -23,6 +24,7 @@ import hashlib
 import http.client
 import importlib
 import io
+import json
 import math
 import os
 import pickle
@@ -968,6 +970,139 @@ class EDM2Precond(nn.Module):
                 layer.weight.copy_(normalize(layer.weight.to(torch.float32)))
 
 # ----------------------------------------------------------------------------------------------------
+# EDM's augmentation, whose 9 labels the EDM networks take as augment_labels (map_augment). SiDA applies
+# it on the fake-score side (sida.py); draws and their application are separate functions, so given
+# parameters can be checked against EDM.
+
+# Karras et al. 2022, App. F.2: the geometric part of StyleGAN2-ADA's pipeline (Karras et al. 2020, App. B).
+AUG_SCALE_STD = 0.2        # std of log2 of the isotropic and anisotropic scale factors
+AUG_TRANSLATE_STD = 0.125  # std of the translation, as a fraction of the image size
+SYM6 = (0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633,
+        0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252,
+        -0.021060292512300564, 0.04472490177066578, 0.0017677118642428036, -0.007800708325034148)
+SYM6_MARGIN = len(SYM6) // 4   # border (pixels at 1x) warped around the image for the low-pass filter
+_sym6_on = {}                  # the filter per (device, dtype): a fresh copy to the GPU would synchronise
+
+
+def draw_augment(batch, p, gen, device):
+    """Per-sample draws of EDM's AugmentPipe(p, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
+    translate_frac=1): a dict of [batch] tensors, 0 where a transform is not applied."""
+    rand = lambda *shape: torch.rand(*shape, batch, generator=gen, device=device)
+    randn = lambda *shape: torch.randn(*shape, batch, generator=gen, device=device)
+    bit = lambda: torch.randint(2, (batch,), generator=gen, device=device).float()
+    angle = lambda: (rand() * 2 - 1) * math.pi
+    gate = lambda v, prob: torch.where(rand() < prob, v, torch.zeros_like(v))
+    xflip = bit()                          # eligible at any p (EDM's probability multiplier 1e8)
+    yflip = gate(bit(), p)
+    scale_w = gate(randn(), p)             # raw normal draws: the labels carry w, the factors are 2^(0.2 w)
+    rot = gate(angle(), p)
+    aniso_w = gate(randn(), p)
+    aniso_r = gate(angle(), 0.5)           # the anisotropy's frame is rotated half of the time
+    tx, ty = gate(randn(2), p)             # one gate for both translation components
+    return dict(xflip=xflip, yflip=yflip, scale_w=scale_w, rot=rot, aniso_w=aniso_w, aniso_r=aniso_r,
+                tx=tx, ty=ty)
+
+
+def augment_labels(params):
+    """The labels EDM's networks were trained with: [xflip, yflip, scale_w, cos rot - 1, sin rot,
+    aniso_w cos r, aniso_w sin r, tx, ty]."""
+    P = params
+    return torch.stack([P['xflip'], P['yflip'], P['scale_w'], P['rot'].cos() - 1, P['rot'].sin(),
+                        P['aniso_w'] * P['aniso_r'].cos(), P['aniso_w'] * P['aniso_r'].sin(), P['tx'], P['ty']], 1)
+
+
+def affine(rows, like):
+    """3x3 matrices [B, 3, 3] from two rows of [B] tensors or numbers; the third row is (0, 0, 1)."""
+    entry = lambda v: v if torch.is_tensor(v) else torch.full_like(like, v)
+    return torch.stack([torch.stack([entry(v) for v in row], -1) for row in rows + [[0, 0, 1]]], -2)
+
+
+def scale2d(sx, sy, like):
+    return affine([[sx, 0, 0], [0, sy, 0]], like)
+
+
+def rotate2d(theta):
+    return affine([[theta.cos(), -theta.sin(), 0], [theta.sin(), theta.cos(), 0]], theta)
+
+
+def translate2d(tx, ty, like):
+    return affine([[1, 0, tx], [0, 1, ty]], like)
+
+
+def augment_matrix(params, height, width):
+    """G_inv: centred output pixel coordinates -> input pixel coordinates, EDM's product in EDM's order
+    (isotropic scale, rotation, anisotropic scale in a frame rotated by r, translation)."""
+    P = params
+    s, a = 2 ** (AUG_SCALE_STD * P['scale_w']), 2 ** (AUG_SCALE_STD * P['aniso_w'])
+    r = P['aniso_r']
+    return (scale2d(1 / s, 1 / s, s) @ rotate2d(P['rot'])
+            @ rotate2d(-r) @ scale2d(1 / a, a, a) @ rotate2d(r)
+            @ translate2d(-AUG_TRANSLATE_STD * width * P['tx'], -AUG_TRANSLATE_STD * height * P['ty'], s))
+
+
+def sym6(x):
+    key = (x.device, x.dtype)
+    if key not in _sym6_on:
+        _sym6_on[key] = torch.tensor(SYM6, device=x.device, dtype=x.dtype)
+    return _sym6_on[key]
+
+
+def upsample2x(x):
+    """Zero-stuffing then the sym6 low-pass, separably; a stride-2 transposed convolution does both at once."""
+    C, f = x.shape[1], sym6(x)
+    pad = len(SYM6) // 2 - 1               # keeps 2n outputs, pixel i at 2i: up then down is the identity
+    x = F.conv_transpose2d(x, f.view(1, 1, 1, -1).expand(C, 1, 1, -1), stride=(1, 2), padding=(0, pad), groups=C)
+    return F.conv_transpose2d(x, f.view(1, 1, -1, 1).expand(C, 1, -1, 1), stride=(2, 1), padding=(pad, 0), groups=C)
+
+
+def downsample2x(x):
+    """The sym6 low-pass then every other pixel, separably (the adjoint of upsample2x)."""
+    C, f = x.shape[1], sym6(x)
+    pad = len(SYM6) // 2 - 1
+    x = F.conv2d(x, f.view(1, 1, 1, -1).expand(C, 1, 1, -1), stride=(1, 2), padding=(0, pad), groups=C)
+    return F.conv2d(x, f.view(1, 1, -1, 1).expand(C, 1, -1, 1), stride=(2, 1), padding=(pad, 0), groups=C)
+
+
+def warp(x, G_inv):
+    """Resample x [B, C, H, W] through G_inv as EDM does: reflect-pad, 2x sym6 upsampling, bilinear
+    grid_sample at 2x (zeros outside, align_corners=False), sym6 low-pass and 2x downsampling, crop."""
+    B, C, H, W = x.shape
+    # EDM pads by what the batch's transformed corners need (plus the filters' reach), clamped to size - 1,
+    # the most reflect padding allows. Always padding that most never reads the corners back to the host
+    # and gives EDM's pixels to ~1e-5: the extra reflected image is reached only by the filters' tails
+    # under strong zoom-outs (where EDM lets zeros in), and the larger grid changes float32 rounding.
+    Hp, Wp = 3 * H - 2, 3 * W - 2
+    x = upsample2x(F.pad(x, [W - 1, W - 1, H - 1, H - 1], mode='reflect'))
+    Ho, Wo = H + 2 * SYM6_MARGIN, W + 2 * SYM6_MARGIN
+    like = G_inv[:, 0, 0]
+    # EDM's warps pivot on the point a quarter pixel up and left of the centre (it conjugates its
+    # 2x-resolution matrix by a half-pixel shift), so G_inv acts on coordinates shifted by 1/4.
+    G_inv = translate2d(-0.25, -0.25, like) @ G_inv @ translate2d(0.25, 0.25, like)
+    # grid_sample's [-1, 1] is a centred pixel coordinate over half the size (align_corners=False); the
+    # 2x factors of the upsampled input and of the output cancel, so sizes at 1x are used.
+    theta = scale2d(2 / Wp, 2 / Hp, like) @ G_inv @ scale2d(Wo / 2, Ho / 2, like)
+    grid = F.affine_grid(theta[:, :2], [B, C, 2 * Ho, 2 * Wo], align_corners=False)
+    x = downsample2x(F.grid_sample(x, grid, mode='bilinear', padding_mode='zeros', align_corners=False))
+    return x[:, :, SYM6_MARGIN:-SYM6_MARGIN, SYM6_MARGIN:-SYM6_MARGIN]
+
+
+def apply_augment(x, params, geometric=True):
+    """EDM's augmentation of fp32 images x [B, C, H, W] with given parameters (draw_augment's dict);
+    returns (images, labels [B, 9]). Flips are exact pixel copies; with `geometric` the whole batch is
+    warped, so an untransformed sample also carries the resampling error (~1e-6), as in EDM."""
+    flip = lambda bit: bit.view(-1, 1, 1, 1) > 0
+    x = torch.where(flip(params['xflip']), x.flip(3), x)
+    x = torch.where(flip(params['yflip']), x.flip(2), x)
+    if geometric:
+        x = warp(x, augment_matrix(params, x.shape[2], x.shape[3]))
+    return x, augment_labels(params)
+
+
+def augment(x, p, gen):
+    """EDM's augmentation with probability p; returns (x, 9-dim labels). Nothing is resampled at p = 0."""
+    return apply_augment(x, draw_augment(x.shape[0], p, gen, x.device), geometric=p > 0)
+
+# ----------------------------------------------------------------------------------------------------
 # Building, saving and loading.
 
 def build_network(config):
@@ -1265,3 +1400,87 @@ def decode_latents(vae, x):
     raw = denormalize_latents(x.float()).to(next(vae.parameters()).device)
     images = vae.decode(raw).sample
     return (images.float().clamp(0, 1) * 255 + 1e-3).to(torch.uint8)
+
+
+class LatentData:
+    """EDM2's latent dataset: a zip of per-image .npy files holding the Stable Diffusion VAE's posterior
+    mean and std (8 x 64 x 64 for ImageNet 512) and EDM's dataset.json labels. ImageNet's latents do not
+    fit in memory, so they are read from the zip on demand."""
+
+    def __init__(self, path):
+        try:
+            self.zip = zipfile.ZipFile(path)
+            self.names = sorted(n for n in self.zip.namelist() if n.endswith('.npy'))
+            first = np.load(io.BytesIO(self.zip.read(self.names[0]))) if self.names else None
+        except (OSError, zipfile.BadZipFile, ValueError) as e:
+            raise UserError(f'--data {path}: not an EDM2 latent zip ({type(e).__name__})') from None
+        if first is None or first.ndim != 3 or first.shape[0] % 2:
+            raise UserError(f'--data {path}: expected .npy files of the VAE mean and std [2C, H, W]')
+        self.shape = (first.shape[0] // 2, *first.shape[1:])
+        self.labels = None
+        if 'dataset.json' in self.zip.namelist():
+            import fid                          # fid.py reads dataset.json (and imports this file)
+            labels = fid.parse_labels(self.zip.read('dataset.json'), self.names, f'--data {path}')
+            self.labels = None if labels is None else torch.from_numpy(labels)
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, idx):
+        """Mean and std of the latents of the given indices: float32 [n, 2C, H, W]."""
+        return torch.from_numpy(np.stack([np.load(io.BytesIO(self.zip.read(self.names[i]))) for i in idx.tolist()])).float()
+
+
+def encode_dataset(src, dest, device='cpu', vae=VAE_NAME):
+    """Encode a dataset of 512x512 images (an EDM-style zip or folder, e.g. from EDM2's dataset_tool.py
+    convert) into an EDM2 latent zip: one .npy of the VAE posterior's mean and std per image, and the
+    labels in dataset.json. Written atomically; an existing DEST is never overwritten."""
+    import fid                                  # fid.py reads datasets (and imports this file)
+    if os.path.exists(dest):
+        raise UserError(f'encode-latents: {dest} exists; not overwriting it')
+    if not os.path.exists(src):                 # before the VAE, which may be a download
+        raise UserError(f'encode-latents: {src}: no such file or folder')
+    vae = load_vae(vae, device=device)
+    dataset = fid.ImageDataset(src)
+
+    def write(f):
+        labels = {}
+        with zipfile.ZipFile(f, 'w', zipfile.ZIP_STORED) as z:
+            index = 0
+            for images, batch_labels in fid.iterate_images(dataset, batch=32):
+                for mean_std, label in zip(encode_images(vae, images).cpu().numpy(), batch_labels.tolist()):
+                    name = f'{index // 1000:05d}/img{index:08d}.npy'
+                    buf = io.BytesIO()
+                    np.save(buf, mean_std)
+                    z.writestr(name, buf.getvalue())
+                    if label >= 0:
+                        labels[name] = label
+                    index += 1
+                print(f'encoded {index}/{len(dataset)} images', flush=True)
+            z.writestr('dataset.json', json.dumps({'labels': [[k, v] for k, v in labels.items()] or None}))
+
+    atomic_write(dest, write)
+    print(f'wrote {dest}')
+
+
+def main(argv=None):
+    """python networks.py encode-latents IMAGES LATENTS.zip: the EDM2 latent dataset of sida.py --data."""
+    import argparse
+    p = argparse.ArgumentParser(description='Prepare an EDM2 latent dataset (ImageNet 512) for sida.py --data.')
+    sub = p.add_subparsers(dest='command', required=True)
+    e = sub.add_parser('encode-latents', help='encode 512x512 images (zip or folder) with the Stable Diffusion VAE')
+    e.add_argument('src', help='EDM-style zip or folder of 512x512 images with dataset.json labels')
+    e.add_argument('dest', help='the latent zip to write (must not exist)')
+    e.add_argument('--vae', default=VAE_NAME, help='hub name or local folder of the VAE (default: %(default)s)')
+    e.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
+    args = p.parse_args(argv)
+    try:
+        encode_dataset(args.src, args.dest, args.device or ('cuda' if torch.cuda.is_available() else 'cpu'), args.vae)
+    except UserError as err:
+        print(f'error: {err}', file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == '__main__':
+    import networks                             # the module fid.py imports, so that its UserError is this one
+    networks.main()

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """SiDA: Score identity Distillation with an Adversarial loss (Zhou et al., ICLR 2025).
 
-The whole distillation loop in one file. A pretrained EDM/EDM2 denoiser (the teacher) becomes a one-step
-generator. It reads top to bottom as the paper does: settings; the method (noise levels, augmentation,
-the losses); data; networks; one iteration (the fake score update, then the generator update); the
-training state; evaluation and the console; the loop; the entry points (latent preparation, the
-benchmark). The toy run's world (its images, classifier, teacher sampler and shipped files) is in toy/.
+The whole distillation loop in one file: a pretrained EDM/EDM2 denoiser (the teacher) becomes a one-step
+generator. It reads top to bottom as the paper does: settings (flags, the toy preset, their checks); the
+method (noise levels and the losses); data; networks; one iteration (the fake score update, then the
+generator update); the training state; evaluation and the console; the loop; main. Elsewhere: the
+networks and EDM's augmentation in networks.py, FID/IS in fid.py, the toy run's world in toy/, speed in
+bench.py.
 
 One process (CPU or one GPU):
     python sida.py --preset toy                     # offline toy run on the CPU (no downloads, ~10 min)
@@ -18,9 +19,7 @@ Two nodes (run on both, NODE_RANK=0 and 1):
         --master_port=29500 sida.py --teacher ... --data ...
 Continue a run (run flags come from its saved state):
     python sida.py --resume runs/c10
-The paper's runs, with every setting: train_cifar.sh, train_imagenet.sh, train_ffhq_afhq.sh. Other entry points:
-    python sida.py --bench --arch ddpmpp --batch-gpu 64 --precision bf16   # throughput, random networks
-    python sida.py --prepare-latents IMAGES.zip LATENTS.zip                 # EDM2 latent dataset (diffusers)
+The paper's runs, with every setting: train_cifar.sh, train_imagenet.sh, train_ffhq_afhq.sh.
 """
 
 import argparse
@@ -30,19 +29,15 @@ import io
 import json
 import math
 import os
+import resource
 import signal
 import sys
 import time
-import zipfile
 from typing import NamedTuple, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import torch.utils._python_dispatch
-import torch.utils.flop_counter
-from PIL import Image, ImageDraw
 
 import fid
 import networks
@@ -53,9 +48,25 @@ from networks import UserError
 # Settings. Defaults are the paper's CIFAR-10 unconditional SiDA run. Flags come in groups: the run's
 # (saved with its state and kept on resume), the session's (may change on resume) and the tools'.
 
+class HelpFormatter(argparse.HelpFormatter):
+    """--help on one screen: a flag and its help on one line where they fit, the default named unless it is
+    None or False (or the help says it), values shown by kind (N an integer, X a number)."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=32, width=120)
+
+    def _get_help_string(self, action):
+        shown = action.default not in (None, argparse.SUPPRESS) and action.default is not False and 'default' not in action.help
+        return action.help + (' (default: %(default)s)' if shown else '')
+
+    def _get_default_metavar_for_optional(self, action):
+        return {int: 'N', float: 'X'}.get(action.type, 'PATH')
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description='SiD / SiDA / SiD²A distillation of EDM and EDM2 teachers.',
-                                allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description='SiD / SiDA / SiD²A distillation of EDM and EDM2 teachers. '
+                                'Quick start: python sida.py --preset toy', usage='%(prog)s [flags]',
+                                allow_abbrev=False, formatter_class=HelpFormatter)
     a = p.add_argument_group('run', 'fixed for a run: --resume keeps them (given again, they must agree)').add_argument
     a('--method',         default='sida', choices=['sid', 'sida', 'sid2a'], help='SiD, SiDA, or SiDA from a SiD generator')
     a('--cond',           action='store_true', help='class-conditional distillation (teacher must be conditional)')
@@ -78,12 +89,11 @@ def build_parser():
     a('--logvar',         action=argparse.BooleanOptionalAction, default=True, help='EDM2: log-variance weighting of the losses')
     a('--force-norm',     action=argparse.BooleanOptionalAction, default=True, help="EDM2: forced weight normalisation of the generator's stored weights")
     a('--force-norm-fake-score', action=argparse.BooleanOptionalAction, default=False,
-      help="EDM2 with --force-norm: also renormalise the fake score network's (upstream's runs never do)")
+      help="EDM2: also the fake score network's (upstream never does)")
     a('--gen-start-kimg', type=float, default=100., help='generator steps start after this many kimg (SiDA)')
     a('--adv-start-kimg', type=float, default=200., help='adversarial generator term starts after this many kimg')
     a('--precision',      default='fp32', choices=['fp32', 'tf32', 'bf16', 'fp16'], help='arithmetic of the networks')
     a('--seed',           type=int,   default=0,    help='random seed')
-    a('--arch',           default='ddpmpp', choices=['ddpmpp', 'ncsnpp', 'adm', 'edm2'], help='toy/bench architecture')
     a = p.add_argument_group('session', 'may change when a run is resumed (restored when not given again)').add_argument
     a('--teacher',        default='edm-cifar10-32x32-uncond-vp', help='teacher: path, URL or official name')
     a('--init-generator', default=None,   help='SiD²A: generator to start from (path, URL or release name)')
@@ -93,25 +103,18 @@ def build_parser():
     a('--tick',           type=float, default=50.,  help='one status line every this many kimg')
     a('--snap',           type=int,   default=50,   help='samples, generator snapshot and metrics every N ticks')
     a('--dump',           type=int,   default=50,   help='training state every N ticks')
-    a('--metrics',        default='fid50k', help='comma list of fidNk, isNk, fd, fdNk, or none')
+    a('--metrics',        default='fid50k', metavar='LIST', help='comma list of fidNk, isNk, fd, fdNk, or none')
     a('--ref',            default=None,  help='reference statistics for FID (npz/pkl path, URL or name)')
     a('--detector',       default=None,  help='Inception detector (path or URL; default: the official URL)')
-    a('--vae',            default=networks.VAE_NAME, help='EDM2 latents: the Stable Diffusion VAE (hub name or folder)')
+    a('--vae',            default=networks.VAE_NAME, help='EDM2: the Stable Diffusion VAE, hub name or folder')
     a('--compile',        action='store_true', help='torch.compile the networks')
     a('--max-nonfinite',  type=int,   default=100, help='stop after this many iterations in a row with no finite sample')
     a = p.add_argument_group('where and how', 'not saved with the run').add_argument
     a('--outdir',         default='runs/sida', help='where logs, samples and checkpoints go')
     a('--resume',         default=None,  help='continue the run in this folder from its training-state.pt')
-    a('--device',         default=None,  help='cuda or cpu (default: cuda when available)')
+    a('--device',         default=None,  metavar='DEV', help='cuda or cpu (default: cuda when available)')
     a('--preset',         default=None, choices=['toy'], help='toy: offline run on procedurally generated images')
-    a('--prepare-latents', nargs=2, metavar=('SRC', 'DEST'), help='encode 512x512 images into an EDM2 latent zip')
-    a('--bench',          action='store_true', help='time full SiDA iterations on random networks and exit')
-    a('--bench-iters',    type=int,   default=10,  help='bench: timed iterations')
-    a('--profile',        action='store_true', help='bench: also print the top kernels of one steady-state iteration')
-    a('--resolution',     type=int,   default=32,  help='bench: image resolution')
-    a('--cbase',          type=int,   default=128, help='bench: channels at multiplier 1')
-    a('--cres',           default='2,2,2',         help='bench: channel multipliers per resolution')
-    a('--label-dim',      type=int,   default=0,   help='bench: number of classes')
+    a('--arch',           default='ddpmpp', choices=['ddpmpp', 'ncsnpp', 'adm', 'edm2'], help="toy: the teacher's architecture")
     return p
 
 
@@ -163,8 +166,7 @@ FLAG_RANGES = dict(
     glr=AT_LEAST_0, ls=AT_LEAST_0, lsg=AT_LEAST_0, lsd=AT_LEAST_0, lsg_gan=AT_LEAST_0, ema=AT_LEAST_0,
     ema_rampup=AT_LEAST_0, dropout=PROBABILITY, augment=PROBABILITY, p_mean=ANY, p_std=POSITIVE,
     gen_start_kimg=AT_LEAST_0, adv_start_kimg=AT_LEAST_0, seed=AT_LEAST_0, duration=POSITIVE, batch_gpu=POSITIVE,
-    tick=POSITIVE, snap=POSITIVE, dump=POSITIVE, max_nonfinite=POSITIVE, bench_iters=POSITIVE, resolution=POSITIVE,
-    cbase=POSITIVE, label_dim=AT_LEAST_0)
+    tick=POSITIVE, snap=POSITIVE, dump=POSITIVE, max_nonfinite=POSITIVE)
 
 
 def check_args(args):
@@ -173,11 +175,9 @@ def check_args(args):
         v = getattr(args, k)
         if v is not None and not (math.isfinite(v) and ok(v)):
             raise UserError(f'--{k.replace("_", "-")} {v}: must be {what}')
-    # (--bench sets --batch from --batch-gpu; a resumed run checks its saved --batch once it is read.)
-    if args.batch_gpu and args.batch % args.batch_gpu and not args.bench and (args.resume is None or 'batch' in args.explicit):
+    # (A resumed run checks its saved --batch once it is read.)
+    if args.batch_gpu and args.batch % args.batch_gpu and (args.resume is None or 'batch' in getattr(args, 'explicit', ())):
         raise UserError(f'--batch {args.batch} is not a multiple of --batch-gpu {args.batch_gpu}')
-    if not all(m.strip().isdigit() and int(m) > 0 for m in args.cres.split(',')):
-        raise UserError(f'--cres {args.cres}: expected positive channel multipliers, e.g. 2,2,2')
     parse_metrics(args.metrics)
 
 # ----------------------------------------------------------------------------------------------------
@@ -200,138 +200,6 @@ def sid_sigma(t):
 def edm_weight(sigma, sigma_data):
     """EDM's loss weight lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 (Karras et al. 2022, Table 1)."""
     return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
-
-
-# EDM's augmentation (Karras et al. 2022, App. F.2): the geometric part of StyleGAN2-ADA's pipeline
-# (Karras et al. 2020, App. B), applied on the fake-score side with its 9 labels fed to map_augment.
-# Draws and their application are separate functions, so given parameters can be checked against EDM.
-
-AUG_SCALE_STD = 0.2        # std of log2 of the isotropic and anisotropic scale factors
-AUG_TRANSLATE_STD = 0.125  # std of the translation, as a fraction of the image size
-SYM6 = (0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633,
-        0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252,
-        -0.021060292512300564, 0.04472490177066578, 0.0017677118642428036, -0.007800708325034148)
-SYM6_MARGIN = len(SYM6) // 4   # border (pixels at 1x) warped around the image for the low-pass filter
-_sym6_on = {}                  # the filter per (device, dtype): a fresh copy to the GPU would synchronise
-
-
-def draw_augment(batch, p, gen, device):
-    """Per-sample draws of EDM's AugmentPipe(p, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
-    translate_frac=1): a dict of [batch] tensors, 0 where a transform is not applied."""
-    rand = lambda *shape: torch.rand(*shape, batch, generator=gen, device=device)
-    randn = lambda *shape: torch.randn(*shape, batch, generator=gen, device=device)
-    bit = lambda: torch.randint(2, (batch,), generator=gen, device=device).float()
-    angle = lambda: (rand() * 2 - 1) * math.pi
-    gate = lambda v, prob: torch.where(rand() < prob, v, torch.zeros_like(v))
-    xflip = bit()                          # eligible at any p (EDM's probability multiplier 1e8)
-    yflip = gate(bit(), p)
-    scale_w = gate(randn(), p)             # raw normal draws: the labels carry w, the factors are 2^(0.2 w)
-    rot = gate(angle(), p)
-    aniso_w = gate(randn(), p)
-    aniso_r = gate(angle(), 0.5)           # the anisotropy's frame is rotated half of the time
-    tx, ty = gate(randn(2), p)             # one gate for both translation components
-    return dict(xflip=xflip, yflip=yflip, scale_w=scale_w, rot=rot, aniso_w=aniso_w, aniso_r=aniso_r,
-                tx=tx, ty=ty)
-
-
-def augment_labels(params):
-    """The labels EDM's networks were trained with: [xflip, yflip, scale_w, cos rot - 1, sin rot,
-    aniso_w cos r, aniso_w sin r, tx, ty]."""
-    P = params
-    return torch.stack([P['xflip'], P['yflip'], P['scale_w'], P['rot'].cos() - 1, P['rot'].sin(),
-                        P['aniso_w'] * P['aniso_r'].cos(), P['aniso_w'] * P['aniso_r'].sin(), P['tx'], P['ty']], 1)
-
-
-def affine(rows, like):
-    """3x3 matrices [B, 3, 3] from two rows of [B] tensors or numbers; the third row is (0, 0, 1)."""
-    entry = lambda v: v if torch.is_tensor(v) else torch.full_like(like, v)
-    return torch.stack([torch.stack([entry(v) for v in row], -1) for row in rows + [[0, 0, 1]]], -2)
-
-
-def scale2d(sx, sy, like):
-    return affine([[sx, 0, 0], [0, sy, 0]], like)
-
-
-def rotate2d(theta):
-    return affine([[theta.cos(), -theta.sin(), 0], [theta.sin(), theta.cos(), 0]], theta)
-
-
-def translate2d(tx, ty, like):
-    return affine([[1, 0, tx], [0, 1, ty]], like)
-
-
-def augment_matrix(params, height, width):
-    """G_inv: centred output pixel coordinates -> input pixel coordinates, EDM's product in EDM's order
-    (isotropic scale, rotation, anisotropic scale in a frame rotated by r, translation)."""
-    P = params
-    s, a = 2 ** (AUG_SCALE_STD * P['scale_w']), 2 ** (AUG_SCALE_STD * P['aniso_w'])
-    r = P['aniso_r']
-    return (scale2d(1 / s, 1 / s, s) @ rotate2d(P['rot'])
-            @ rotate2d(-r) @ scale2d(1 / a, a, a) @ rotate2d(r)
-            @ translate2d(-AUG_TRANSLATE_STD * width * P['tx'], -AUG_TRANSLATE_STD * height * P['ty'], s))
-
-
-def sym6(x):
-    key = (x.device, x.dtype)
-    if key not in _sym6_on:
-        _sym6_on[key] = torch.tensor(SYM6, device=x.device, dtype=x.dtype)
-    return _sym6_on[key]
-
-
-def upsample2x(x):
-    """Zero-stuffing then the sym6 low-pass, separably; a stride-2 transposed convolution does both at once."""
-    C, f = x.shape[1], sym6(x)
-    pad = len(SYM6) // 2 - 1               # keeps 2n outputs, pixel i at 2i: up then down is the identity
-    x = F.conv_transpose2d(x, f.view(1, 1, 1, -1).expand(C, 1, 1, -1), stride=(1, 2), padding=(0, pad), groups=C)
-    return F.conv_transpose2d(x, f.view(1, 1, -1, 1).expand(C, 1, -1, 1), stride=(2, 1), padding=(pad, 0), groups=C)
-
-
-def downsample2x(x):
-    """The sym6 low-pass then every other pixel, separably (the adjoint of upsample2x)."""
-    C, f = x.shape[1], sym6(x)
-    pad = len(SYM6) // 2 - 1
-    x = F.conv2d(x, f.view(1, 1, 1, -1).expand(C, 1, 1, -1), stride=(1, 2), padding=(0, pad), groups=C)
-    return F.conv2d(x, f.view(1, 1, -1, 1).expand(C, 1, -1, 1), stride=(2, 1), padding=(pad, 0), groups=C)
-
-
-def warp(x, G_inv):
-    """Resample x [B, C, H, W] through G_inv as EDM does: reflect-pad, 2x sym6 upsampling, bilinear
-    grid_sample at 2x (zeros outside, align_corners=False), sym6 low-pass and 2x downsampling, crop."""
-    B, C, H, W = x.shape
-    # EDM pads by what the batch's transformed corners need (plus the filters' reach), clamped to size - 1,
-    # the most reflect padding allows. Always padding that most never reads the corners back to the host
-    # and gives EDM's pixels to ~1e-5: the extra reflected image is reached only by the filters' tails
-    # under strong zoom-outs (where EDM lets zeros in), and the larger grid changes float32 rounding.
-    Hp, Wp = 3 * H - 2, 3 * W - 2
-    x = upsample2x(F.pad(x, [W - 1, W - 1, H - 1, H - 1], mode='reflect'))
-    Ho, Wo = H + 2 * SYM6_MARGIN, W + 2 * SYM6_MARGIN
-    like = G_inv[:, 0, 0]
-    # EDM's warps pivot on the point a quarter pixel up and left of the centre (it conjugates its
-    # 2x-resolution matrix by a half-pixel shift), so G_inv acts on coordinates shifted by 1/4.
-    G_inv = translate2d(-0.25, -0.25, like) @ G_inv @ translate2d(0.25, 0.25, like)
-    # grid_sample's [-1, 1] is a centred pixel coordinate over half the size (align_corners=False); the
-    # 2x factors of the upsampled input and of the output cancel, so sizes at 1x are used.
-    theta = scale2d(2 / Wp, 2 / Hp, like) @ G_inv @ scale2d(Wo / 2, Ho / 2, like)
-    grid = F.affine_grid(theta[:, :2], [B, C, 2 * Ho, 2 * Wo], align_corners=False)
-    x = downsample2x(F.grid_sample(x, grid, mode='bilinear', padding_mode='zeros', align_corners=False))
-    return x[:, :, SYM6_MARGIN:-SYM6_MARGIN, SYM6_MARGIN:-SYM6_MARGIN]
-
-
-def apply_augment(x, params, geometric=True):
-    """EDM's augmentation of fp32 images x [B, C, H, W] with given parameters (draw_augment's dict);
-    returns (images, labels [B, 9]). Flips are exact pixel copies; with `geometric` the whole batch is
-    warped, so an untransformed sample also carries the resampling error (~1e-6), as in EDM."""
-    flip = lambda bit: bit.view(-1, 1, 1, 1) > 0
-    x = torch.where(flip(params['xflip']), x.flip(3), x)
-    x = torch.where(flip(params['yflip']), x.flip(2), x)
-    if geometric:
-        x = warp(x, augment_matrix(params, x.shape[2], x.shape[3]))
-    return x, augment_labels(params)
-
-
-def augment(x, p, gen):
-    """EDM's augmentation with probability p; returns (x, 9-dim labels). Nothing is resampled at p = 0."""
-    return apply_augment(x, draw_augment(x.shape[0], p, gen, x.device), geometric=p > 0)
 
 
 def finite(x):
@@ -434,7 +302,7 @@ def load_dataset(path, resolution, channels, latent):
     """Images (uint8 [N, C, H, W]) and labels (or None) of an EDM zip or folder or the CIFAR-10 tarball;
     for latent teachers (EDM2) an EDM2 latent zip, read on demand."""
     if latent:
-        data = LatentData(path)
+        data = networks.LatentData(path)
         images, labels, shape = data, data.labels, data.shape
     else:
         images, labels = fid.load_images(path)
@@ -444,34 +312,6 @@ def load_dataset(path, resolution, channels, latent):
         raise UserError(f'--data {path}: {"latents" if latent else "images"} are {shape} (C, H, W) but the '
                         f'teacher expects {(channels, resolution, resolution)}')
     return images, labels
-
-
-class LatentData:
-    """EDM2's latent dataset: a zip of per-image .npy files holding the Stable Diffusion VAE's posterior
-    mean and std (8 x 64 x 64 for ImageNet 512) and EDM's dataset.json labels. ImageNet's latents do not
-    fit in memory, so they are read from the zip on demand."""
-
-    def __init__(self, path):
-        try:
-            self.zip = zipfile.ZipFile(path)
-            self.names = sorted(n for n in self.zip.namelist() if n.endswith('.npy'))
-            first = np.load(io.BytesIO(self.zip.read(self.names[0]))) if self.names else None
-        except (OSError, zipfile.BadZipFile, ValueError) as e:
-            raise UserError(f'--data {path}: not an EDM2 latent zip ({type(e).__name__})') from None
-        if first is None or first.ndim != 3 or first.shape[0] % 2:
-            raise UserError(f'--data {path}: expected .npy files of the VAE mean and std [2C, H, W]')
-        self.shape = (first.shape[0] // 2, *first.shape[1:])
-        self.labels = None
-        if 'dataset.json' in self.zip.namelist():
-            labels = fid.parse_labels(self.zip.read('dataset.json'), self.names, f'--data {path}')
-            self.labels = None if labels is None else torch.from_numpy(labels)
-
-    def __len__(self):
-        return len(self.names)
-
-    def __getitem__(self, idx):
-        """Mean and std of the latents of the given indices: float32 [n, 2C, H, W]."""
-        return torch.from_numpy(np.stack([np.load(io.BytesIO(self.zip.read(self.names[i]))) for i in idx.tolist()])).float()
 
 
 class Slot:
@@ -488,7 +328,7 @@ class Sampler:
     """Draws real data, labels and noise for one micro-batch from a slot's random stream."""
 
     def __init__(self, images, labels, label_dim, shape, device):
-        self.latent = isinstance(images, LatentData)
+        self.latent = isinstance(images, networks.LatentData)
         if isinstance(images, torch.Tensor):
             fits = device.type == 'cpu' or images.numel() < 0.2 * torch.cuda.mem_get_info(device)[0]
             images = images.to(device if fits else 'cpu')
@@ -682,14 +522,14 @@ class SiDA:
                 noise = data.noise(slot, n)
                 aug_g = self.no_aug
                 if self.use_aug:
-                    x_g, aug_g = augment(x_g, a.augment, slot.gen)
+                    x_g, aug_g = networks.augment(x_g, a.augment, slot.gen)
                 with self.autocast():
                     fake = denoise(self.fake_train_fn, x_g + sigma * noise, sigma, c, aug_g, self.use_logvar)
                 logit_real = None
                 if self.adversarial:                              # the same sigma and noise on real images
                     aug_real = self.no_aug
                     if self.use_aug:
-                        x_real, aug_real = augment(x_real, a.augment, slot.gen)
+                        x_real, aug_real = networks.augment(x_real, a.augment, slot.gen)
                     with self.autocast():
                         logit_real = self.discriminate_fn(x_real + sigma * noise, sigma, c, aug_real).float()
                 loss, ok, stats = fake_score_objective(fake, x_g, sigma, self.teacher.sigma_data, ok, logit_real,
@@ -827,7 +667,7 @@ def restore_state(state, path, teacher, sida, slots, rank, world):
     return state['nimg'], state['tick'], state['best']
 
 # ----------------------------------------------------------------------------------------------------
-# Evaluation and the console: metrics of the EMA generator, the status line, log.txt, metrics.png.
+# Evaluation and the console: metrics of the EMA generator, the status line, log.txt (metrics.png: fid.py).
 
 METRIC_PREFIXES = ('fid', 'is', 'fd', 'acc')     # log keys of metrics: fid50k, is50k, fd, acc, fd_teacher35, ...
 
@@ -867,7 +707,7 @@ class Evaluator:
         if not self.toy:
             return {}
         fd = next(name for name, kind, _ in self.metrics if kind == 'fd')
-        r = self.toy.baselines(teacher, toy.sampler_steps(self.args.teacher, self.args.arch))
+        r = self.toy.baselines(teacher, toy.sampler_steps(self.args.teacher))
         return {k.replace('fd', fd, 1).replace('acc', 'acc' + fd[2:], 1): v for k, v in r.items()}
 
     def __call__(self, G):
@@ -975,56 +815,6 @@ def status_line(row, total_kimg):
     return ' | '.join(p for p in parts if p)
 
 
-PLOT_TITLES = {'fid': 'FID of the EMA generator (lower is better)', 'is': 'Inception Score (higher is better)',
-               'fd': 'toy FID of the EMA generator (lower is better)',
-               'acc': 'share of samples of the asked class (higher is better)',
-               'loss_fake_score': 'L_psi, mean per tick', 'loss_disc': 'L_D, mean per tick',
-               'loss_sid': 'L_sid, mean per tick', 'loss_adv': 'L_adv, mean per tick'}
-
-
-def plot_metrics(rows, path):
-    """One small panel per metric, then per loss, against kimg (all on the run's kimg axis), drawn with PIL
-    (no plotting dependency); distances on a log scale. Tick-0 entries named <metric>_<what> (fd_data,
-    fd_teacher35, ...) are drawn as labelled horizontal lines in that metric's panel."""
-    names = sorted({k for r in rows for k in r if k.startswith(METRIC_PREFIXES) and '_' not in k})
-    names += sorted({k for r in rows for k in r if k.startswith('loss_')})
-    if not names:
-        return
-    W, H, m, cols = 360, 250, 45, 3
-    x0, x1 = 0.0, max(max(r['kimg'] for r in rows), 1e-3)
-    img = Image.new('RGB', (W * min(cols, len(names)), H * math.ceil(len(names) / cols)), 'white')
-    d = ImageDraw.Draw(img)
-    for i, name in enumerate(names):
-        ox, oy, log = i % cols * W, i // cols * H, name.startswith(('fid', 'fd'))
-        points = [(r['kimg'], r[name]) for r in rows if name in r and (r[name] > 0 or not log)]
-        refs = [(k.split('_', 1)[1], v) for k, v in rows[0].items() if k.startswith(name + '_') and (v > 0 or not log)]
-        if not points:
-            continue
-        f = (lambda v: math.log10(v)) if log else (lambda v: v)
-        ys = [f(y) for _, y in points] + [f(y) for _, y in refs]
-        y0, y1 = min(ys), max(ys)
-        y1 = y1 if y1 > y0 else y0 + 1
-        px = lambda x: ox + m + (x - x0) / (x1 - x0) * (W - 2 * m)
-        py = lambda v: oy + H - m - (f(v) - y0) / (y1 - y0) * (H - 2 * m)
-        d.rectangle([ox + m, oy + m, ox + W - m, oy + H - m], outline='black')
-        title = next((v for k, v in PLOT_TITLES.items() if name.startswith(k)), 'mean per tick')
-        d.text((ox + m, oy + 12), f'{name}: {title}', fill='black')
-        d.text((ox + m, oy + 25), f'x: kimg{", y: log scale" if log else ""}', fill='#777777')
-        for k in range(3):
-            x, y = x0 + (x1 - x0) * k / 2, y0 + (y1 - y0) * k / 2
-            d.text((px(x) - 10, oy + H - m + 5), f'{x:g}', fill='black')
-            d.text((ox + 2, py(10 ** y if log else y) - 5), f'{10 ** y if log else y:.3g}', fill='black')
-        xy = [(px(x), py(y)) for x, y in points]
-        d.line(xy, fill='#1f77b4', width=2) if len(xy) > 1 else None
-        for x, y in xy:
-            d.ellipse([x - 2, y - 2, x + 2, y + 2], fill='#1f77b4')
-        for j, (label, y) in enumerate(refs):
-            colour = ['#d62728', '#2ca02c', '#9467bd'][j % 3]
-            d.line([(ox + m, py(y)), (ox + W - m, py(y))], fill=colour, width=1)
-            d.text((ox + W - m - 80, py(y) - 11), toy.baseline_label(label), fill=colour)
-    networks.atomic_write(path, lambda f: img.save(f, format='PNG'))
-
-
 def snapshot_path(outdir, kimg):
     return os.path.join(outdir, f'generator-{kimg:010.3f}.pt')    # kimg to the image: fractional ticks never collide
 
@@ -1122,10 +912,6 @@ def any_rank(flag, device):
     return t.item() > 0
 
 
-def is_url(source):
-    return source.startswith(('http://', 'https://', 'file://'))
-
-
 def check_inputs(args, outdir):
     """What the run reads and where it writes, checked before the teacher is loaded or anything downloaded:
     the method's inputs are given, their paths exist (or are known names or URLs), --outdir can be a folder."""
@@ -1146,7 +932,7 @@ def check_inputs(args, outdir):
                                 ('--init-generator', args.init_generator if args.method == 'sid2a' else None, nets),
                                 ('--ref', args.ref if 'fid' in kinds else None, fid.REF_URLS),
                                 ('--detector', args.detector if kinds & {'fid', 'is'} else None, {})):
-        if source is not None and not (os.path.exists(source) or source in names or is_url(source)):
+        if source is not None and not (os.path.exists(source) or source in names or source.startswith(('http://', 'https://', 'file://'))):
             raise UserError(f'{flag} {source}: no such file, nor a known name or URL')
     if args.data == 'toy':          # the toy's shipped files, missing only from a partial copy of the project
         for what, path in (('teacher', args.teacher), ('sid-generator', args.init_generator if args.method == 'sid2a' else None)):
@@ -1245,7 +1031,7 @@ def distill_in(args, rank, world, device, outdir, state, state_path, start):
             log(line)
         if args.data == 'toy':
             derived('toy-comparison.png', toy.save_comparison, teacher, G_init, sida.G_ema,
-                    os.path.join(outdir, 'toy-comparison.png'), args.method, toy.sampler_steps(args.teacher, args.arch),
+                    os.path.join(outdir, 'toy-comparison.png'), args.method, toy.sampler_steps(args.teacher),
                     args.init_sigma, device)
         log(f'done: the final EMA generator is {outdir}/generator-{nimg / 1000:010.3f}.pt'
             + (f' (the best snapshot by {evaluator.metrics[0][0]}: generator-best.pt)' if evaluator.metrics else ''))
@@ -1310,7 +1096,8 @@ def training_loop(args, sida, slots, evaluator, teacher, start, rows, fresh, out
             derived('the status line', log, status_line(row, total / 1000))
             if snap:
                 derived('the snapshot', save_snapshot, sida.G_ema, row, is_best, evaluator, args, outdir, device)
-            derived('metrics.png', plot_metrics, rows, os.path.join(outdir, 'metrics.png'))
+            derived('metrics.png', fid.plot_metrics, rows, os.path.join(outdir, 'metrics.png'), METRIC_PREFIXES,
+                    toy.baseline_label)
 
     if fresh:             # tick 0: the initial generator, and in the toy run the data and the teacher
         log('measuring the initial generator (and, in the toy run, the data and the teacher)...')
@@ -1347,7 +1134,8 @@ def training_loop(args, sida, slots, evaluator, teacher, start, rows, fresh, out
         elapsed = time.time() - tick_time
         row['sec_per_kimg'] = round(elapsed / max((nimg - tick_nimg) / 1000, 1e-9), 3)
         row['img_per_s'] = round((nimg - tick_nimg) / max(elapsed, 1e-9), 2)
-        row['peak_gb'] = round((torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else peak_rss()) / 2**30, 3)
+        row['peak_gb'] = round((torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else
+                               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30, 3)
         row['time_s'] = round(time.time() - start_time, 1)
         finish_tick(row, snap=cur_tick % args.snap == 0 or done or stopping,
                     dump=cur_tick % args.dump == 0 or done or stopping)
@@ -1358,166 +1146,11 @@ def training_loop(args, sida, slots, evaluator, teacher, start, rows, fresh, out
         log(f'stopped by signal {stop[0]} at {nimg / 1000:g} kimg; continue with --resume {outdir}')
     return nimg
 
-
-def peak_rss():
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
 # ----------------------------------------------------------------------------------------------------
-# Entry points: the toy run's teacher, EDM2 latent preparation, the benchmark, main.
-
-def prepare_latents(src, dest, device, vae=networks.VAE_NAME):
-    """Encode a dataset of 512x512 images (EDM-style zip or folder, e.g. from EDM2's dataset_tool.py
-    convert) into an EDM2 latent zip with the Stable Diffusion VAE."""
-    if os.path.exists(dest):
-        raise UserError(f'--prepare-latents: {dest} exists; not overwriting it')
-    if not os.path.exists(src):                 # before the VAE, which may be a download
-        raise UserError(f'--prepare-latents: {src}: no such file or folder')
-    vae = networks.load_vae(vae, device=device)
-    dataset = fid.ImageDataset(src)
-
-    def write(f):
-        labels = {}
-        with zipfile.ZipFile(f, 'w', zipfile.ZIP_STORED) as z:
-            index = 0
-            for images, batch_labels in fid.iterate_images(dataset, batch=32):
-                for mean_std, label in zip(networks.encode_images(vae, images).cpu().numpy(), batch_labels.tolist()):
-                    name = f'{index // 1000:05d}/img{index:08d}.npy'
-                    buf = io.BytesIO()
-                    np.save(buf, mean_std)
-                    z.writestr(name, buf.getvalue())
-                    if label >= 0:
-                        labels[name] = label
-                    index += 1
-                print(f'encoded {index}/{len(dataset)} images', flush=True)
-            z.writestr('dataset.json', json.dumps({'labels': [[k, v] for k, v in labels.items()] or None}))
-
-    networks.atomic_write(dest, write)
-    print(f'wrote {dest}')
-
-
-PEAK_TFLOPS = {'H100': 989, 'H200': 989, 'A100': 312}     # dense bf16/fp16 tensor-core peaks
-
-
-class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the tensor operations (views excluded) an iteration dispatches: the kernels eager mode launches,
-    each costing host time whatever the tensor size."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += not func.is_view
-        return func(*args, **(kwargs or {}))
-
-
-def bench_config(args):
-    """The teacher architecture of --arch at --resolution / --cbase / --cres (official defaults otherwise)."""
-    mult = [int(m) for m in args.cres.split(',')]
-    common = dict(img_resolution=args.resolution, label_dim=args.label_dim, dropout=args.dropout)
-    if args.arch == 'edm2':
-        return {'class_name': 'EDM2Precond', 'kwargs': dict(common, img_channels=4, model_channels=args.cbase,
-                                                            channel_mult=mult)}
-    if args.arch == 'adm':
-        return {'class_name': 'EDMPrecond', 'kwargs': dict(common, img_channels=3, model_type='DhariwalUNet',
-                                                           model_channels=args.cbase, channel_mult=mult)}
-    song = dict(model_type='SongUNet', model_channels=args.cbase, channel_mult=mult, augment_dim=9)
-    if args.arch == 'ncsnpp':
-        song.update(embedding_type='fourier', channel_mult_noise=2, encoder_type='residual', resample_filter=[1, 3, 3, 1])
-    return {'class_name': 'EDMPrecond', 'kwargs': dict(common, img_channels=3, **song)}
-
-
-def random_sida(args, world, device):
-    """SiDA on a randomly initialised teacher of --arch and 1024 random images (the benchmark's set-up)."""
-    torch.manual_seed(args.seed)
-    teacher = networks.build_network(bench_config(args)).to(device).eval().requires_grad_(False)
-    shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
-    images = torch.randint(0, 256, (1024, *shape), dtype=torch.uint8)
-    labels = torch.randint(args.label_dim, (1024,)) if args.label_dim else None
-    sampler = Sampler(images, labels, args.label_dim, shape, device)
-    return SiDA(args, teacher, teacher, sampler, world, args.batch_gpu, device)
-
-
-def print_profile(iteration, sync, device, top=20):
-    """The kernels (on the CPU: the operators' self times) of one iteration by their share of the device's
-    busy time, and that busy time against the iteration's wall-clock time (a large gap: bound by the host)."""
-    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == 'cuda' else [])
-    t0 = time.perf_counter()
-    with torch.profiler.profile(activities=acts) as prof:
-        iteration()
-        sync()
-    wall = (time.perf_counter() - t0) * 1e3
-    if device.type == 'cuda':
-        table = {}
-        for e in prof.events():
-            if e.device_type == torch.autograd.DeviceType.CUDA:
-                ms, count = table.get(e.name, (0., 0))
-                table[e.name] = ms + e.time_range.elapsed_us() / 1e3, count + 1
-    else:
-        table = {e.key: (e.self_cpu_time_total / 1e3, e.count) for e in prof.key_averages()}
-    busy = sum(ms for ms, _ in table.values())
-    print(f'profile: {"kernels" if device.type == "cuda" else "operators (self time)"} busy {busy:.1f} ms of a {wall:.1f} ms '
-          f'iteration (under the profiler), {sum(c for _, c in table.values())} launches', flush=True)
-    for name, (ms, count) in sorted(table.items(), key=lambda kv: -kv[1][0])[:top]:
-        print(f'{100 * ms / busy:6.2f}% {ms:9.3f} ms {count:6d}x  {name[:110]}', flush=True)
-
-
-def bench(args):
-    _, world, device = fid.init_distributed(args.device)
-    args.batch_gpu = args.batch_gpu or 64
-    args.batch = args.batch_gpu * world
-    compile_ = args.compile and can_compile(device)
-    sida = random_sida(argparse.Namespace(**{**vars(args), 'compile': False}), world, device)   # counted eagerly first
-    slots = [Slot(0, args.seed, device)]
-    iteration = lambda: (sida.fake_score_step(slots), sida.generator_step(slots, use_adv=sida.adversarial))
-    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-    iteration()                                               # creates the optimizer state
-    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter, OpCounter() as ops:
-        iteration()
-    flops = counter.get_total_flops()
-    if compile_:
-        sida.compile()
-    t0 = time.perf_counter()
-    for _ in range(3):                                        # warm-up (and compilation)
-        iteration()
-    sync()
-    warmup = time.perf_counter() - t0
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    for _ in range(args.bench_iters):
-        iteration()
-    sync()
-    sec = (time.perf_counter() - t0) / args.bench_iters
-    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-    result = {'arch': args.arch, 'resolution': args.resolution, 'batch_gpu': args.batch_gpu, 'precision': args.precision,
-              'compile': compile_, 'device': name, 'torch': torch.__version__, 'img_per_s': round(args.batch_gpu / sec, 2),
-              'sec_per_iter': round(sec, 4),
-              'peak_gb': round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == 'cuda' else None,
-              'gflop_per_iter': round(flops / 1e9, 1), 'eager_ops_per_iter': ops.count,
-              'mfu': round(flops / sec / (peak * 1e12), 4) if peak else None}
-    if compile_:
-        from torch._dynamo.utils import counters
-        result.update(compile_s=round(max(warmup - 3 * sec, 0), 1), graphs=counters['stats']['unique_graphs'],
-                      graph_breaks=sum(counters['graph_break'].values()))
-    if args.profile:
-        print_profile(iteration, sync, device)
-    print(json.dumps(result), flush=True)
-    return result
-
 
 def main(argv=None):
     try:
-        args = parse_args(argv)
-        if args.prepare_latents:
-            prepare_latents(*args.prepare_latents, device=args.device or ('cuda' if torch.cuda.is_available() else 'cpu'),
-                            vae=args.vae)
-        elif args.bench:
-            bench(args)
-        else:
-            distill(args)
+        distill(parse_args(argv))
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(1)

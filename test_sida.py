@@ -1,4 +1,9 @@
-"""The specification of sida, as tests: pytest (about 5 minutes on 2 CPU cores, no GPU, no downloads).
+"""The specification of sida, as tests: pytest (about 10 minutes on 2 CPU cores, no GPU, no downloads).
+
+In this file's order: networks.py (official numerics and names, safe loading, saving, precision); sida.py
+(the losses, EDM's augmentation, the loop, data and latents, distributed runs, resume, faults, errors) and
+bench.py; fid.py (statistics, datasets, the command line, generator evaluation, the toy's metrics); the
+launch scripts (published settings, downloads, data checks, usage).
 
 Golden fixtures (tiny networks made with the official EDM/EDM2 code) are in tests_data/ (or $SIDA_FIXTURES).
 The real Inception detector, official checkpoints and datasets are replaced by stand-ins the tests build.
@@ -40,6 +45,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 ROOT = Path(HERE)
 
+import bench
 import fid
 import networks
 import sida
@@ -615,7 +621,7 @@ def test_cuda_autocast_channels_last_stays_close_to_fp32(name, dtype):
 
 
 # ===================================================================================================
-# sida.py: the losses, the loop, distributed runs, resume, errors, benchmark
+# sida.py: the losses, the loop, distributed runs, resume, errors; bench.py
 # ===================================================================================================
 
 # ---------------------------------------------------------------------------------------------------
@@ -781,13 +787,13 @@ def edm_augment_fixture():
 
 
 def label_draws(p, batch=40_000, seed=0):
-    """The labels of `batch` samples of sida.augment at probability p (on 1x1 images: only labels matter)."""
-    return sida.augment(torch.zeros(batch, 1, 1, 1), p, torch.Generator().manual_seed(seed))[1]
+    """The labels of `batch` samples of networks.augment at probability p (on 1x1 images: only labels matter)."""
+    return networks.augment(torch.zeros(batch, 1, 1, 1), p, torch.Generator().manual_seed(seed))[1]
 
 
 def test_augment_reproduces_edm_on_given_parameters():
     fixture = edm_augment_fixture()
-    out, labels = sida.apply_augment(fixture['x'], fixture['params'])
+    out, labels = networks.apply_augment(fixture['x'], fixture['params'])
     assert max_diff(labels, fixture['labels']) <= 1e-5
     assert max_diff(out, fixture['out']) <= 1e-5
 
@@ -797,25 +803,25 @@ def test_augment_on_cuda_reproduces_edm(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
     monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
     fixture = edm_augment_fixture()
-    out, labels = sida.apply_augment(fixture['x'].cuda(), {k: v.cuda() for k, v in fixture['params'].items()})
+    out, labels = networks.apply_augment(fixture['x'].cuda(), {k: v.cuda() for k, v in fixture['params'].items()})
     assert max_diff(labels.cpu(), fixture['labels']) <= 1e-5
     assert max_diff(out.cpu(), fixture['out']) <= 1e-5
 
 
 def test_augment_compiles_whole_and_matches_eager():
     fixture = edm_augment_fixture()
-    compiled = torch.compile(sida.apply_augment, fullgraph=True, backend='aot_eager')   # fullgraph: a break raises
+    compiled = torch.compile(networks.apply_augment, fullgraph=True, backend='aot_eager')   # fullgraph: a break raises
     try:
         out, labels = compiled(fixture['x'], fixture['params'])
     finally:
         torch._dynamo.reset()
-    eager_out, eager_labels = sida.apply_augment(fixture['x'], fixture['params'])
+    eager_out, eager_labels = networks.apply_augment(fixture['x'], fixture['params'])
     assert max_diff(out, eager_out) <= 1e-6 and torch.equal(labels, eager_labels)
 
 
 def test_augment_at_p0_only_flips_horizontally_and_exactly():
     x = torch.randn(64, 3, 8, 8)
-    y, labels = sida.augment(x, 0.0, torch.Generator().manual_seed(0))
+    y, labels = networks.augment(x, 0.0, torch.Generator().manual_seed(0))
     assert labels.shape == (64, 9)
     assert (labels[:, 1:] == 0).all()
     flipped = labels[:, 0] == 1
@@ -857,7 +863,7 @@ def test_augment_translation_moves_content_by_an_eighth_of_the_size_per_unit_on_
     zero = torch.zeros(2)
     params = dict(xflip=zero, yflip=zero, scale_w=zero, rot=zero, aniso_w=zero, aniso_r=zero,
                   tx=torch.tensor([1.0, -0.4]), ty=torch.tensor([1.0, 2.0]))   # (5, 3) and (-2, 6) pixels
-    y, _ = sida.apply_augment(x, params)
+    y, _ = networks.apply_augment(x, params)
     assert max_diff(y[0, :, 3:, 5:], x[0, :, :-3, :-5]) <= 1e-4     # whole-pixel shifts: only rounding
     assert max_diff(y[1, :, 6:, :-2], x[1, :, :-6, 2:]) <= 1e-4
 
@@ -949,10 +955,10 @@ def test_losses_under_autocast_stay_within_tolerance_of_fp32(tiny_teacher, preci
 
 def bench_sida(arch, *flags):
     """The benchmark's SiDA on a randomly initialised --arch network, 10 classes, 16x16, batch 2."""
-    args = sida.parse_args(['--bench', '--device', 'cpu', '--arch', arch, '--resolution', '16', '--cbase', '16',
-                            '--cres', '1,2', '--label-dim', '10', '--batch', '2', '--batch-gpu', '2', '--dropout', '0',
-                            *flags])
-    return sida.random_sida(args, 1, torch.device('cpu'))
+    [(_, _, args)] = bench.parse_runs(['--device', 'cpu', '--arch', arch, '--resolution', '16', '--cbase', '16',
+                                       '--cres', '1,2', '--label-dim', '10', '--batch-gpu', '2', '--dropout', '0',
+                                       *flags], torch.device('cpu'))
+    return bench.random_sida(args, 1, torch.device('cpu'))
 
 
 class HostReads(TorchDispatchMode):
@@ -1236,13 +1242,42 @@ def test_bad_inputs_give_one_line_errors_and_write_nothing(tiny_teacher, tmp_pat
     (['--ema', '-1'], '--ema -1.0: must be >= 0'),
     (['--lsg-gan', '-1'], '--lsg-gan -1.0: must be >= 0'),
     (['--gen-start-kimg', '-1'], '--gen-start-kimg -1.0: must be >= 0'),
-    (['--bench-iters', '0'], '--bench-iters 0: must be > 0'),
-    (['--cres', '2,x'], '--cres 2,x: expected positive channel multipliers'),
 ])
 def test_flags_out_of_range_are_refused_at_parse_time(argv, message):
     with pytest.raises(UserError) as error:
         sida.parse_args(['--data', 'toy', *argv])
     assert str(error.value).startswith(message), str(error.value)
+
+
+def test_help_fits_on_a_screen_and_names_only_the_loops_flags():
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'sida.py'), '--help'], capture_output=True, text=True)
+    assert r.returncode == 0 and len(r.stdout.splitlines()) <= 90
+    assert '(default: None)' not in r.stdout and not any(line.count('default') > 1 for line in r.stdout.splitlines())
+    assert not any(flag in r.stdout for flag in ('--bench', '--profile', '--prepare-latents', '--cbase'))
+
+
+def test_bench_targets_are_the_papers_networks_at_batch_1_on_the_cpu():
+    runs = bench.parse_runs(['--device', 'cpu'], torch.device('cpu'))
+    assert [(name, mode) for name, mode, _ in runs] == [('cifar10', 'eager'), ('imagenet64', 'eager'), ('edm2-xs', 'eager')]
+    configs = {name: bench.network_config(args)['kwargs'] for name, _, args in runs}
+    assert configs['cifar10']['model_channels'] == 128 and configs['cifar10']['channel_mult'] == [2, 2, 2]
+    assert configs['imagenet64']['model_type'] == 'DhariwalUNet' and configs['imagenet64']['label_dim'] == 1000
+    assert configs['edm2-xs']['img_channels'] == 4 and configs['edm2-xs']['dropout'] == 0
+    assert all(args.batch_gpu == 1 and args.iters == 1 and args.precision == 'fp32' for _, _, args in runs)
+    assert {mode for _, mode, _ in bench.parse_runs(['--modes', 'eager,compile'], torch.device('cpu'))} == {'eager', 'compile'}
+    with pytest.raises(UserError, match='--targets: unknown cifar'):
+        bench.parse_runs(['--targets', 'cifar'], torch.device('cpu'))
+
+
+def test_bench_runs_every_target_and_prints_one_line_each():
+    """The three targets' architectures, made small (--cbase 8 after the targets' flags)."""
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'bench.py'), '--device', 'cpu', '--cbase', '8'],
+                       capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert r.returncode == 0, r.stderr
+    results = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [(x['target'], x['arch'], x['batch_gpu']) for x in results] == [('cifar10', 'ddpmpp', 1), ('imagenet64', 'adm', 1),
+                                                                           ('edm2-xs', 'edm2', 1)]
+    assert all(x['eager_ops_per_iter'] > 1000 and x['img_per_s'] > 0 for x in results)
 
 
 def test_every_numeric_flag_has_a_range():
@@ -1471,7 +1506,7 @@ def test_a_full_disk_while_writing_a_derived_output_warns_and_the_run_goes_on(
     if what == 'snapshot':          # the tick-2 generator
         full_disk_at(monkeypatch, torch, 'save', 2, lambda obj, f: obj.get('format') == 'sida-network')
     elif what == 'plot':
-        full_disk_at(monkeypatch, sida, 'plot_metrics', 2)
+        full_disk_at(monkeypatch, fid, 'plot_metrics', 2)
     else:                           # log.txt fills up after 1000 characters
         class Filling(io.StringIO):
             def write(self, text):
@@ -1560,7 +1595,7 @@ def test_a_cut_dataset_json_is_reported_as_cut_not_as_having_no_labels(tmp_path,
         with zipfile.ZipFile(tmp_path / 'l.zip') as src, zipfile.ZipFile(tmp_path / 'cut.zip', 'w') as dst:
             for name in src.namelist():
                 dst.writestr(name, text if name == 'dataset.json' else src.read(name))
-        load = lambda: sida.LatentData(str(tmp_path / 'cut.zip'))
+        load = lambda: networks.LatentData(str(tmp_path / 'cut.zip'))
     with pytest.raises(UserError) as error:
         load()
     message = str(error.value)
@@ -1570,7 +1605,7 @@ def test_a_cut_dataset_json_is_reported_as_cut_not_as_having_no_labels(tmp_path,
 def test_latent_zip_reads_and_normalises_like_edm2(tmp_path):
     path = write_latent_zip(tmp_path / 'latents.zip')
     images, labels = sida.load_dataset(path, 8, 4, latent=True)
-    assert isinstance(images, sida.LatentData) and len(images) == 6 and labels.tolist() == [0, 1, 2, 0, 1, 2]
+    assert isinstance(images, networks.LatentData) and len(images) == 6 and labels.tolist() == [0, 1, 2, 0, 1, 2]
     sampler = sida.Sampler(images, labels, 3, (4, 8, 8), torch.device('cpu'))
     slot = sida.Slot(0, 0, torch.device('cpu'))
     x, c = sampler.real(slot, 5)
@@ -1593,24 +1628,24 @@ def test_latent_zip_of_the_wrong_size_is_refused(tmp_path):
         sida.load_dataset(str(tmp_path / 'bad.zip'), 8, 4, latent=True)
 
 
-def test_prepare_latents_writes_an_edm2_latent_zip_with_labels(tmp_path):
+def test_encode_latents_writes_an_edm2_latent_zip_with_labels(tmp_path):
     tiny_vae().save_pretrained(str(tmp_path / 'vae'))
     images = write_dataset(tmp_path / 'images', 5, 16, labels=[2, 0, 1])
     dest = str(tmp_path / 'latents.zip')
-    r = subprocess.run([sys.executable, os.path.join(HERE, 'sida.py'), '--prepare-latents', images, dest,
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'networks.py'), 'encode-latents', images, dest,
                         '--vae', str(tmp_path / 'vae'), '--device', 'cpu'], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    data = sida.LatentData(dest)
+    data = networks.LatentData(dest)
     assert len(data) == 5 and data.shape == (4, 8, 8) and data.labels.tolist() == [2, 0, 1, 2, 0]
     assert (data[torch.arange(5)][:, 4:] > 0).all()            # the stored std of the VAE posterior
-    r = subprocess.run([sys.executable, os.path.join(HERE, 'sida.py'), '--prepare-latents', images, dest,
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'networks.py'), 'encode-latents', images, dest,
                         '--vae', str(tmp_path / 'vae'), '--device', 'cpu'], capture_output=True, text=True)
-    assert r.returncode == 1 and 'not overwriting' in r.stderr
+    assert r.returncode == 1 and 'not overwriting' in r.stderr and len(r.stderr.splitlines()) == 1
 
-def test_prepare_latents_of_a_missing_source_is_refused_before_the_vae_loads(tmp_path, monkeypatch, capsys):
+def test_encode_latents_of_a_missing_source_is_refused_before_the_vae_loads(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(networks, 'load_vae', lambda *a, **k: pytest.fail('the VAE was loaded'))
     with pytest.raises(SystemExit) as e:
-        sida.main(['--prepare-latents', str(tmp_path / 'missing'), str(tmp_path / 'latents.zip'), '--device', 'cpu'])
+        networks.main(['encode-latents', str(tmp_path / 'missing'), str(tmp_path / 'latents.zip'), '--device', 'cpu'])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 1 and 'missing: no such file' in err and len(err.splitlines()) == 1
     assert os.listdir(tmp_path) == []
@@ -1663,8 +1698,8 @@ def test_forced_normalisation_renormalises_the_generator_and_only_optionally_the
 
 
 def test_bench_runs_on_cpu():
-    r = subprocess.run([sys.executable, os.path.join(HERE, 'sida.py'), '--bench', '--arch', 'ddpmpp',
-                        '--resolution', '8', '--cbase', '8', '--cres', '1,2', '--batch-gpu', '2', '--bench-iters', '1',
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'bench.py'), '--arch', 'ddpmpp',
+                        '--resolution', '8', '--cbase', '8', '--cres', '1,2', '--batch-gpu', '2', '--iters', '1',
                         '--device', 'cpu', '--profile'], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
@@ -2027,12 +2062,8 @@ def test_names_command_lists_releases_with_the_published_fid_and_every_reference
     for data, method, alpha in RELEASES:
         line = next(l for l in lines if l.split()[:1] == [release_name(data, method, alpha)])
         sid_fid, best_fid = PAPER_FID[data]
-        if method != 'sid':
-            assert line.endswith(f'best of SiDA/SiD²A: {best_fid:.3f}'), line
-        elif sid_fid is not None:
-            assert line.endswith(f'SiD: {sid_fid:.3f}'), line
-        else:
-            assert 'SiD' not in line and not any(ch.isdigit() for ch in line.split(None, 2)[2]), line
+        own = f'{sid_fid:.3f}' if method == 'sid' and sid_fid is not None else '-'   # SiDA/SiD²A: per data set only
+        assert line.split()[2:] == [own, f'{best_fid:.3f}'], line
     for name, url in REFS.items():
         assert any(l.split() == [name, url] for l in lines), name
     assert fid.REF_URLS == REFS
@@ -2070,6 +2101,28 @@ def test_gen_resolves_release_and_reference_names_and_downloads_once(released, d
     (tmp_path / 'served-G.pt').unlink()
     (tmp_path / 'served-ref.npz').unlink()
     assert run_cli(argv, capsys)[1] == out                              # from the cache
+
+
+def test_gen_trials_are_the_official_protocol_one_line_each_then_the_spread(released, detectors, capsys):
+    """--trials N: FID of N sets of --num images from consecutive seeds, each printed, then mean, std, min, max
+    (and the same for the Inception Score, which CIFAR-10's releases report)."""
+    G, tmp_path = released
+    code, out, err = run_cli(['gen', '--network', 'sida-cifar10-uncond', '--ref', 'cifar10-32x32', '--num', 10,
+                              '--batch', 4, '--detector', detectors[64], '--trials', 3], capsys)
+    assert code == 0, err
+    detector, ref = fid.load_detector(detectors[64]), fid.load_ref(str(tmp_path / 'served-ref.npz'))
+    fids = [fid.generator_metrics(lambda s: fid.generate_images(G, s), 10, detector, ref=ref,
+                                  seeds=range(10 * k, 10 * k + 10))['fid'] for k in range(3)]
+    lines = out.splitlines()
+    for k in range(3):
+        assert f'trial {k + 1}/3, seeds {10 * k}-{10 * k + 9}: fid (10 images): {fids[k]:.4f}' in lines
+    v = np.array(fids)
+    assert (f'fid over 3 trials of 10 images: mean {v.mean():.4f} std {v.std(ddof=1):.4f} '
+            f'min {v.min():.4f} max {v.max():.4f}') in lines
+    assert lines[-1].startswith('is over 3 trials of 10 images: mean ')
+    assert len(set(np.round(fids, 6))) == 3                              # the trials draw different images
+    code, out, err = run_cli(['gen', '--network', 'sida-cifar10-uncond', '--outdir', tmp_path / 'o', '--trials', 2], capsys)
+    assert code == 1 and '--trials 2: FID only' in err and not (tmp_path / 'o').exists()
 
 
 def test_load_network_resolves_a_released_name(released):
@@ -2460,12 +2513,14 @@ def test_toy_fd_needs_toy_data(tiny_teacher, tmp_path):
 
 
 # ===================================================================================================
-# train_cifar.sh and train_imagenet.sh: published settings, downloads, data checks
+# The launch scripts (train_*.sh, launch.sh): published settings, downloads, data checks
 # ===================================================================================================
 
 CIFAR = ROOT / 'train_cifar.sh'
 IMAGENET = ROOT / 'train_imagenet.sh'
 FACES = ROOT / 'train_ffhq_afhq.sh'
+SCRIPTS = [CIFAR, IMAGENET, FACES]
+LAUNCH = ROOT / 'launch.sh'   # sourced by the three scripts: the mechanics they share
 METHODS = ['sid', 'sida', 'sid2a']
 SIZES = ['xs', 's', 'm', 'l', 'xl', 'xxl']
 RESOLUTIONS = ['64'] + [f'512-{size}' for size in SIZES]
@@ -2775,7 +2830,7 @@ def test_local_init_generator_is_used_without_download(env, tmp_path):
 @pytest.mark.parametrize('res, words', [
     ('64', ['dataset_tool.py', '--resolution=64x64', 'dataset.json', 'labels', 'github.com/NVlabs/edm']),
     ('512-xs', ['dataset_tool.py convert', 'dataset_tool.py encode', '--resolution=512x512',
-                'sida.py --prepare-latents', "this project's", 'dataset.json', '.npy', 'github.com/NVlabs/edm2']),
+                'networks.py encode-latents', "this project's", 'dataset.json', '.npy', 'github.com/NVlabs/edm2']),
 ])
 @pytest.mark.parametrize('method', METHODS)
 def test_missing_imagenet_data_prints_instructions_and_exits_1(env, tmp_path, fake_torchrun, method, res, words):
@@ -2840,6 +2895,35 @@ def test_wrong_arguments_print_usage_and_exit_2(env, script, args):
     assert r.returncode == 2
     assert 'usage:' in r.stderr
     assert r.stdout == ''
+
+
+# The word after METHOD and its choices, per script.
+SETTING_WORDS = {CIFAR: ('COND', ['uncond', 'cond']), IMAGENET: ('RES', RESOLUTIONS), FACES: ('DATA', ['ffhq', 'afhq'])}
+
+
+@pytest.mark.parametrize('flag', ['--help', '-h'])
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_help_prints_the_usage_to_stdout_and_exits_0(env, script, flag):
+    r = run(script, 'sida', flag, env=env)
+    assert r.returncode == 0 and r.stderr == ''
+    word, choices = SETTING_WORDS[script]
+    assert r.stdout.startswith(f'usage: {script.name} [eval] METHOD {word} [--dry-run] ')
+    assert f'  {word:<8}{" | ".join(choices)}' in r.stdout
+    assert '--trials 10' in r.stdout                      # the official protocol: 10 trials of 50k images
+    assert not Path(env['SIDA_CACHE']).exists()
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_a_wrong_or_missing_word_is_named_before_the_usage(env, script):
+    word, choices = SETTING_WORDS[script]
+    for args, error in [(['sidd', choices[0]], "error: METHOD 'sidd' is not one of: sid sida sid2a"),
+                        (['eval', 'sida', 'bogus'], f"error: {word} 'bogus' is not one of: {' '.join(choices)}"),
+                        (['sida'], f'error: expected METHOD and {word}'),
+                        ([], f'error: expected METHOD and {word}')]:
+        r = run(script, *args, '--dry-run', env=env)
+        assert r.returncode == 2 and r.stdout == '', args
+        first, second = r.stderr.splitlines()[:2]
+        assert first == error and second.startswith(f'usage: {script.name} '), r.stderr
 
 
 @pytest.mark.parametrize('script', [CIFAR, IMAGENET])
@@ -2973,8 +3057,8 @@ def test_imagenet512_preparation_encodes_the_converted_512_zip(env, tmp_path):
     convert = steps.index('dataset_tool.py convert')
     assert '--dest=datasets/img512.zip' in steps[convert:] and '--transform=center-crop-dhariwal' in steps[convert:]
     assert 'dataset_tool.py encode --source=datasets/img512.zip --dest=datasets/img512-sd.zip' in steps
-    assert 'sida.py --prepare-latents datasets/img512.zip datasets/img512-sd.zip' in steps
-    assert steps.index('--prepare-latents') > convert and 'prepare-latents downloads/' not in steps
+    assert 'networks.py encode-latents datasets/img512.zip datasets/img512-sd.zip' in steps
+    assert steps.index('encode-latents') > convert and 'encode-latents downloads/' not in steps
 
 # ---- eval: scoring the released generators ------------------------------------------------------
 
@@ -3049,20 +3133,66 @@ def test_edm2_eval_decodes_in_small_batches(env):
 
 # ---- static checks -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize('script', [CIFAR, IMAGENET, FACES])
+@pytest.mark.parametrize('script', SCRIPTS + [LAUNCH])
 def test_script_parses_with_bash_n(script):
     r = subprocess.run(['bash', '-n', str(script)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.parametrize('script', [CIFAR, IMAGENET, FACES])
+@pytest.mark.parametrize('script', SCRIPTS + [LAUNCH])
 def test_script_passes_shellcheck(script):
     if shutil.which('shellcheck') is None:
         pytest.skip('shellcheck is not installed')
-    r = subprocess.run(['shellcheck', str(script)], capture_output=True, text=True)
+    # -x: a script is checked together with the launch.sh it sources (its settings are read there)
+    r = subprocess.run(['shellcheck', '-x', str(script)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout
 
 
 @pytest.mark.parametrize('script', [CIFAR, IMAGENET, FACES])
 def test_script_is_executable(script):
     assert os.access(script, os.X_OK)
+
+
+def executable_lines(path):
+    return [line for line in path.read_text().splitlines() if line.strip() and not line.lstrip().startswith('#')]
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_bash_version_is_checked_before_anything_else(script):
+    # Each script's first command sources launch.sh, whose first command checks the version in POSIX
+    # syntax: bash runs a file command by command, so nothing bash-4-only is read before it.
+    assert executable_lines(script)[0].startswith('. "$(dirname "$0")/launch.sh"')
+    assert executable_lines(LAUNCH)[0] == 'case ${BASH_VERSION-} in'
+    for version, refused in [('3.2.57(1)-release', True), ('4.3.48(1)-release', True),
+                             ('4.4.20(1)-release', False), ('5.2.15(1)-release', False), ('10.0.0(1)-release', False)]:
+        # bash 4.4+ running the script as sourced, with BASH_VERSION set to what an older bash says
+        r = subprocess.run(['bash', '-c', 'BASH_VERSION=$1; . "$0" --help', str(script), version],
+                           capture_output=True, text=True, timeout=60)
+        if refused:
+            assert r.returncode == 1 and r.stdout == '', version
+            assert r.stderr == f'error: this script needs bash >= 4.4 (this is bash {version}); on macOS: brew install bash\n'
+        else:
+            assert r.returncode == 0 and r.stdout.startswith('usage: '), (version, r.stderr)
+    if shutil.which('dash'):                              # not bash at all: the same one line
+        r = subprocess.run(['dash', str(script), 'sida', 'ffhq'], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and r.stderr == 'error: this script needs bash >= 4.4 (this is not bash); on macOS: brew install bash\n'
+
+
+def test_launch_sh_is_not_run_on_its_own():
+    assert not os.access(LAUNCH, os.X_OK)
+    r = subprocess.run(['bash', str(LAUNCH)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and 'sourced by the train_*.sh scripts' in r.stderr
+
+
+def test_the_shell_files_repeat_no_block_of_six_lines():
+    if shutil.which('duplicates') is None:
+        pytest.skip('duplicates is not installed')
+    r = subprocess.run(['duplicates', '--repo', str(ROOT), '--most', '200', '--seconds', '120'],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    if 'incomplete:' in r.stdout:
+        pytest.skip('duplicates did not read the whole tree in time: ' + r.stdout)
+    shell = {p.name for p in SCRIPTS + [LAUNCH]}
+    rows = [line.split() for line in r.stdout.splitlines() if line.startswith('D') and ' ~ ' in line]
+    between = [' '.join(row) for row in rows if {row[1].split(':')[0], row[3].split(':')[0]} <= shell]
+    assert between == [], r.stdout

@@ -41,10 +41,10 @@ def shipped(name, arch='ddpmpp'):
     return os.path.join(HERE, 'classifier.pt' if name == 'classifier' else os.path.join(arch, f'{name}.pt'))
 
 
-def sampler_steps(teacher, arch):
+def sampler_steps(teacher):
     """Heun steps of the teacher's baselines: EDM's 18 (the paper's way) and, for a shipped teacher, its best
     fd within 35 evaluations (9 steps for the DDPM++ one; the EDM2 one is best at 18)."""
-    best = BEST_STEPS.get(arch, PAPER_STEPS) if os.path.abspath(str(teacher)) == shipped('teacher', arch) else PAPER_STEPS
+    best = next((n for arch, n in BEST_STEPS.items() if os.path.abspath(str(teacher)) == shipped('teacher', arch)), PAPER_STEPS)
     return sorted({PAPER_STEPS, best}, reverse=True)
 
 # ----------------------------------------------------------------------------------------------------

@@ -117,7 +117,7 @@ def cmd_teacher(args):
     minutes = (time.time() - start) / 60
     teacher = networks.load_network(args.dest, args.device)
     print(json.dumps({'teacher': args.dest, 'train_minutes': round(minutes, 1),
-                      **toy.Metrics(args.device).baselines(teacher, toy.sampler_steps(args.dest, args.arch))}),
+                      **toy.Metrics(args.device).baselines(teacher, toy.sampler_steps(args.dest))}),
           flush=True)
 
 

@@ -1,0 +1,256 @@
+# shellcheck shell=bash
+# The mechanics shared by train_cifar.sh, train_imagenet.sh and train_ffhq_afhq.sh: the command line,
+# the machine variables, the downloads into the cache, the dataset check and the torchrun command.
+# Not a program: each script sources it first thing, `. "$(dirname "$0")/launch.sh"`, and keeps
+# its own part, the official runs' settings, in plain sight.
+#
+# The sourcing script, after that line:
+#   1. sets setting_name (the word after METHOD: COND, RES, DATA), setting_choices, setting_note
+#      (optional, shown after the choices) and scores (what eval reports), then calls
+#      `parse_arguments "$@"`, which sets mode (train or eval), method, setting, dry_run, extra;
+#   2. sets the run's settings, each one the sida.py flag of the same name:
+#        batch          images per iteration, all GPUs together
+#        lr             Adam learning rate of the fake score network and of the generator (lr = glr)
+#        precision      arithmetic of the networks (fp32, tf32, bf16, fp16)
+#        dropout        dropout of the trained networks (fake score network, generator)
+#        augment        EDM augmentation probability, fake-score side only
+#        ema            half-life of the generator's EMA, Mimg
+#        alpha          weight of SiD's bias-correction term
+#        tmax           largest diffusion time (of 1000) the generator loss looks at
+#        init_sigma     noise level at which the one-step generator denoises pure noise
+#        p_mean, p_std  log-normal noise levels of the fake-score loss
+#        lsg            SiD generator loss scale
+#        lsd, lsg_gan   discriminator and adversarial generator loss scales (SiDA, SiD²A only)
+#        duration       training length, Mimg (DURATION overrides it)
+#        tick           kimg per progress line
+#        snap, dump     ticks per generator snapshot + FID-50k, per full training state for --resume
+#      and the run's files: name (runs/NAME-METHOD, the cache's prefix), teacher_url, ref_url,
+#      released[METHOD] (URL of the released generator, empty if none), data; and where it differs
+#      from the others:
+#        data_flags  sida.py flags right after --teacher
+#        run_flags   sida.py flags after the shared settings
+#        fid_flags   fid.py gen flags after --num-images 50000 (eval)
+#        data_url    the dataset's download (CIFAR-10); without it DATA is prepared by hand, and
+#        data_check  (EXT [labels]): what DATA must hold, checked before any download; on failure
+#                    the script's how_to_prepare prints the steps
+#   3. calls `launch`.
+# The settings are read here but assigned there: `shellcheck -x train_*.sh` checks both together.
+# shellcheck disable=SC2154
+
+# bash 3.2 (macOS's /bin/bash) lacks associative arrays and ${v^^}; bash 4.0-4.3 stop at "${a[@]}"
+# of an empty array under set -u. Refuse them in one line, in POSIX syntax, before any of that is read.
+case ${BASH_VERSION-} in
+    4.[4-9]* | [5-9].* | [1-9][0-9].*) ;;
+    *) echo "error: this script needs bash >= 4.4 (this is ${BASH_VERSION:+bash }${BASH_VERSION:-not bash}); on macOS: brew install bash" >&2
+       exit 1 ;;
+esac
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
+    echo "error: launch.sh is sourced by the train_*.sh scripts; run one of them" >&2
+    exit 2
+fi
+set -euo pipefail
+
+methods=(sid sida sid2a)
+setting_note=
+data_url=
+data_check=()
+data_flags=()
+run_flags=()
+fid_flags=()
+cache=${SIDA_CACHE:-$HOME/.cache/sida}
+detector_url=https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+die() { echo "error: $*" >&2; exit 1; }
+
+# ---- Arguments ---------------------------------------------------------------------------------
+usage() {  # usage [STATUS]: --help (0) prints to stdout; a usage error (2, the default) to stderr
+    local status=${1:-2} methods_="${methods[*]}" choices="${setting_choices[*]}"
+    ((status == 0)) || exec >&2
+    cat <<EOF
+usage: $(basename "$0") [eval] METHOD $setting_name [--dry-run] [sida.py or fid.py arguments ...]
+  eval    score the released generator ($scores) instead of training;
+          the official protocol adds --trials 10 (10 trials of 50k images, different seeds)
+  METHOD  ${methods_// / | }
+$(printf '  %-8s%s' "$setting_name" "${choices// / | }")${setting_note:+       $setting_note}
+  --dry-run  print the download and torchrun commands, run nothing
+EOF
+    exit "$status"
+}
+usage_error() { echo "error: $*" >&2; usage 2; }
+
+one_of() {  # one_of WORD CHOICE...: true when WORD is one of the choices
+    local word=$1 choice
+    shift
+    for choice; do [[ $word == "$choice" ]] && return 0; done
+    return 1
+}
+
+parse_arguments() {  # [eval] METHOD SETTING [--dry-run] [extra ...]; --dry-run and --help anywhere
+    mode=train
+    if [[ ${1:-} == eval ]]; then mode='eval'; shift; fi
+    dry_run=0
+    extra=()
+    local arg positional=()
+    for arg in "$@"; do
+        case $arg in
+            --dry-run) dry_run=1 ;;
+            -h|--help) usage 0 ;;
+            *) if ((${#positional[@]} < 2)); then positional+=("$arg"); else extra+=("$arg"); fi ;;
+        esac
+    done
+    ((${#positional[@]} == 2)) || usage_error "expected METHOD and $setting_name"
+    method=${positional[0]}
+    setting=${positional[1]}
+    one_of "$method" "${methods[@]}" || usage_error "METHOD '$method' is not one of: ${methods[*]}"
+    one_of "$setting" "${setting_choices[@]}" ||
+        usage_error "$setting_name '$setting' is not one of: ${setting_choices[*]}"
+}
+
+# ---- Machines ----------------------------------------------------------------------------------
+count_gpus() {
+    local n
+    n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+    if [[ $n =~ ^[0-9]+$ ]] && ((n > 0)); then echo "$n"; else echo 1; fi
+}
+
+check_machines() {  # NGPU, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT -> ngpu, nnodes, node_rank, master_port
+    ngpu=${NGPU:-$(count_gpus)}
+    nnodes=${NNODES:-1}
+    node_rank=${NODE_RANK:-0}
+    master_port=${MASTER_PORT:-29500}
+    local v
+    for v in ngpu nnodes; do
+        [[ ${!v} =~ ^[1-9][0-9]*$ ]] || usage_error "${v^^} must be a positive integer"
+    done
+    [[ $node_rank =~ ^[0-9]+$ ]] || usage_error "NODE_RANK must be an integer"
+    if ((nnodes > 1)) && [[ -z ${MASTER_ADDR:-} ]]; then
+        usage_error "NNODES=$nnodes needs MASTER_ADDR (the address of node 0)"
+    fi
+}
+
+# ---- Dataset (prepared by hand; checked before anything is downloaded) ------------------------
+data_problem() {  # prints what is wrong with $data, nothing when it looks right
+    [[ -f $data ]] || { echo "no such file"; return; }
+    "${PYTHON:-python3}" - "$data" "${data_check[@]}" <<'EOF' 2>&1 || true
+import json, sys, zipfile
+path, ext, *wanted = sys.argv[1:]
+try:
+    with zipfile.ZipFile(path) as z:
+        names = set(z.namelist())
+        if 'labels' in wanted:
+            if 'dataset.json' not in names:
+                sys.exit('the zip has no dataset.json')
+            meta = json.loads(z.read('dataset.json'))
+            if not isinstance(meta, dict) or not meta.get('labels'):
+                sys.exit('dataset.json has no class labels')
+        if not any(n.endswith('.' + ext) for n in names):
+            sys.exit(f'the zip holds no .{ext} files')
+except zipfile.BadZipFile:
+    sys.exit('not a zip file')
+except ValueError:
+    sys.exit('dataset.json is not valid JSON')
+EOF
+}
+
+check_data() {  # training only (scoring a generator needs no dataset), when the script asks for it
+    [[ $mode == train ]] && ((${#data_check[@]})) || return 0
+    local problem
+    problem=$(data_problem)
+    [[ -n $problem ]] || return 0
+    if ((dry_run)); then
+        echo "warning: DATA=$data: $problem; a real run would stop here and say how to prepare it" >&2
+    else
+        { echo "error: DATA=$data: $problem"; how_to_prepare; } >&2
+        exit 1
+    fi
+}
+
+# ---- Downloads (once, into the cache) ----------------------------------------------------------
+show() { local line; printf -v line '%q ' "$@"; echo "${line% }"; }
+if command -v curl >/dev/null; then downloader=(curl -fL --retry 3 -o)
+else downloader=(wget -O); fi
+made_cache=0
+
+fetch() {  # fetch URL DEST: skipped when DEST exists; else a temp name, then an atomic mv
+    local url=$1 dest=$2 tmp="$2.part.$$"
+    if [[ -f $dest ]]; then echo "# cached: $dest"; return; fi
+    if ((dry_run)); then
+        ((made_cache)) || show mkdir -p "$cache"
+        made_cache=1
+        show "${downloader[@]}" "$tmp" "$url"
+        show mv "$tmp" "$dest"
+        return
+    fi
+    mkdir -p "$cache"
+    echo "downloading $url" >&2
+    if ! "${downloader[@]}" "$tmp" "$url"; then
+        rm -f "$tmp"
+        die "could not download $url; download it by hand into $cache"
+    fi
+    mv -f "$tmp" "$dest"
+}
+
+# The script fetches the networks itself (rather than letting each torchrun rank resolve a name)
+# so that a multi-GB EDM2 pickle is downloaded once per node.
+fetch_network() {  # fetch_network SOURCE NAME: sets $network; a URL is downloaded once as $cache/NAME-<file>
+    network=$1
+    if [[ $network =~ ^[a-z]+:// ]]; then
+        network=$cache/$2-${1##*/}
+        fetch "$1" "$network"
+    fi
+}
+
+download() {  # -> teacher, ref, detector, data (CIFAR-10), network (eval), init_generator (sid2a)
+    teacher=$cache/${teacher_url##*/}
+    ref=$cache/${ref_url##*/}
+    detector=$cache/${detector_url##*/}
+    if [[ $mode == eval && -z ${NETWORK:-} && -z ${released[$method]} ]]; then
+        die "no released $method generator for $setting (the official README lists none); set NETWORK"
+    fi
+    if [[ $mode == train ]]; then
+        fetch "$teacher_url" "$teacher"
+        [[ -z $data_url ]] || fetch "$data_url" "$data"
+    fi
+    fetch "$ref_url" "$ref"
+    fetch "$detector_url" "$detector"
+    if [[ $mode == eval ]]; then
+        fetch_network "${NETWORK:-${released[$method]}}" "$method-$name"
+    elif [[ $method == sid2a ]]; then
+        fetch_network "${INIT_GENERATOR:-${released[sid]}}" "sid-$name"
+        init_generator=$network
+    fi
+}
+
+# ---- Launch ------------------------------------------------------------------------------------
+run() { show "$@"; ((dry_run)) || "$@"; }
+
+launch() {  # after the script's settings: environment, checks, downloads, then torchrun
+    duration=${DURATION:-$duration}
+    outdir=${OUTDIR:-runs/$name-$method}
+    check_machines
+    check_data
+    download
+    local launcher args
+    if ((nnodes == 1)) && [[ -z ${MASTER_ADDR:-} ]]; then
+        launcher=(torchrun --standalone --nproc_per_node="$ngpu")
+    else
+        launcher=(torchrun --nnodes="$nnodes" --node_rank="$node_rank" --nproc_per_node="$ngpu"
+                  --master_addr="$MASTER_ADDR" --master_port="$master_port")
+    fi
+    if [[ $mode == eval ]]; then   # FID-50k (one step per image) and what the script's fid_flags add
+        args=(gen --network "$network" --ref "$ref" --detector "$detector" --num-images 50000 "${fid_flags[@]}")
+        run "${launcher[@]}" "$here/fid.py" "${args[@]}" "${extra[@]}"
+        return
+    fi
+    args=(--method "$method" --teacher "$teacher" "${data_flags[@]}" --outdir "$outdir"
+          --alpha "$alpha" --tmax "$tmax" --init-sigma "$init_sigma"
+          --batch "$batch" --lr "$lr" --glr "$lr" --precision "$precision"
+          --dropout "$dropout" --augment "$augment" --ema "$ema" --p-mean "$p_mean" --p-std "$p_std"
+          --lsg "$lsg" --duration "$duration" --tick "$tick" --snap "$snap" --dump "$dump"
+          --metrics fid50k --ref "$ref" --detector "$detector" "${run_flags[@]}")
+    [[ $method != sid ]] && args+=(--lsd "$lsd" --lsg-gan "$lsg_gan")
+    [[ $method == sid2a ]] && args+=(--init-generator "$init_generator")
+    [[ -n ${BATCH_GPU:-} ]] && args+=(--batch-gpu "$BATCH_GPU")
+    run "${launcher[@]}" "$here/sida.py" "${args[@]}" "${extra[@]}"
+}
