@@ -955,12 +955,15 @@ def distill(args):
     check_inputs(args, outdir)
     # The folder is written only once the set-up has succeeded (distill_in calls start): a failed start
     # leaves it as it was, with no log.txt or args.json.
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}   # the loop sets its own
     with tee_console(os.path.join(outdir, 'log.txt'), enabled=master) as start:
         try:
             result = distill_in(args, rank, world, device, outdir, state, state_path, start)
             if dist.is_initialized():
                 dist.barrier()
         finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
             if dist.is_initialized():
                 dist.destroy_process_group()
     return result

@@ -1037,6 +1037,20 @@ def test_warmup_schedule_switches_at_the_right_image_counts(tiny_teacher, monkey
                      ('gen', True), ('ema', 40)]
 
 
+def test_a_finished_run_gives_back_the_signal_handlers(tiny_teacher, monkeypatch, tmp_path):
+    """The loop turns SIGTERM / SIGINT into a saved stop while it runs; a caller's handlers are back afterwards."""
+    for step in ('fake_score_step', 'generator_step', 'update_ema'):
+        monkeypatch.setattr(sida.SiDA, step, lambda self, *a, **k: None)
+    mine = lambda signum, frame: None
+    saved = {sig: signal.signal(sig, mine) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        sida.distill(sida.parse_args(tiny_run_argv(tmp_path, tiny_teacher, '--duration', '0.000016')))
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is mine
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def test_compiled_run_logs_each_steps_first_iteration(tiny_teacher, monkeypatch, tmp_path, capsys):
     """--compile: each step's graphs compile on its first use; the console says how long that iteration took."""
     for step in ('fake_score_step', 'generator_step', 'update_ema'):
