@@ -48,16 +48,18 @@ def build_parser():
     """sida.py's flags (the run's settings) and the benchmark's."""
     p = sida.build_parser()
     p.description = 'Throughput of full SiDA iterations on random networks (no downloads).'
+    arch = next(act for act in p._actions if act.dest == 'arch')     # sida.py's toy flag, here the network's
+    arch.help, arch.default = 'time one network of this architecture instead of the targets', None
     a = p.add_argument_group('bench', 'what to time').add_argument
-    a('--targets', default=','.join(TARGETS), help=f'comma list of {", ".join(TARGETS)}')
-    a('--modes', default=None, help='comma list of eager, compile (default: both on a GPU, eager on the CPU, '
+    a('--targets', default=','.join(TARGETS), metavar='LIST', help=f'comma list of {", ".join(TARGETS)}')
+    a('--modes', default=None, metavar='LIST', help='comma list of eager, compile (default: both on a GPU, eager on the CPU, '
                                              'compile with --compile)')
     a('--iters', type=int, default=None, help='timed iterations (default: 10 on a GPU, 1 on the CPU)')
     a('--profile', action='store_true', help='also print the top kernels of one steady-state iteration')
     a = p.add_argument_group('configuration', 'one network instead of the targets, when --arch is given').add_argument
     a('--resolution', type=int, default=32, help='image (EDM2: latent) resolution')
     a('--cbase', type=int, default=128, help='channels at multiplier 1')
-    a('--cres', default='2,2,2', help='channel multipliers per resolution')
+    a('--cres', default='2,2,2', metavar='LIST', help='channel multipliers per resolution')
     a('--label-dim', type=int, default=0, help='number of classes')
     return p
 
