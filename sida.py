@@ -29,7 +29,6 @@ import io
 import json
 import math
 import os
-import resource
 import signal
 import sys
 import time
@@ -176,7 +175,7 @@ def check_args(args):
         if v is not None and not (math.isfinite(v) and ok(v)):
             raise UserError(f'--{k.replace("_", "-")} {v}: must be {what}')
     # (A resumed run checks its saved --batch once it is read.)
-    if args.batch_gpu and args.batch % args.batch_gpu and (args.resume is None or 'batch' in getattr(args, 'explicit', ())):
+    if args.batch_gpu and args.batch % args.batch_gpu and (args.resume is None or 'batch' in args.explicit):
         raise UserError(f'--batch {args.batch} is not a multiple of --batch-gpu {args.batch_gpu}')
     parse_metrics(args.metrics)
 
@@ -1137,8 +1136,7 @@ def training_loop(args, sida, slots, evaluator, teacher, start, rows, fresh, out
         elapsed = time.time() - tick_time
         row['sec_per_kimg'] = round(elapsed / max((nimg - tick_nimg) / 1000, 1e-9), 3)
         row['img_per_s'] = round((nimg - tick_nimg) / max(elapsed, 1e-9), 2)
-        row['peak_gb'] = round((torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else
-                               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30, 3)
+        row['peak_gb'] = round((torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else peak_rss()) / 2**30, 3)
         row['time_s'] = round(time.time() - start_time, 1)
         finish_tick(row, snap=cur_tick % args.snap == 0 or done or stopping,
                     dump=cur_tick % args.dump == 0 or done or stopping)
@@ -1148,6 +1146,11 @@ def training_loop(args, sida, slots, evaluator, teacher, start, rows, fresh, out
     if stop:
         log(f'stopped by signal {stop[0]} at {nimg / 1000:g} kimg; continue with --resume {outdir}')
     return nimg
+
+
+def peak_rss():
+    import resource                                  # POSIX only: imported where it is needed
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 # ----------------------------------------------------------------------------------------------------
 
