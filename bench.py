@@ -132,7 +132,7 @@ def network_config(args):
 def random_sida(args, world, device):
     """SiDA on a randomly initialised teacher of --arch and 1024 random images (the benchmark's set-up)."""
     torch.manual_seed(args.seed)
-    teacher = networks.build_network(network_config(args)).to(device).eval().requires_grad_(False)
+    teacher = networks.freeze(networks.build_network(network_config(args)).to(device))
     shape = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
     images = torch.randint(0, 256, (1024, *shape), dtype=torch.uint8)
     labels = torch.randint(args.label_dim, (1024,)) if args.label_dim else None

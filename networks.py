@@ -338,9 +338,10 @@ class UNetBlock(nn.Module):
             self.qkv = Conv2d(out_channels, out_channels * 3, 1, **(init_attn or init))
             self.proj = Conv2d(out_channels, out_channels, 1, **init_zero)
 
-    def forward(self, x, emb):
+    def forward(self, x, params):
+        # params: this block's affine(emb) [B, C], computed for all blocks at once (block_embeddings).
         h = self.conv0(F.silu(self.norm0(x)))
-        params = self.affine(emb)[:, :, None, None].to(h.dtype)
+        params = params[:, :, None, None].to(h.dtype)
         if self.adaptive_scale:
             scale, shift = params.chunk(2, dim=1)
             h = F.silu(shift + self.norm1(h) * (scale + 1))
@@ -351,6 +352,15 @@ class UNetBlock(nn.Module):
         if self.num_heads:
             x = (self.proj(attention(self.qkv(self.norm2(x)), self.num_heads)) + x) * self.skip_scale
         return x
+
+
+def block_embeddings(layers, emb):
+    """affine(emb) of every UNetBlock among `layers`, in order, from one matrix product over their stacked
+    weights: one operation per pass instead of one per block (each block keeps its own Linear)."""
+    affines = [layer.affine for layer in layers if isinstance(layer, UNetBlock)]
+    weight = torch.cat([a.weight for a in affines]).to(emb.dtype)
+    bias = torch.cat([a.bias for a in affines]).to(emb.dtype)
+    return iter(F.linear(emb, weight, bias).split([a.out_features for a in affines], dim=1))
 
 
 class PositionalEmbedding(nn.Module):
@@ -485,7 +495,7 @@ class SongUNet(nn.Module):
 
     def encode(self, x, emb):
         """The encoder's feature maps, the skip connections of the decoder; the last is the lowest resolution."""
-        skips, aux = [], x
+        skips, aux, params = [], x, block_embeddings(self.enc.values(), emb)
         for name, layer in self.enc.items():
             if name.endswith('aux_down'):
                 aux = layer(aux)
@@ -494,13 +504,13 @@ class SongUNet(nn.Module):
             elif name.endswith('aux_residual'):
                 x = skips[-1] = aux = (x + layer(aux)) / math.sqrt(2)
             else:
-                x = layer(x, emb) if isinstance(layer, UNetBlock) else layer(x)
+                x = layer(x, next(params)) if isinstance(layer, UNetBlock) else layer(x)
                 skips.append(x)
         return skips
 
     def decode(self, skips, emb):
         skips = list(skips)
-        x, out, h = skips[-1], None, None
+        x, out, h, params = skips[-1], None, None, block_embeddings(self.dec.values(), emb)
         for name, layer in self.dec.items():
             if name.endswith('aux_up'):
                 out = layer(out)
@@ -512,7 +522,7 @@ class SongUNet(nn.Module):
             else:
                 if '_block' in name:
                     x = torch.cat([x, skips.pop()], dim=1)
-                x = layer(x, emb)
+                x = layer(x, next(params))
         return out
 
     def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
@@ -592,19 +602,19 @@ class DhariwalUNet(nn.Module):
 
     def encode(self, x, emb):
         """The encoder's feature maps, the skip connections of the decoder; the last is the lowest resolution."""
-        skips = []
+        skips, params = [], block_embeddings(self.enc.values(), emb)
         for layer in self.enc.values():
-            x = layer(x, emb) if isinstance(layer, UNetBlock) else layer(x)
+            x = layer(x, next(params)) if isinstance(layer, UNetBlock) else layer(x)
             skips.append(x)
         return skips
 
     def decode(self, skips, emb):
         skips = list(skips)
-        x = skips[-1]
+        x, params = skips[-1], block_embeddings(self.dec.values(), emb)
         for name, layer in self.dec.items():
             if '_block' in name:
                 x = torch.cat([x, skips.pop()], dim=1)
-            x = layer(x, emb)
+            x = layer(x, next(params))
         return self.out_conv(F.silu(self.out_norm(x)))
 
     def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
@@ -630,7 +640,7 @@ def mp_silu(x):
 
 def mp_sum(a, b, t=0.5):
     # Weighted sum (1-t) a + t b rescaled so that unit-magnitude inputs give a unit-magnitude output.
-    return (a * (1 - t) + b * t) / math.sqrt((1 - t) ** 2 + t ** 2)
+    return torch.lerp(a, b, t) / math.sqrt((1 - t) ** 2 + t ** 2)
 
 
 def mp_cat(a, b, dim=1, t=0.5):
@@ -665,13 +675,24 @@ class MPConv(nn.Module):
         super().__init__()
         self.out_channels = out_channels
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
+        self.frozen, self._kept = False, None      # freeze(): keep the normalised weight between passes
 
-    def forward(self, x, gain=1):
+    def normalized_weight(self, gain, dtype):
         # The stored weight is renormalised in place by EDM2Precond.normalize_weights_() before a training
         # step (not here: a second training-mode pass in the same step would break autograd).
         # Normalising again in the graph makes the gradient orthogonal to the weight.
         w = normalize(self.weight.to(torch.float32))
-        w = (w * (gain / math.sqrt(w[0].numel()))).to(x.dtype)
+        return (w * (gain / math.sqrt(w[0].numel()))).to(dtype)
+
+    def forward(self, x, gain=1):
+        tensors = [self.weight] + [gain] * torch.is_tensor(gain)
+        if torch.compiler.is_compiling() or not self.frozen or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+            w = self.normalized_weight(gain, x.dtype)
+        else:       # frozen: normalised once while the stored weight (an in-place change bumps _version) and gain stay
+            key = (x.dtype, *[(t.data_ptr(), t._version) for t in tensors], None if torch.is_tensor(gain) else gain)
+            if self._kept is None or self._kept[0] != key:
+                self._kept = (key, self.normalized_weight(gain, x.dtype))
+            w = self._kept[1]
         if w.ndim == 2:
             return F.linear(x, w)
         return F.conv2d(x, w, padding=w.shape[-1] // 2)
@@ -705,11 +726,11 @@ class MPBlock(nn.Module):
         self.attn_qkv = MPConv(out_channels, out_channels * 3, [1, 1]) if self.num_heads else None
         self.attn_proj = MPConv(out_channels, out_channels, [1, 1]) if self.num_heads else None
 
-    def forward(self, x, emb):
+    def forward(self, x, modulation):
+        # modulation: 1 + emb_linear(emb, gain=emb_gain) [B, C], computed for all blocks at once (block_modulations).
         x = mp_resample(x, self.resample_mode, self.resample_filter)
         if self.flavor == 'enc':            # the encoder projects its input first and pixel-normalises it
             x = normalize(x if self.conv_skip is None else self.conv_skip(x), dim=1)
-        modulation = 1 + self.emb_linear(emb, gain=self.emb_gain)          # per channel, from the embedding
         h = self.conv_res0(mp_silu(x))
         h = mp_silu(h * modulation.to(h.dtype)[..., None, None])
         h = self.conv_res1(F.dropout(h, p=self.dropout, training=self.training))
@@ -722,6 +743,16 @@ class MPBlock(nn.Module):
         if self.clip_act is not None:
             x = x.clamp(-self.clip_act, self.clip_act)
         return x
+
+
+def block_modulations(layers, emb):
+    """1 + emb_linear(emb, gain=emb_gain), the per-channel modulation from the embedding, of every MPBlock among
+    `layers`, in order, from one matrix product: the stacked weights are normalised per output channel, as each
+    layer normalises its own, so the values are the layers' (each block keeps its own MPConv)."""
+    blocks = [layer for layer in layers if isinstance(layer, MPBlock)]
+    weight = normalize(torch.cat([b.emb_linear.weight for b in blocks]).to(torch.float32))
+    gain = torch.cat([b.emb_gain.expand(b.out_channels) for b in blocks])[:, None] / math.sqrt(weight.shape[1])
+    return iter((1 + F.linear(emb, (weight * gain).to(emb.dtype))).split([b.out_channels for b in blocks], dim=1))
 
 
 class EDM2UNet(nn.Module):
@@ -796,19 +827,19 @@ class EDM2UNet(nn.Module):
     def encode(self, x, emb):
         """The encoder's feature maps, the skip connections of the decoder; the last is the lowest resolution."""
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
-        skips = []
+        skips, modulations = [], block_modulations(self.enc.values(), emb)
         for layer in self.enc.values():
-            x = layer(x, emb) if isinstance(layer, MPBlock) else layer(x)
+            x = layer(x, next(modulations)) if isinstance(layer, MPBlock) else layer(x)
             skips.append(x)
         return skips
 
     def decode(self, skips, emb):
         skips = list(skips)
-        x = skips[-1]
+        x, modulations = skips[-1], block_modulations(self.dec.values(), emb)
         for name, layer in self.dec.items():
             if '_block' in name:
                 x = mp_cat(x, skips.pop(), t=self.concat_balance)
-            x = layer(x, emb)
+            x = layer(x, next(modulations))
         return self.out_conv(x, gain=self.out_gain)
 
     def forward(self, x, noise_labels, class_labels=None):
@@ -887,15 +918,19 @@ class EDMPrecond(nn.Module):
             img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
             model_type=model_type, sigma_data=sigma_data, **model_kwargs))}
 
-    def forward(self, x, sigma, class_labels=None, augment_labels=None, return_logits=False, return_logvar=False):
+    def forward(self, x, sigma, class_labels=None, augment_labels=None, return_logits=False, return_logvar=False,
+                encoder_only=0):
+        """D(x, sigma, c) [and the SiDA logits]. The last `encoder_only` samples pass the encoder alone: the
+        logits cover the whole batch, D(x) the others (one pass where SiDA needs both on different images)."""
         if return_logvar:
             raise ValueError('EDM networks have no log-variance head')
         x, sigma, class_labels = _prepare(x, sigma, class_labels, self.label_dim)
         c_skip, c_out, c_in, c_noise = _coefficients(sigma, self.sigma_data)
         emb = self.model.embed(c_noise, class_labels, augment_labels)
         features = self.model.encode(c_in * x, emb)
-        F_x = self.model.decode(features, emb)
-        D_x = c_skip * x + c_out * F_x.to(torch.float32)
+        n = x.shape[0] - encoder_only
+        F_x = self.model.decode([f[:n] for f in features], emb[:n])
+        D_x = c_skip[:n] * x[:n] + c_out[:n] * F_x.to(torch.float32)
         return (D_x, _logits(features[-1])) if return_logits else D_x
 
     def discriminate(self, x, sigma, class_labels=None, augment_labels=None):
@@ -937,21 +972,24 @@ class EDM2Precond(nn.Module):
             img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, sigma_data=sigma_data,
             logvar_channels=logvar_channels, use_logvar=use_logvar, force_normalization=force_normalization, **unet_kwargs))}
 
-    def forward(self, x, sigma, class_labels=None, augment_labels=None, return_logits=False, return_logvar=False):
-        """augment_labels is accepted for a uniform call signature and ignored: EDM2 has no augmentation input."""
+    def forward(self, x, sigma, class_labels=None, augment_labels=None, return_logits=False, return_logvar=False,
+                encoder_only=0):
+        """As EDMPrecond.forward, and u(sigma) of the samples with D(x). augment_labels is accepted for a
+        uniform call signature and ignored: EDM2 has no augmentation input."""
         x, sigma, class_labels = _prepare(x, sigma, class_labels, self.label_dim)
         c_skip, c_out, c_in, c_noise = _coefficients(sigma, self.sigma_data)
         emb = self.unet.embed(c_noise, class_labels)
         features = self.unet.encode(c_in * x, emb)
-        F_x = self.unet.decode(features, emb)
-        D_x = c_skip * x + c_out * F_x.to(torch.float32)
+        n = x.shape[0] - encoder_only
+        F_x = self.unet.decode([f[:n] for f in features], emb[:n])
+        D_x = c_skip[:n] * x[:n] + c_out[:n] * F_x.to(torch.float32)
         outputs = [D_x]
         if return_logits:
             outputs.append(_logits(features[-1]))
         if return_logvar:
             if not self.use_logvar:
                 raise ValueError('this network has no log-variance head (use_logvar=False)')
-            outputs.append(self.logvar_linear(self.logvar_fourier(c_noise)).to(torch.float32).reshape(-1, 1, 1, 1))
+            outputs.append(self.logvar_linear(self.logvar_fourier(c_noise[:n])).to(torch.float32).reshape(-1, 1, 1, 1))
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def discriminate(self, x, sigma, class_labels=None, augment_labels=None):
@@ -1013,8 +1051,9 @@ def augment_labels(params):
 
 def affine(rows, like):
     """3x3 matrices [B, 3, 3] from two rows of [B] tensors or numbers; the third row is (0, 0, 1)."""
-    entry = lambda v: v if torch.is_tensor(v) else torch.full_like(like, v)
-    return torch.stack([torch.stack([entry(v) for v in row], -1) for row in rows + [[0, 0, 1]]], -2)
+    values = [v for row in rows + [[0, 0, 1]] for v in row]
+    numbers = {v: torch.full_like(like, v) for v in set(v for v in values if not torch.is_tensor(v))}   # one per distinct number
+    return torch.stack([v if torch.is_tensor(v) else numbers[v] for v in values], -1).view(-1, 3, 3)
 
 
 def scale2d(sx, sy, like):
@@ -1104,6 +1143,15 @@ def augment(x, p, gen):
 
 # ----------------------------------------------------------------------------------------------------
 # Building, saving and loading.
+
+def freeze(net):
+    """net in eval mode without gradients, its EDM2 layers normalising each weight once instead of in every
+    pass (again after any change to it); costs a copy of the weights. Loaded networks come frozen."""
+    for layer in net.modules():
+        if isinstance(layer, MPConv):
+            layer.frozen = True
+    return net.eval().requires_grad_(False)
+
 
 def build_network(config):
     """A fresh network from `net.config` ({'class_name': ..., 'kwargs': {...}})."""
@@ -1338,7 +1386,7 @@ def load_network(source, device='cpu'):
     else:
         net = _load_official_pickle(path)
         net.meta = {}
-    return net.eval().requires_grad_(False).to(device)
+    return freeze(net).to(device)
 
 # ----------------------------------------------------------------------------------------------------
 # EDM2's latent space: the Stable Diffusion VAE, through diffusers, imported only on this path. EDM2 feeds

@@ -123,19 +123,19 @@ def flag_groups(parser):
 
 
 RUN_FLAGS, SESSION_FLAGS = (tuple(flag_groups(build_parser())[g]) for g in ('run', 'session'))
-# The toy run: SiD²A, the paper's fast path, from the shipped toy SiD generator (toy/ddpmpp/sid-generator.pt).
-# Against the paper's CIFAR-10 runs: 10x the learning rate at 1/4 the batch, 100x the adversarial weight
-# lsg_gan, an EMA averaging the last quarter of the run, and a warm-up of 10 kimg in which the fake score
-# network (initialised from the teacher) learns the SiD generator's distribution before the generator moves
-# (toy/README.md has the runs behind each choice).
-TOY_PRESET = dict(data='toy', cond=True, outdir='runs/toy', method='sid2a', batch=64, lr=1e-4, glr=1e-4, lsg_gan=1.0,
-                  ema=0.02, ema_rampup=0.25, duration=0.05, dropout=0.0, augment=0.0, gen_start_kimg=10.,
-                  adv_start_kimg=10., tick=2., snap=2, dump=2, metrics='fd')
+# The toy run: SiD²A, the paper's fast path, from the shipped toy SiD generator (toy/ddpmpp/sid-generator.pt):
+# 10 kimg of warm-up, in which the fake score network (initialised from the teacher) and the discriminator
+# learn the SiD generator's distribution before it moves, then 2 kimg of SiD²A. Against the paper's CIFAR-10
+# runs: 10x (fake score) and 3x (generator) the learning rate at 1/4 the batch, 100x the adversarial weight
+# lsg_gan, an EMA averaging the last quarter of the run (toy/README.md has the runs behind each choice).
+TOY_PRESET = dict(data='toy', cond=True, outdir='runs/toy', method='sid2a', batch=64, lr=1e-4, glr=3e-5, lsg_gan=1.0,
+                  ema=0.02, ema_rampup=0.25, duration=0.012, dropout=0.0, augment=0.0, gen_start_kimg=10.,
+                  adv_start_kimg=10., tick=1., snap=1, dump=2, metrics='fd')
 # The EDM2 toy: SiDA from the teacher (no EDM2 toy SiD generator is shipped), with the short warm-up of a run
 # from the teacher; EDM2's unit-norm weights take a 10x larger learning rate (as its toy teacher's training
 # does), and the paper's EDM2 runs weight lsd 100, lsg_gan 0.01.
 TOY_PRESET_BY_ARCH = {'edm2': dict(method='sida', gen_start_kimg=0.5, adv_start_kimg=1., lr=1e-3, glr=1e-3, lsd=100.,
-                                   lsg_gan=0.01)}
+                                   lsg_gan=0.01, duration=0.05, tick=2., snap=2)}
 
 
 def parse_args(argv=None):
@@ -387,6 +387,18 @@ def denoise(net, x, sigma, labels, augment_labels, logvar=False):
     return Denoised(out[0].float(), out[1].float(), out[2].float() if logvar else None)
 
 
+def denoise_and_discriminate(net, x, x_real, sigma, labels, augment_labels, augment_real, logvar=False):
+    """denoise(net, x, ...) and the logits of net's encoder on x_real (same sigma and labels), in one pass
+    of the encoder over both batches. x_real None: denoise alone, logits None."""
+    if x_real is None:
+        return denoise(net, x, sigma, labels, augment_labels, logvar), None
+    both = lambda a, b: None if a is None else torch.cat([a, b])
+    n = x.shape[0]
+    out = net(both(x, x_real), both(sigma, sigma), both(labels, labels), both(augment_labels, augment_real),
+              return_logits=True, return_logvar=logvar, encoder_only=n)
+    return Denoised(out[0].float(), out[1][:n].float(), out[2].float() if logvar else None), out[1][n:].float()
+
+
 def trainable_copy(net, dropout, device, drop_logvar=False):
     """A fresh trainable network with net's weights and the given dropout."""
     config = copy.deepcopy(net.config)
@@ -422,13 +434,15 @@ def can_compile(device):
 
 
 def sanitize_grads(params, clip):
-    """Non-finite gradient entries -> 0 / ±1e5 (as upstream); optionally clip elementwise to [-1, 1]."""
+    """Non-finite gradient entries -> 0 / ±1e5 (as upstream); optionally clip elementwise to [-1, 1].
+    Done on one flat copy of the gradients: three operations whatever the number of parameters."""
     grads = [p.grad for p in params if p.grad is not None]
-    for g in grads:
-        torch.nan_to_num_(g, nan=0.0, posinf=1e5, neginf=-1e5)
-    if clip and grads:
-        torch._foreach_clamp_min_(grads, -1.0)
-        torch._foreach_clamp_max_(grads, 1.0)
+    if not grads:
+        return
+    flat = torch.nan_to_num_(torch.cat([g.flatten() for g in grads]), nan=0.0, posinf=1e5, neginf=-1e5)
+    if clip:
+        flat.clamp_(-1.0, 1.0)
+    torch._foreach_copy_(grads, [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
 
 class SiDA:
@@ -449,7 +463,7 @@ class SiDA:
         self.clip_fake_grads = self.adversarial and not teacher.magnitude_preserving   # upstream's EDM2 runs do not clip
         self.fake_score = trainable_copy(teacher, args.dropout, device)
         self.G = trainable_copy(G_init, args.dropout, device, drop_logvar=G_init.use_logvar).eval()
-        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        self.G_ema = networks.freeze(copy.deepcopy(self.G))
         self.use_logvar = args.logvar and self.fake_score.use_logvar
         # Forced weight normalisation as upstream's EDM2 runs apply it: the generator's stored weights are
         # renormalised before its training passes; the fake score network's never are (upstream makes it as
@@ -480,18 +494,17 @@ class SiDA:
         # plain module) in the generator's, where DDP must not see it.
         self.teacher_fn, self.G_fn, self.G_eval_fn = teacher, self.G_ddp, self.G
         self.fake_train_fn, self.fake_fn = self.fake_score_ddp, self.fake_score
-        self.discriminate_fn = self.fake_score.discriminate
         if args.compile and can_compile(device):
             self.compile()
 
     def compile(self):
-        """torch.compile the six network calls: one graph per call signature and network class (4 with EDM
-        networks, 5 with EDM2). A graph that fails to compile runs eagerly (dynamo logs why)."""
+        """torch.compile the five network calls: one graph per call signature and network class (3 with EDM
+        networks, 4 with EDM2). A graph that fails to compile runs eagerly (dynamo logs why)."""
         import torch._dynamo
         torch._dynamo.config.suppress_errors = True
         # Compiled kernels are kept across restarts (and runs) in a stable folder, not in /tmp.
         os.environ.setdefault('TORCHINDUCTOR_CACHE_DIR', os.path.expanduser('~/.cache/sida/torchinductor'))
-        for k in ('teacher_fn', 'G_fn', 'G_eval_fn', 'fake_train_fn', 'fake_fn', 'discriminate_fn'):
+        for k in ('teacher_fn', 'G_fn', 'G_eval_fn', 'fake_train_fn', 'fake_fn'):
             setattr(self, k, torch.compile(getattr(self, k)))
 
     def rounds(self, ddp_net, slots):
@@ -519,18 +532,16 @@ class SiDA:
                 ok, (x_g,) = drop_nonfinite(torch.ones(n, dtype=torch.bool, device=dev), x_g)
                 sigma = (torch.randn(n, 1, 1, 1, generator=slot.gen, device=dev) * self.p_std + self.p_mean).exp()
                 noise = data.noise(slot, n)
-                aug_g = self.no_aug
+                aug_g = aug_real = self.no_aug
                 if self.use_aug:
                     x_g, aug_g = networks.augment(x_g, a.augment, slot.gen)
-                with self.autocast():
-                    fake = denoise(self.fake_train_fn, x_g + sigma * noise, sigma, c, aug_g, self.use_logvar)
-                logit_real = None
-                if self.adversarial:                              # the same sigma and noise on real images
-                    aug_real = self.no_aug
-                    if self.use_aug:
+                    if self.adversarial:
                         x_real, aug_real = networks.augment(x_real, a.augment, slot.gen)
-                    with self.autocast():
-                        logit_real = self.discriminate_fn(x_real + sigma * noise, sigma, c, aug_real).float()
+                # SiDA: the encoder also sees the real images at the same sigma and noise (one pass for both)
+                x_real_t = x_real + sigma * noise if self.adversarial else None
+                with self.autocast():
+                    fake, logit_real = denoise_and_discriminate(self.fake_train_fn, x_g + sigma * noise, x_real_t, sigma,
+                                                                c, aug_g, aug_real, self.use_logvar)
                 loss, ok, stats = fake_score_objective(fake, x_g, sigma, self.teacher.sigma_data, ok, logit_real,
                                                        a.ls, a.lsd, self.batch_per_gpu)
                 self.record(stats)
