@@ -689,7 +689,8 @@ class MPConv(nn.Module):
         if torch.compiler.is_compiling() or not self.frozen or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
             w = self.normalized_weight(gain, x.dtype)
         else:       # frozen: normalised once while the stored weight (an in-place change bumps _version) and gain stay
-            key = (x.dtype, *[(t.data_ptr(), t._version) for t in tensors], None if torch.is_tensor(gain) else gain)
+            key = (x.dtype, torch.is_inference_mode_enabled(), *[(t.data_ptr(), t._version) for t in tensors],
+                   None if torch.is_tensor(gain) else gain)     # an inference-mode copy could not serve autograd
             if self._kept is None or self._kept[0] != key:
                 self._kept = (key, self.normalized_weight(gain, x.dtype))
             w = self._kept[1]

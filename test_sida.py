@@ -163,9 +163,14 @@ def test_frozen_edm2_layers_normalise_once_and_follow_weight_changes():
         layer.weight.mul_(2)                             # EDM2 normalises: the output stays, but recomputed
         net(x, sigma, labels)
         assert len(calls) == 3
+    with torch.inference_mode():
+        net(x, sigma, labels)
+    x_grad = x.clone().requires_grad_(True)              # a copy kept in inference mode would fail here
+    net(x_grad, sigma, labels).sum().backward()
+    assert len(calls) == 5 and x_grad.grad is not None
     net.requires_grad_(True)
     net(x, sigma, labels).sum().backward()               # trained: normalised in the graph, gradients reach it
-    assert len(calls) == 4 and layer.weight.grad is not None
+    assert len(calls) == 6 and layer.weight.grad is not None
 
 
 def test_edm2_logvar_matches_official():
