@@ -685,8 +685,9 @@ class MPConv(nn.Module):
         return (w * (gain / math.sqrt(w[0].numel()))).to(dtype)
 
     def forward(self, x, gain=1):
-        tensors = [self.weight] + [gain] * torch.is_tensor(gain)
-        if torch.compiler.is_compiling() or not self.frozen or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        tensors = [self.weight, gain] if torch.is_tensor(gain) else [self.weight]
+        trained = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        if torch.compiler.is_compiling() or not self.frozen or trained:   # (compiling first: no guard on frozen)
             w = self.normalized_weight(gain, x.dtype)
         else:       # frozen: normalised once while the stored weight (an in-place change bumps _version) and gain stay
             key = (x.dtype, torch.is_inference_mode_enabled(), *[(t.data_ptr(), t._version) for t in tensors],
@@ -1053,8 +1054,8 @@ def augment_labels(params):
 def affine(rows, like):
     """3x3 matrices [B, 3, 3] from two rows of [B] tensors or numbers; the third row is (0, 0, 1)."""
     values = [v for row in rows + [[0, 0, 1]] for v in row]
-    numbers = {v: torch.full_like(like, v) for v in set(v for v in values if not torch.is_tensor(v))}   # one per distinct number
-    return torch.stack([v if torch.is_tensor(v) else numbers[v] for v in values], -1).view(-1, 3, 3)
+    filled = {v: torch.full_like(like, v) for v in {v for v in values if not torch.is_tensor(v)}}   # one per number
+    return torch.stack([v if torch.is_tensor(v) else filled[v] for v in values], -1).view(-1, 3, 3)
 
 
 def scale2d(sx, sy, like):
