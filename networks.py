@@ -41,6 +41,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 # ----------------------------------------------------------------------------------------------------
@@ -260,7 +261,7 @@ class Conv2d(nn.Module):
         f_pad = 0 if self.resample_filter is None else (self.resample_filter.shape[-1] - 1) // 2
         if self.fused_resample and w is not None and self.down:
             x = resample(F.conv2d(x, w, padding=w_pad + f_pad), 'down', f)
-            return x if b is None else x + b.reshape(1, -1, 1, 1)
+            return x if b is None else x + b.to(x.dtype).reshape(1, -1, 1, 1)   # in the convolution's dtype
         if self.fused_resample and w is not None and self.up:
             return F.conv2d(resample(x, 'up', f, max(f_pad - w_pad, 0)), w, b, padding=max(w_pad - f_pad, 0))
         if self.up:
@@ -293,9 +294,15 @@ def attention(qkv, num_heads, normalize_qkv=False):
     qkv = qkv.reshape(B, num_heads, C3 // (3 * num_heads), 3, H * W)
     if normalize_qkv:  # EDM2 normalises q, k and v per pixel (cosine attention)
         qkv = normalize(qkv, dim=2)
-    q, k, v = (t.transpose(-1, -2) for t in qkv.unbind(3))  # [B, heads, HW, c]
+    # q, k, v [B, heads, HW, c] contiguous (one copy), as the fused attention kernels need them.
+    q, k, v = qkv.permute(3, 0, 1, 4, 2).contiguous().unbind(0)
     out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(-1, -2).reshape(B, C3 // 3, H, W)
+
+
+def dropout(x, p, training):
+    # F.dropout in one operation on every device (CUDA's F.dropout is this; on the CPU it takes four).
+    return torch.native_dropout(x, p, True)[0] if training and p > 0 else x
 
 
 class UNetBlock(nn.Module):
@@ -347,7 +354,7 @@ class UNetBlock(nn.Module):
             h = F.silu(shift + self.norm1(h) * (scale + 1))
         else:
             h = F.silu(self.norm1(h + params))
-        h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
+        h = self.conv1(dropout(h, self.dropout, self.training))
         x = (h + (x if self.skip is None else self.skip(x))) * self.skip_scale
         if self.num_heads:
             x = (self.proj(attention(self.qkv(self.norm2(x)), self.num_heads)) + x) * self.skip_scale
@@ -633,6 +640,11 @@ def normalize(x, dim=None, eps=1e-4):
     return x / norm.to(x.dtype)
 
 
+def compute_dtype(device):
+    # The dtype the layers compute in: autocast's where it is on, float32 otherwise (inputs are float32).
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else torch.float32
+
+
 def mp_silu(x):
     # SiLU divided by its output magnitude for unit-normal input.
     return F.silu(x) / 0.596
@@ -675,7 +687,6 @@ class MPConv(nn.Module):
         super().__init__()
         self.out_channels = out_channels
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
-        self.frozen, self._kept = False, None      # freeze(): keep the normalised weight between passes
 
     def normalized_weight(self, gain, dtype):
         # The stored weight is renormalised in place by EDM2Precond.normalize_weights_() before a training
@@ -684,20 +695,57 @@ class MPConv(nn.Module):
         w = normalize(self.weight.to(torch.float32))
         return (w * (gain / math.sqrt(w[0].numel()))).to(dtype)
 
-    def forward(self, x, gain=1):
-        tensors = [self.weight, gain] if torch.is_tensor(gain) else [self.weight]
-        trained = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-        if torch.compiler.is_compiling() or not self.frozen or trained:   # (compiling first: no guard on frozen)
-            w = self.normalized_weight(gain, x.dtype)
-        else:       # frozen: normalised once while the stored weight (an in-place change bumps _version) and gain stay
-            key = (x.dtype, torch.is_inference_mode_enabled(), *[(t.data_ptr(), t._version) for t in tensors],
-                   None if torch.is_tensor(gain) else gain)     # an inference-mode copy could not serve autograd
-            if self._kept is None or self._kept[0] != key:
-                self._kept = (key, self.normalized_weight(gain, x.dtype))
-            w = self._kept[1]
+    def forward(self, x, weights=None, gain=1):
+        # weights: unit_weights() of the whole network for this pass (gain 1); without them the layer
+        # normalises its own weight, as upstream does in every pass.
+        w = self.normalized_weight(gain, x.dtype) if weights is None else weights[self]
         if w.ndim == 2:
             return F.linear(x, w)
         return F.conv2d(x, w, padding=w.shape[-1] // 2)
+
+
+GAINED_LAYERS = ('emb_linear', 'out_conv')    # EDM2 layers scaled by a learned gain before the cast: not in unit_weights
+
+
+def _by_fan_in(layers):
+    groups = {}
+    for layer in layers:
+        groups.setdefault(math.prod(layer.weight.shape[1:]), []).append(layer)
+    return groups.values()
+
+
+def _stack(*weights):
+    # The weights as the rows of one float32 matrix [sum of out_channels, fan_in].
+    return torch.cat([w.flatten(1) for w in weights]).to(torch.float32)
+
+
+def _unstack(w, layers):
+    return [rows.view(layer.weight.shape) for rows, layer in zip(w.split([l.out_channels for l in layers]), layers)]
+
+
+def _unit_stack(dtype, *weights):
+    # normalize(w) / sqrt(fan_in) of the stacked weights, in one division.
+    w = _stack(*weights)
+    return (w / (torch.linalg.vector_norm(w, dim=1, keepdim=True) + 1e-4 * math.sqrt(w.shape[1]))).to(dtype)
+
+
+def unit_weights(net, dtype):
+    """{layer: normalize(w) / sqrt(fan_in) in `dtype`} for the MPConv layers of `net` (all but GAINED_LAYERS):
+    the weight each convolves with, the same values as MPConv.normalized_weight(1, dtype). Layers of equal
+    fan-in are normalised as one stack: a handful of operations per pass, where normalising layer by layer
+    took ~20 per layer in a pass that trains the weights (forward and backward). In such a pass the stack
+    is recomputed for the backward (checkpoint) rather than kept: no float32 copy of the weights is held."""
+    layers = [m for name, m in net.named_modules() if isinstance(m, MPConv) and not name.endswith(GAINED_LAYERS)]
+    weights = {}
+    for group in _by_fan_in(layers):
+        params = [layer.weight for layer in group]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            w = torch.utils.checkpoint.checkpoint(_unit_stack, dtype, *params, use_reentrant=False,
+                                                  preserve_rng_state=False)
+        else:
+            w = _unit_stack(dtype, *params)
+        weights.update(zip(group, _unstack(w, group)))
+    return weights
 
 
 class MPBlock(nn.Module):
@@ -728,22 +776,23 @@ class MPBlock(nn.Module):
         self.attn_qkv = MPConv(out_channels, out_channels * 3, [1, 1]) if self.num_heads else None
         self.attn_proj = MPConv(out_channels, out_channels, [1, 1]) if self.num_heads else None
 
-    def forward(self, x, modulation):
-        # modulation: 1 + emb_linear(emb, gain=emb_gain) [B, C], computed for all blocks at once (block_modulations).
+    def forward(self, x, modulation, w=None):
+        # modulation: 1 + emb_linear(emb, gain=emb_gain) [B, C], computed for all blocks at once (block_modulations);
+        # w: the network's unit_weights() for this pass.
         x = mp_resample(x, self.resample_mode, self.resample_filter)
         if self.flavor == 'enc':            # the encoder projects its input first and pixel-normalises it
-            x = normalize(x if self.conv_skip is None else self.conv_skip(x), dim=1)
-        h = self.conv_res0(mp_silu(x))
+            x = normalize(x if self.conv_skip is None else self.conv_skip(x, w), dim=1)
+        h = self.conv_res0(mp_silu(x), w)
         h = mp_silu(h * modulation.to(h.dtype)[..., None, None])
-        h = self.conv_res1(F.dropout(h, p=self.dropout, training=self.training))
+        h = self.conv_res1(dropout(h, self.dropout, self.training), w)
         if self.flavor == 'dec' and self.conv_skip is not None:   # the decoder projects only the skip path
-            x = self.conv_skip(x)
+            x = self.conv_skip(x, w)
         x = mp_sum(x, h, t=self.res_balance)
         if self.num_heads:
-            y = attention(self.attn_qkv(x), self.num_heads, normalize_qkv=True)
-            x = mp_sum(x, self.attn_proj(y), t=self.attn_balance)
+            y = attention(self.attn_qkv(x, w), self.num_heads, normalize_qkv=True)
+            x = mp_sum(x, self.attn_proj(y, w), t=self.attn_balance)
         if self.clip_act is not None:
-            x = x.clamp(-self.clip_act, self.clip_act)
+            x = F.hardtanh(x, -self.clip_act, self.clip_act)   # clamp, its backward one operation (not five)
         return x
 
 
@@ -819,34 +868,36 @@ class EDM2UNet(nn.Module):
                                                               attention=res in attn_resolutions, **block_kwargs)
         self.out_conv = MPConv(cout, img_channels, [3, 3])
 
-    def embed(self, noise_labels, class_labels=None):
-        emb = self.emb_noise(self.emb_fourier(noise_labels))
+    def embed(self, noise_labels, class_labels=None, w=None):
+        emb = self.emb_noise(self.emb_fourier(noise_labels), w)
         if self.emb_label is not None:
-            labels = self.emb_label(class_labels * math.sqrt(class_labels.shape[1]))
+            labels = self.emb_label(class_labels * math.sqrt(class_labels.shape[1]), w)
             emb = mp_sum(emb, labels.to(emb.dtype), t=self.label_balance)
         return mp_silu(emb)
 
-    def encode(self, x, emb):
-        """The encoder's feature maps, the skip connections of the decoder; the last is the lowest resolution."""
+    def encode(self, x, emb, w=None):
+        """The encoder's feature maps, the skip connections of the decoder; the last is the lowest resolution.
+        w: unit_weights() of the network for this pass (the layers normalise their own without it)."""
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips, modulations = [], block_modulations(self.enc.values(), emb)
         for layer in self.enc.values():
-            x = layer(x, next(modulations)) if isinstance(layer, MPBlock) else layer(x)
+            x = layer(x, next(modulations), w) if isinstance(layer, MPBlock) else layer(x, w)
             skips.append(x)
         return skips
 
-    def decode(self, skips, emb):
+    def decode(self, skips, emb, w=None):
         skips = list(skips)
         x, modulations = skips[-1], block_modulations(self.dec.values(), emb)
         for name, layer in self.dec.items():
             if '_block' in name:
                 x = mp_cat(x, skips.pop(), t=self.concat_balance)
-            x = layer(x, next(modulations))
+            x = layer(x, next(modulations), w)
         return self.out_conv(x, gain=self.out_gain)
 
     def forward(self, x, noise_labels, class_labels=None):
-        emb = self.embed(noise_labels, class_labels)
-        return self.decode(self.encode(x, emb), emb)
+        w = unit_weights(self, compute_dtype(x.device))
+        emb = self.embed(noise_labels, class_labels, w)
+        return self.decode(self.encode(x, emb, w), emb, w)
 
 # ----------------------------------------------------------------------------------------------------
 # Preconditioners: the denoiser D(x, sigma, c) = c_skip x + c_out F(c_in x, c_noise, c) (EDM, Table 1)
@@ -970,6 +1021,7 @@ class EDM2Precond(nn.Module):
             self.logvar_fourier = MPFourier(logvar_channels)
             self.logvar_linear = MPConv(logvar_channels, 1, [])
         self.force_normalization = force_normalization
+        self.frozen, self._kept = False, None       # freeze(): keep the normalised weights between passes
         self.config = {'class_name': 'EDM2Precond', 'kwargs': _plain(dict(
             img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, sigma_data=sigma_data,
             logvar_channels=logvar_channels, use_logvar=use_logvar, force_normalization=force_normalization, **unet_kwargs))}
@@ -980,10 +1032,11 @@ class EDM2Precond(nn.Module):
         uniform call signature and ignored: EDM2 has no augmentation input."""
         x, sigma, class_labels = _prepare(x, sigma, class_labels, self.label_dim)
         c_skip, c_out, c_in, c_noise = _coefficients(sigma, self.sigma_data)
-        emb = self.unet.embed(c_noise, class_labels)
-        features = self.unet.encode(c_in * x, emb)
+        w = self.weights(compute_dtype(x.device))
+        emb = self.unet.embed(c_noise, class_labels, w)
+        features = self.unet.encode(c_in * x, emb, w)
         n = x.shape[0] - encoder_only
-        F_x = self.unet.decode([f[:n] for f in features], emb[:n])
+        F_x = self.unet.decode([f[:n] for f in features], emb[:n], w)
         D_x = c_skip[:n] * x[:n] + c_out[:n] * F_x.to(torch.float32)
         outputs = [D_x]
         if return_logits:
@@ -991,23 +1044,37 @@ class EDM2Precond(nn.Module):
         if return_logvar:
             if not self.use_logvar:
                 raise ValueError('this network has no log-variance head (use_logvar=False)')
-            outputs.append(self.logvar_linear(self.logvar_fourier(c_noise[:n])).to(torch.float32).reshape(-1, 1, 1, 1))
+            outputs.append(self.logvar_linear(self.logvar_fourier(c_noise[:n]), w).to(torch.float32).reshape(-1, 1, 1, 1))
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def discriminate(self, x, sigma, class_labels=None, augment_labels=None):
         """SiDA logits [B,1,h,w] from the encoder alone."""
         x, sigma, class_labels = _prepare(x, sigma, class_labels, self.label_dim)
         _, _, c_in, c_noise = _coefficients(sigma, self.sigma_data)
-        return _logits(self.unet.encode(c_in * x, self.unet.embed(c_noise, class_labels))[-1])
+        w = self.weights(compute_dtype(x.device))
+        return _logits(self.unet.encode(c_in * x, self.unet.embed(c_noise, class_labels, w), w)[-1])
+
+    def weights(self, dtype):
+        """unit_weights() of this network for a pass in `dtype`. A frozen network (freeze()) keeps them while
+        its stored weights (an in-place change bumps their _version) stay, outside passes that train them."""
+        params = [p for name, p in self.named_parameters() if name.endswith('.weight')]
+        trained = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        if torch.compiler.is_compiling() or not self.frozen or trained:   # (compiling first: no guard on frozen)
+            return unit_weights(self, dtype)
+        key = (dtype, torch.is_inference_mode_enabled(), *[(p.data_ptr(), p._version) for p in params])
+        if self._kept is None or self._kept[0] != key:      # (an inference-mode copy could not serve autograd)
+            self._kept = (key, unit_weights(self, dtype))
+        return self._kept[1]
 
     @torch.no_grad()
     def normalize_weights_(self):
         """Forced weight normalisation (EDM2, Sec. 2.3): rescale every stored weight in place to unit
         root-mean-square per output channel, so the effective learning rate does not decay as the
-        weights grow. Training loops call it before each training step when force_normalization is on."""
-        for layer in self.modules():
-            if isinstance(layer, MPConv):
-                layer.weight.copy_(normalize(layer.weight.to(torch.float32)))
+        weights grow. Training loops call it before each training step when force_normalization is on.
+        Layers of equal fan-in are normalised as one stack."""
+        for group in _by_fan_in([m for m in self.modules() if isinstance(m, MPConv)]):
+            params = [layer.weight for layer in group]
+            torch._foreach_copy_(params, _unstack(normalize(_stack(*params)), group))
 
 # ----------------------------------------------------------------------------------------------------
 # EDM's augmentation, whose 9 labels the EDM networks take as augment_labels (map_augment). SiDA applies
@@ -1146,12 +1213,24 @@ def augment(x, p, gen):
 # ----------------------------------------------------------------------------------------------------
 # Building, saving and loading.
 
+def cast_parameters(net, dtype):
+    """{name: parameter} with every floating-point parameter of `net` in `dtype`, made by one cast of all of
+    them at once (each keeps its shape and memory layout; gradients flow back), for torch.func.functional_call.
+    Autocast instead casts each parameter in each pass: an operation per parameter, and another backward."""
+    named = [(name, p) for name, p in net.named_parameters() if p.is_floating_point()]
+    orders = [sorted(range(p.ndim), key=lambda d: -p.stride(d)) for _, p in named]   # memory order: flatten is a view
+    flat = torch.cat([p.permute(order).flatten() for (_, p), order in zip(named, orders)]).to(dtype)
+    pieces = flat.split([p.numel() for _, p in named])
+    return {name: piece.view([p.shape[d] for d in order]).permute([order.index(d) for d in range(p.ndim)])
+            for (name, p), order, piece in zip(named, orders, pieces)}
+
+
 def freeze(net):
     """net in eval mode without gradients, its EDM2 layers normalising each weight once instead of in every
     pass (again after any change to it); costs a copy of the weights. Loaded networks come frozen."""
-    for layer in net.modules():
-        if isinstance(layer, MPConv):
-            layer.frozen = True
+    for module in net.modules():
+        if isinstance(module, EDM2Precond):
+            module.frozen = True
     return net.eval().requires_grad_(False)
 
 

@@ -387,6 +387,26 @@ def denoise(net, x, sigma, labels, augment_labels, logvar=False):
     return Denoised(out[0].float(), out[1].float(), out[2].float() if logvar else None)
 
 
+def cast_once(call, net, dtype, keep=False):
+    """call(...) (net, or net under DDP) with net's parameters cast to dtype by one operation for the whole
+    network (networks.cast_parameters) instead of one per parameter by autocast. The same outputs: EDM
+    networks use every parameter in autocast's dtype. keep: reuse the cast while the parameters are unchanged
+    (the frozen teacher)."""
+    prefix = '' if call is net else 'module.'
+    kept = [None]
+
+    def run(*args, **kwargs):
+        params = list(net.parameters())
+        key = (torch.is_inference_mode_enabled(), *[(p.data_ptr(), p._version) for p in params])
+        if keep and kept[0] is not None and kept[0][0] == key:
+            cast = kept[0][1]
+        else:
+            cast = {prefix + name: t for name, t in networks.cast_parameters(net, dtype).items()}
+            kept[0] = (key, cast) if keep else None
+        return torch.func.functional_call(call, cast, args, kwargs)
+    return run
+
+
 def denoise_and_discriminate(net, x, x_real, sigma, labels, augment_labels, augment_real, logvar=False):
     """denoise(net, x, ...) and the logits of net's encoder on x_real (same sigma and labels), in one pass
     of the encoder over both batches. x_real None: denoise alone, logits None."""
@@ -494,6 +514,12 @@ class SiDA:
         # plain module) in the generator's, where DDP must not see it.
         self.teacher_fn, self.G_fn, self.G_eval_fn = teacher, self.G_ddp, self.G
         self.fake_train_fn, self.fake_fn = self.fake_score_ddp, self.fake_score
+        dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.precision)
+        if dtype and not teacher.magnitude_preserving and not args.compile:     # (compiled kernels fuse the casts)
+            self.teacher_fn = cast_once(teacher, teacher, dtype, keep=True)
+            self.G_fn, self.G_eval_fn = cast_once(self.G_ddp, self.G, dtype), cast_once(self.G, self.G, dtype)
+            self.fake_train_fn = cast_once(self.fake_score_ddp, self.fake_score, dtype)
+            self.fake_fn = cast_once(self.fake_score, self.fake_score, dtype)
         if args.compile and can_compile(device):
             self.compile()
 

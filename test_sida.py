@@ -145,15 +145,14 @@ def test_one_pass_denoises_some_samples_and_discriminates_all(name):
     assert max_diff(logits, golden(name)['logits']) <= 1e-5
 
 
-def test_frozen_edm2_layers_normalise_once_and_follow_weight_changes():
-    """networks.freeze: EDM2 layers keep their normalised weights between passes (the same outputs) and
-    normalise again after an in-place change; a pass that trains the network never uses the kept weights."""
-    calls = []
+def test_frozen_edm2_layers_normalise_once_and_follow_weight_changes(monkeypatch):
+    """networks.freeze: an EDM2 network keeps its normalised weights between passes (the same outputs) and
+    normalises again after an in-place change; a pass that trains the network never uses the kept weights."""
+    calls, original = [], networks.unit_weights
+    monkeypatch.setattr(networks, 'unit_weights', lambda *a: calls.append(1) or original(*a))
     net = golden_net('edm2_cond')
     x, sigma, labels, _ = golden_inputs('edm2_cond')
     layer = next(m for m in net.modules() if isinstance(m, networks.MPConv))
-    original = layer.normalized_weight
-    layer.normalized_weight = lambda *a: calls.append(1) or original(*a)
     with torch.no_grad():
         want = net(x, sigma, labels)
         assert len(calls) == 1
@@ -171,6 +170,50 @@ def test_frozen_edm2_layers_normalise_once_and_follow_weight_changes():
     net.requires_grad_(True)
     net(x, sigma, labels).sum().backward()               # trained: normalised in the graph, gradients reach it
     assert len(calls) == 6 and layer.weight.grad is not None
+
+
+def test_edm2_layers_normalised_together_equal_one_at_a_time():
+    """unit_weights normalises the weights of equal fan-in as one stack: the outputs, input gradients and
+    weight gradients of a training pass equal those of every layer normalising its own weight (upstream)."""
+    torch.manual_seed(0)
+    net = golden_net('edm2_cond').train().requires_grad_(True)
+    x, sigma, labels, _ = golden_inputs('edm2_cond')
+    results = []
+    for together in (True, False):
+        if not together:    # weights=None everywhere: each MPConv.normalized_weight, as upstream
+            net.weights = lambda dtype: None
+        x_grad = x.clone().requires_grad_(True)
+        net.zero_grad()
+        out = net(x_grad, sigma, labels)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out, x_grad.grad] + [p.grad for p in net.parameters() if p.grad is not None])
+    assert len(results[0]) == len(results[1]) > 40
+    assert all(max_diff(a, b) <= 1e-5 * max(1, b.abs().max().item()) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize('name', [f for f in FIXTURES if not f.startswith('edm2')])
+def test_parameters_cast_once_give_autocasts_outputs_and_gradients(name):
+    """sida.cast_once: an EDM network called with all its parameters cast to bf16 by one operation gives, under
+    bf16 autocast, the outputs and gradients of autocast's per-parameter casts, bit for bit; the cast keeps
+    each parameter's memory layout, and a kept cast follows an in-place change of the parameters."""
+    net = golden_net(name).train().requires_grad_(True).to(memory_format=torch.channels_last)
+    x, sigma, labels, aug = golden_inputs(name)
+    cast = networks.cast_parameters(net, torch.bfloat16)
+    assert all(cast[n].dtype == torch.bfloat16 and cast[n].stride() == p.stride() and torch.equal(cast[n], p.bfloat16())
+               for n, p in net.named_parameters())
+    results = []
+    for call in (net, sida.cast_once(net, net, torch.bfloat16)):
+        net.zero_grad()
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = call(x, sigma, labels, aug)
+        out.float().square().sum().backward()
+        results.append([out] + [p.grad for p in net.parameters() if p.grad is not None])
+    assert len(results[0]) == len(results[1]) > 40 and all(torch.equal(a, b) for a, b in zip(*results))
+    kept = sida.cast_once(networks.freeze(net), net, torch.bfloat16, keep=True)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        assert torch.equal(kept(x, sigma, labels, aug), net(x, sigma, labels, aug))
+        next(net.parameters()).mul_(3)
+        assert torch.equal(kept(x, sigma, labels, aug), net(x, sigma, labels, aug))
 
 
 def test_edm2_logvar_matches_official():
@@ -1123,9 +1166,11 @@ def test_compiled_run_logs_each_steps_first_iteration(tiny_teacher, monkeypatch,
         ['fake score', 'generator', 'adversarial generator']
 
 
-def test_two_process_gloo_run_matches_one_process(tiny_teacher, tmp_path):
-    run_sida(tmp_path / 'one', tiny_teacher, '--duration', '0.000048', '--batch-gpu', '4')
-    run_sida(tmp_path / 'two', tiny_teacher, '--duration', '0.000048', '--batch-gpu', '4', nproc=2)
+@pytest.mark.parametrize('precision', ['fp32', 'bf16'])    # bf16: the network calls go through sida.cast_once
+def test_two_process_gloo_run_matches_one_process(tiny_teacher, tmp_path, precision):
+    run_sida(tmp_path / 'one', tiny_teacher, '--duration', '0.000048', '--batch-gpu', '4', '--precision', precision)
+    run_sida(tmp_path / 'two', tiny_teacher, '--duration', '0.000048', '--batch-gpu', '4', '--precision', precision,
+             nproc=2)
     one = networks.load_network(str(tmp_path / 'one' / 'generator-000000.048.pt')).state_dict()
     two = networks.load_network(str(tmp_path / 'two' / 'generator-000000.048.pt')).state_dict()
     for k in one:
