@@ -1061,8 +1061,8 @@ class EDM2Precond(nn.Module):
         trained = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         if torch.compiler.is_compiling() or not self.frozen or trained:   # (compiling first: no guard on frozen)
             return unit_weights(self, dtype)
-        key = (dtype, torch.is_inference_mode_enabled(), *[(p.data_ptr(), p._version) for p in params])
-        if self._kept is None or self._kept[0] != key:      # (an inference-mode copy could not serve autograd)
+        key = (dtype, version_key(params))
+        if self._kept is None or self._kept[0] != key:
             self._kept = (key, unit_weights(self, dtype))
         return self._kept[1]
 
@@ -1212,6 +1212,13 @@ def augment(x, p, gen):
 
 # ----------------------------------------------------------------------------------------------------
 # Building, saving and loading.
+
+def version_key(tensors):
+    """Changes whenever one of `tensors` is replaced or changed in place (which bumps its _version), and between
+    inference mode and outside it (a copy made in inference mode could not serve autograd): the key under which
+    something computed from frozen weights is kept."""
+    return torch.is_inference_mode_enabled(), *[(t.data_ptr(), t._version) for t in tensors]
+
 
 def cast_parameters(net, dtype):
     """{name: parameter} with every floating-point parameter of `net` in `dtype`, made by one cast of all of

@@ -393,17 +393,16 @@ def cast_once(call, net, dtype, keep=False):
     networks use every parameter in autocast's dtype. keep: reuse the cast while the parameters are unchanged
     (the frozen teacher)."""
     prefix = '' if call is net else 'module.'
+    cast = lambda: {prefix + name: t for name, t in networks.cast_parameters(net, dtype).items()}
     kept = [None]
 
     def run(*args, **kwargs):
-        params = list(net.parameters())
-        key = (torch.is_inference_mode_enabled(), *[(p.data_ptr(), p._version) for p in params])
-        if keep and kept[0] is not None and kept[0][0] == key:
-            cast = kept[0][1]
-        else:
-            cast = {prefix + name: t for name, t in networks.cast_parameters(net, dtype).items()}
-            kept[0] = (key, cast) if keep else None
-        return torch.func.functional_call(call, cast, args, kwargs)
+        if not keep:
+            return torch.func.functional_call(call, cast(), args, kwargs)
+        key = networks.version_key(net.parameters())
+        if kept[0] is None or kept[0][0] != key:
+            kept[0] = (key, cast())
+        return torch.func.functional_call(call, kept[0][1], args, kwargs)
     return run
 
 
@@ -433,15 +432,16 @@ def trainable_copy(net, dropout, device, drop_logvar=False):
 # One iteration: the fake score update, then the generator update, on the three networks.
 
 def precision_setup(precision, device):
-    """Autocast context for the networks (losses stay fp32) and whether fp16 loss scaling is needed."""
+    """Autocast context for the networks (losses stay fp32) and its dtype (None: no autocast; float16 needs
+    loss scaling)."""
     tf32 = precision == 'tf32'
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cudnn.benchmark = True      # fixed shapes: time the convolution algorithms once
-    if precision in ('bf16', 'fp16'):
-        dtype = torch.bfloat16 if precision == 'bf16' else torch.float16
-        return lambda: torch.autocast(device.type, dtype=dtype), precision == 'fp16'
-    return contextlib.nullcontext, False
+    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(precision)
+    if dtype is not None:
+        return lambda: torch.autocast(device.type, dtype=dtype), dtype
+    return contextlib.nullcontext, None
 
 
 def can_compile(device):
@@ -502,7 +502,8 @@ class SiDA:
             m, device_ids=[device] if device.type == 'cuda' else None, broadcast_buffers=False)
         self.fake_score_ddp = ddp(self.fake_score) if world > 1 else self.fake_score
         self.G_ddp = ddp(self.G) if world > 1 else self.G
-        self.autocast, fp16 = precision_setup(args.precision, device)
+        self.autocast, dtype = precision_setup(args.precision, device)
+        fp16 = dtype == torch.float16
         adam = lambda params, lr: torch.optim.Adam(params, lr=lr, betas=(0.0, 0.999), eps=1e-6 if fp16 else 1e-8, fused=True)
         self.opt_f, self.opt_g = adam(self.fake_score.parameters(), args.lr), adam(self.G.parameters(), args.glr)
         self.scaler_f = torch.amp.GradScaler(device.type, enabled=fp16)
@@ -514,8 +515,7 @@ class SiDA:
         # plain module) in the generator's, where DDP must not see it.
         self.teacher_fn, self.G_fn, self.G_eval_fn = teacher, self.G_ddp, self.G
         self.fake_train_fn, self.fake_fn = self.fake_score_ddp, self.fake_score
-        dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.precision)
-        if dtype and not teacher.magnitude_preserving and not args.compile:     # (compiled kernels fuse the casts)
+        if dtype is not None and not teacher.magnitude_preserving and not args.compile:     # (compiled kernels fuse the casts)
             self.teacher_fn = cast_once(teacher, teacher, dtype, keep=True)
             self.G_fn, self.G_eval_fn = cast_once(self.G_ddp, self.G, dtype), cast_once(self.G, self.G, dtype)
             self.fake_train_fn = cast_once(self.fake_score_ddp, self.fake_score, dtype)
