@@ -5,6 +5,7 @@ on randomly initialised networks of the paper's sizes: no downloads, no data. On
     python bench.py                                  # the three targets below (on a GPU: eager and compiled)
     python bench.py --targets cifar10 --modes eager --precision tf32 --iters 20
     python bench.py --profile                        # also the top kernels of one steady-state iteration
+    python bench.py --modes eager,cudagraphs --memory-format contiguous   # on a GPU: CUDA graphs; NCHW networks
     python bench.py --arch ddpmpp --resolution 32 --cbase 128 --cres 2,2,2 --batch-gpu 64   # one configuration
     torchrun --standalone --nproc_per_node=8 bench.py --targets cifar10   # per-GPU figures under DDP
 
@@ -52,8 +53,11 @@ def build_parser():
     arch.help, arch.default = 'time one network of this architecture instead of the targets', None
     a = p.add_argument_group('bench', 'what to time').add_argument
     a('--targets', default=','.join(TARGETS), metavar='LIST', help=f'comma list of {", ".join(TARGETS)}')
-    a('--modes', default=None, metavar='LIST', help='comma list of eager, compile (default: both on a GPU, eager on the CPU, '
-                                             'compile with --compile)')
+    a('--modes', default=None, metavar='LIST', help='comma list of eager, compile, cudagraphs (compiled and replayed as CUDA '
+                  'graphs: torch.compile mode reduce-overhead) (default: eager,compile on a GPU, eager on the CPU, compile '
+                  'with --compile)')
+    a('--memory-format', default='channels_last', choices=['channels_last', 'contiguous'],
+      help='layout of the networks on a GPU (sida.py uses channels_last)')
     a('--iters', type=int, default=None, help='timed iterations (default: 10 on a GPU, 1 on the CPU)')
     a('--profile', action='store_true', help='also print the top kernels of one steady-state iteration')
     a = p.add_argument_group('configuration', 'one network instead of the targets, when --arch is given').add_argument
@@ -79,7 +83,7 @@ def parse_runs(argv, device):
     names = ['custom'] if custom else [t.strip() for t in given.targets.split(',') if t.strip()]
     default_modes = 'compile' if given.compile else 'eager,compile' if device.type == 'cuda' else 'eager'
     modes = [m.strip() for m in (given.modes or default_modes).split(',')]
-    for what, values, known in (('--targets', names, list(TARGETS) + ['custom']), ('--modes', modes, ['eager', 'compile'])):
+    for what, values, known in (('--targets', names, list(TARGETS) + ['custom']), ('--modes', modes, ['eager', 'compile', 'cudagraphs'])):
         bad = [v for v in values if v not in known]
         if bad or not values:
             raise UserError(f'{what}: unknown {", ".join(bad) or "(empty)"} (choose from {", ".join(known[:3])})')
@@ -90,7 +94,8 @@ def parse_runs(argv, device):
             flags = (TARGETS[name].split() + cpu if name != 'custom' else ['--batch-gpu', '64'] + cpu) + \
                     ['--precision', 'bf16' if device.type == 'cuda' else 'fp32'] + list(argv)
             args = p.parse_args(flags)
-            args.compile = mode == 'compile'
+            args.compile = mode != 'eager'
+            args.compile_mode = 'reduce-overhead' if mode == 'cudagraphs' else None
             args.batch = args.batch_gpu * fid.world_size()
             args.iters = args.iters or (10 if device.type == 'cuda' else 1)
             args.metrics = 'none'
@@ -137,7 +142,8 @@ def random_sida(args, world, device):
     images = torch.randint(0, 256, (1024, *shape), dtype=torch.uint8)
     labels = torch.randint(args.label_dim, (1024,)) if args.label_dim else None
     sampler = sida.Sampler(images, labels, args.label_dim, shape, device)
-    return sida.SiDA(args, teacher, teacher, sampler, world, args.batch_gpu, device)
+    layout = {'channels_last': torch.channels_last, 'contiguous': torch.contiguous_format}[args.memory_format]
+    return sida.SiDA(args, teacher, teacher, sampler, world, args.batch_gpu, device, memory_format=layout)
 
 # ----------------------------------------------------------------------------------------------------
 # One run: count, warm up (and compile), time.
@@ -153,7 +159,7 @@ def bench(args, world, device):
         iteration()
     flops = counter.get_total_flops()
     if compile_:
-        s.compile()
+        s.compile(args.compile_mode)
     warmups = 3 if compile_ or device.type == 'cuda' else 1
     t0 = time.perf_counter()
     for _ in range(warmups):                                  # warm-up (and compilation)
@@ -170,7 +176,7 @@ def bench(args, world, device):
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     result = {'arch': args.arch, 'resolution': args.resolution, 'batch_gpu': args.batch_gpu, 'precision': args.precision,
-              'compile': compile_, 'device': name, 'torch': torch.__version__, 'img_per_s': round(args.batch_gpu / sec, 2),
+              'compile': compile_, 'memory_format': args.memory_format if device.type == 'cuda' else None, 'device': name, 'torch': torch.__version__, 'img_per_s': round(args.batch_gpu / sec, 2),
               'sec_per_iter': round(sec, 4),
               'peak_gb': round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == 'cuda' else None,
               'gflop_per_iter': round(flops / 1e9, 1), 'eager_ops_per_iter': ops.count,

@@ -355,10 +355,13 @@ class UNetBlock(nn.Module):
         else:
             h = F.silu(self.norm1(h + params))
         h = self.conv1(dropout(h, self.dropout, self.training))
-        x = (h + (x if self.skip is None else self.skip(x))) * self.skip_scale
+        x = self.rescale(h + (x if self.skip is None else self.skip(x)))
         if self.num_heads:
-            x = (self.proj(attention(self.qkv(self.norm2(x)), self.num_heads)) + x) * self.skip_scale
+            x = self.rescale(self.proj(attention(self.qkv(self.norm2(x)), self.num_heads)) + x)
         return x
+
+    def rescale(self, x):
+        return x if self.skip_scale == 1 else x * self.skip_scale     # (ADM's 1: no operation)
 
 
 def block_embeddings(layers, emb):

@@ -473,7 +473,8 @@ class SiDA:
     only in its own step, G only in its own step (its no-grad pass for the fake score step is in eval).
     """
 
-    def __init__(self, args, teacher, G_init, sampler, world, batch_gpu, device):
+    def __init__(self, args, teacher, G_init, sampler, world, batch_gpu, device, memory_format=torch.channels_last):
+        # memory_format: the networks' layout on a GPU (bench.py --memory-format compares the two).
         self.args, self.teacher, self.sampler, self.device = args, teacher, sampler, device
         self.world, self.batch_gpu = world, batch_gpu
         self.batch_per_gpu = args.batch // world                     # B in "sum * scale / B"
@@ -497,7 +498,7 @@ class SiDA:
         self.sigma_init = torch.full((batch_gpu, 1, 1, 1), args.init_sigma, device=device)   # G(z) = D(sigma_init z, sigma_init, c)
         if device.type == 'cuda':
             for net in (teacher, self.fake_score, self.G):
-                net.to(memory_format=torch.channels_last)
+                net.to(memory_format=memory_format)
         ddp = lambda m: torch.nn.parallel.DistributedDataParallel(
             m, device_ids=[device] if device.type == 'cuda' else None, broadcast_buffers=False)
         self.fake_score_ddp = ddp(self.fake_score) if world > 1 else self.fake_score
@@ -523,15 +524,16 @@ class SiDA:
         if args.compile and can_compile(device):
             self.compile()
 
-    def compile(self):
+    def compile(self, mode=None):
         """torch.compile the five network calls: one graph per call signature and network class (3 with EDM
-        networks, 4 with EDM2). A graph that fails to compile runs eagerly (dynamo logs why)."""
+        networks, 4 with EDM2). A graph that fails to compile runs eagerly (dynamo logs why). mode: torch.compile's
+        (bench.py's cudagraphs mode passes 'reduce-overhead')."""
         import torch._dynamo
         torch._dynamo.config.suppress_errors = True
         # Compiled kernels are kept across restarts (and runs) in a stable folder, not in /tmp.
         os.environ.setdefault('TORCHINDUCTOR_CACHE_DIR', os.path.expanduser('~/.cache/sida/torchinductor'))
         for k in ('teacher_fn', 'G_fn', 'G_eval_fn', 'fake_train_fn', 'fake_fn'):
-            setattr(self, k, torch.compile(getattr(self, k)))
+            setattr(self, k, torch.compile(getattr(self, k), mode=mode))
 
     def rounds(self, ddp_net, slots):
         """Yield (slot, context) per accumulation round; gradients sync across ranks on the last one."""

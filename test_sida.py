@@ -1380,7 +1380,9 @@ def test_bench_targets_are_the_papers_networks_at_batch_1_on_the_cpu():
     assert configs['imagenet64']['model_type'] == 'DhariwalUNet' and configs['imagenet64']['label_dim'] == 1000
     assert configs['edm2-xs']['img_channels'] == 4 and configs['edm2-xs']['dropout'] == 0
     assert all(args.batch_gpu == 1 and args.iters == 1 and args.precision == 'fp32' for _, _, args in runs)
-    assert {mode for _, mode, _ in bench.parse_runs(['--modes', 'eager,compile'], torch.device('cpu'))} == {'eager', 'compile'}
+    modes = {mode: args for _, mode, args in bench.parse_runs(['--modes', 'eager,compile,cudagraphs'], torch.device('cpu'))}
+    assert [(m, a.compile, a.compile_mode) for m, a in modes.items()] == [
+        ('eager', False, None), ('compile', True, None), ('cudagraphs', True, 'reduce-overhead')]
     with pytest.raises(UserError, match='--targets: unknown cifar'):
         bench.parse_runs(['--targets', 'cifar'], torch.device('cpu'))
 
