@@ -818,15 +818,19 @@ def test_nonfinite_samples_are_dropped_before_the_losses(draws):
 
 
 @pytest.mark.parametrize('clip', [False, True])
-def test_gradient_guard_equals_nan_to_num_per_tensor(clip):
-    """The flat gradient guard changes every gradient as upstream's per-tensor nan_to_num (and clamp) does."""
+@pytest.mark.parametrize('chunk', [2**28, 17, 1])
+def test_gradient_guard_equals_nan_to_num_per_tensor(clip, chunk):
+    """The flat gradient guard changes every gradient as upstream's per-tensor nan_to_num (and clamp) does,
+    in one flat copy or in several (chunk 17: the first gradient alone, then the next two; 1: one per tensor)."""
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.zeros(shape)) for shape in [(3, 4), (5,), (2, 2, 3), (2,)]]
     grads = [torch.randn(p.shape) * 3 for p in params[:3]]
     grads[0][1, 2], grads[1][0], grads[2][1, 0, 2] = float('nan'), float('inf'), float('-inf')
     for p, g in zip(params, grads):
         p.grad = g.clone()
-    sida.sanitize_grads(params, clip)
+    with bench.OpCounter() as ops:
+        sida.sanitize_grads(params, clip, chunk)
+    assert ops.count == {2**28: 1, 17: 2, 1: 3}[chunk] * (4 if clip else 3)      # cat, nan_to_num_, [clamp_,] copy
     for p, g in zip(params, grads):
         want = torch.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5)
         assert torch.equal(p.grad, want.clamp(-1, 1) if clip else want)
