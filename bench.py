@@ -53,11 +53,10 @@ def build_parser():
     arch.help, arch.default = 'time one network of this architecture instead of the targets', None
     a = p.add_argument_group('bench', 'what to time').add_argument
     a('--targets', default=','.join(TARGETS), metavar='LIST', help=f'comma list of {", ".join(TARGETS)}')
-    a('--modes', default=None, metavar='LIST', help='comma list of eager, compile, cudagraphs (compiled and replayed as CUDA '
-                  'graphs: torch.compile mode reduce-overhead) (default: eager,compile on a GPU, eager on the CPU, compile '
-                  'with --compile)')
+    a('--modes', default=None, metavar='LIST', help='comma list of eager, compile, cudagraphs (compiled, replayed as CUDA graphs: '
+                  "torch.compile's reduce-overhead mode) (default: eager,compile on a GPU, eager on the CPU, compile with --compile)")
     a('--memory-format', default='channels_last', choices=['channels_last', 'contiguous'],
-      help='layout of the networks on a GPU (sida.py uses channels_last)')
+      help="the networks' layout on a GPU (sida.py's is channels_last)")
     a('--iters', type=int, default=None, help='timed iterations (default: 10 on a GPU, 1 on the CPU)')
     a('--profile', action='store_true', help='also print the top kernels of one steady-state iteration')
     a = p.add_argument_group('configuration', 'one network instead of the targets, when --arch is given').add_argument
