@@ -1107,15 +1107,21 @@ def training_loop(args, sida, slots, evaluator, teacher, start, rows, fresh, out
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
 
+    measured = [None, {}]    # the EMA generator's weights when last measured (version_key), and its metrics
+
     def finish_tick(row, snap, dump):
         """The tick's row (with the metrics, at snapshots) on disk, then at dumps the training state, and only
         then what derives from them: the status line, the samples and generator files, the plot. A kill leaves
         the state and the rows up to it whole; a failed derived output costs only itself."""
         nonlocal best
-        if snap and evaluator.metrics:
+        key = networks.version_key(sida.G_ema.parameters())
+        if snap and evaluator.metrics and key == measured[0]:
+            row.update(measured[1])           # unchanged since (the discriminator warm-up): the same numbers
+        elif snap and evaluator.metrics:
             log(f'measuring {args.metrics} of the EMA generator...')
             try:
-                row.update({k: round(v, 5) for k, v in evaluator(sida.G_ema).items()})
+                measured[:] = key, {k: round(v, 5) for k, v in evaluator(sida.G_ema).items()}
+                row.update(measured[1])
             except UserError:
                 raise
             except Exception as e:

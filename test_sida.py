@@ -1252,6 +1252,21 @@ def test_outputs_of_a_short_run(tiny_teacher, tmp_path):
     assert networks.load_network(str(tmp_path / 'generator-best.pt')).meta['method'] == 'sida'
 
 
+def test_an_unchanged_generator_is_not_measured_again(tiny_teacher, tmp_path, monkeypatch):
+    """During the discriminator warm-up the EMA generator does not change: its snapshot ticks repeat the last
+    measurement instead of sampling again; the first tick after a generator step measures."""
+    calls = []
+    measure = sida.Evaluator.__call__
+    monkeypatch.setattr(sida.Evaluator, '__call__', lambda self, G: calls.append(1) or measure(self, G))
+    sida.main(tiny_run_argv(tmp_path, tiny_teacher, '--gen-start-kimg', '0.032', '--duration', '0.000048',
+                            '--snap', '1', '--metrics', 'fd1k'))
+    rows = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
+    assert [r['kimg'] for r in rows] == [0, 0.016, 0.032, 0.048]
+    assert len(calls) == 2                                     # tick 0 and tick 3 (after the first generator step)
+    assert rows[1]['fd1k'] == rows[2]['fd1k'] == rows[0]['fd1k'] and rows[1]['acc1k'] == rows[0]['acc1k']
+    assert rows[3]['fd1k'] != rows[0]['fd1k']
+
+
 def test_console_prints_options_and_one_readable_line_per_tick_into_log_txt(tiny_teacher, tmp_path):
     r = run_sida(tmp_path, tiny_teacher, '--duration', '0.000032')
     log_txt = open(tmp_path / 'log.txt').read()
