@@ -53,8 +53,9 @@ def build_parser():
     arch.help, arch.default = 'time one network of this architecture instead of the targets', None
     a = p.add_argument_group('bench', 'what to time').add_argument
     a('--targets', default=','.join(TARGETS), metavar='LIST', help=f'comma list of {", ".join(TARGETS)}')
-    a('--modes', default=None, metavar='LIST', help='comma list of eager, compile, cudagraphs (compiled, replayed as CUDA graphs: '
-                  "torch.compile's reduce-overhead mode) (default: eager,compile on a GPU, eager on the CPU, compile with --compile)")
+    a('--modes', default=None, metavar='LIST',
+      help="comma list of eager, compile, cudagraphs (compiled, replayed as CUDA graphs: torch.compile's reduce-overhead "
+           'mode) (default: eager,compile on a GPU, eager on the CPU, compile with --compile)')
     a('--memory-format', default='channels_last', choices=['channels_last', 'contiguous'],
       help="the networks' layout on a GPU (sida.py's is channels_last)")
     a('--iters', type=int, default=None, help='timed iterations (default: 10 on a GPU, 1 on the CPU)')
@@ -82,7 +83,8 @@ def parse_runs(argv, device):
     names = ['custom'] if custom else [t.strip() for t in given.targets.split(',') if t.strip()]
     default_modes = 'compile' if given.compile else 'eager,compile' if device.type == 'cuda' else 'eager'
     modes = [m.strip() for m in (given.modes or default_modes).split(',')]
-    for what, values, known in (('--targets', names, list(TARGETS) + ['custom']), ('--modes', modes, ['eager', 'compile', 'cudagraphs'])):
+    known_modes = ['eager', 'compile', 'cudagraphs']
+    for what, values, known in (('--targets', names, list(TARGETS) + ['custom']), ('--modes', modes, known_modes)):
         bad = [v for v in values if v not in known]
         if bad or not values:
             raise UserError(f'{what}: unknown {", ".join(bad) or "(empty)"} (choose from {", ".join(known[:3])})')
@@ -175,8 +177,8 @@ def bench(args, world, device):
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     result = {'arch': args.arch, 'resolution': args.resolution, 'batch_gpu': args.batch_gpu, 'precision': args.precision,
-              'compile': compile_, 'memory_format': args.memory_format if device.type == 'cuda' else None, 'device': name, 'torch': torch.__version__, 'img_per_s': round(args.batch_gpu / sec, 2),
-              'sec_per_iter': round(sec, 4),
+              'compile': compile_, 'memory_format': args.memory_format if device.type == 'cuda' else None, 'device': name,
+              'torch': torch.__version__, 'img_per_s': round(args.batch_gpu / sec, 2), 'sec_per_iter': round(sec, 4),
               'peak_gb': round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == 'cuda' else None,
               'gflop_per_iter': round(flops / 1e9, 1), 'eager_ops_per_iter': ops.count,
               'mfu': round(flops / sec / (peak * 1e12), 4) if peak else None}
