@@ -1115,7 +1115,7 @@ def training_loop(args, sida, slots, evaluator, teacher, start, rows, fresh, out
         the state and the rows up to it whole; a failed derived output costs only itself."""
         nonlocal best
         key = networks.version_key(sida.G_ema.parameters())
-        if snap and evaluator.metrics and key == measured[0]:
+        if snap and evaluator.metrics and broadcast_object(key == measured[0]):   # (ranks measure together or not)
             row.update(measured[1])           # unchanged since (the discriminator warm-up): the same numbers
         elif snap and evaluator.metrics:
             log(f'measuring {args.metrics} of the EMA generator...')
