@@ -1114,10 +1114,10 @@ def training_loop(args, sida, slots, evaluator, teacher, start, rows, fresh, out
         then what derives from them: the status line, the samples and generator files, the plot. A kill leaves
         the state and the rows up to it whole; a failed derived output costs only itself."""
         nonlocal best
-        key = networks.version_key(sida.G_ema.parameters())
-        if snap and evaluator.metrics and broadcast_object(key == measured[0]):   # (ranks measure together or not)
+        key = networks.version_key(sida.G_ema.parameters()) if snap and evaluator.metrics else None
+        if key is not None and broadcast_object(key == measured[0]):   # (rank 0 decides: ranks measure together)
             row.update(measured[1])           # unchanged since (the discriminator warm-up): the same numbers
-        elif snap and evaluator.metrics:
+        elif key is not None:
             log(f'measuring {args.metrics} of the EMA generator...')
             try:
                 measured[:] = key, {k: round(v, 5) for k, v in evaluator(sida.G_ema).items()}
