@@ -319,9 +319,14 @@ def load_ref(source):
     except Exception as e:
         reason = f'{type(e).__name__}: {e}'.splitlines()[0]
         raise UserError(f'--ref {source}: not a reference file with mu and sigma ({reason})') from None
-    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+    try:
+        mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+    except (TypeError, ValueError):
+        raise UserError(f'--ref {source}: mu and sigma are not arrays of numbers') from None
     if mu.ndim != 1 or sigma.shape != mu.shape * 2:
         raise UserError(f'--ref {source}: mu {list(mu.shape)} and sigma {list(sigma.shape)} are not [D] and [D, D]')
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()) or (np.diag(sigma) < 0).any():
+        raise UserError(f'--ref {source}: mu and sigma must be finite and sigma a covariance (non-negative diagonal)')
     return mu, sigma
 
 
@@ -347,6 +352,13 @@ def _decode_image(data, name):
     except Exception as e:
         return f'cannot read image {name} ({type(e).__name__})'
     return (array[None] if array.ndim == 2 else array.transpose(2, 0, 1)).copy()
+
+
+def _is_tarball(path):
+    try:
+        return tarfile.is_tarfile(path)
+    except (EOFError, zlib.error, OSError) as e:       # a gzip stream cut in its first block
+        raise UserError(f'{path}: damaged tarball ({type(e).__name__})') from None
 
 
 def _read_cifar10(path):
@@ -392,7 +404,7 @@ class ImageDataset(torch.utils.data.Dataset):
                 self.names = sorted(n for n in all_names if n.lower().endswith(IMAGE_EXTENSIONS))
                 if 'dataset.json' in all_names:
                     label_json = z.read('dataset.json')
-        elif os.path.isfile(path) and tarfile.is_tarfile(path):
+        elif os.path.isfile(path) and _is_tarball(path):
             self.kind = 'cifar10'
             try:
                 self._arrays, self.labels = _read_cifar10(path)
@@ -705,15 +717,16 @@ def release_data(network):
 
 
 def cmd_gen(args, device):
-    ref = load_ref(args.ref) if args.ref else None
-    if ref is None and not args.outdir:
+    if not args.ref and not args.outdir:
         raise UserError('gen: nothing to do; pass --ref to measure FID, --outdir to save images, or both')
-    if args.trials > 1 and (ref is None or args.outdir or args.seeds):
+    if args.trials > 1 and (not args.ref or args.outdir or args.seeds):
         raise UserError(f'--trials {args.trials}: FID only, from seeds 0.. on (pass --ref; drop --outdir and --seeds)')
     seeds = parse_seeds(args.seeds) if args.seeds else list(range(args.num * args.trials))
     num = args.num if args.num is not None else len(seeds)
     if len(seeds) < num:
         raise UserError(f'--seeds {args.seeds} gives {len(seeds)} seeds, fewer than --num {num}')
+    networks.check_network_source(args.network, '--network')     # a mistyped name, before --ref downloads
+    ref = load_ref(args.ref) if args.ref else None
     G = networks.load_network(args.network, device)
     vae = networks.load_vae(args.vae, device) if G.latent else None     # EDM2 latent generators
 
@@ -836,6 +849,14 @@ def parse_args(argv=None):
             parser.error(f'--{flag} must be at least 1')
     if getattr(args, 'workers', 0) < 0:
         parser.error('--workers must be at least 0')
+    if args.command == 'gen' and not (0 < args.init_sigma < math.inf):
+        parser.error(f'--init-sigma {args.init_sigma}: must be a positive noise level')
+    if args.command == 'gen' and args.outdir and os.path.exists(args.outdir) and not os.path.isdir(args.outdir):
+        parser.error(f'--outdir {args.outdir}: not a folder')
+    if args.command == 'ref' and os.path.isdir(args.dest):
+        parser.error(f'--dest {args.dest}: a folder, not a file name')
+    if args.command == 'ref' and os.path.exists(args.dest):
+        parser.error(f'--dest {args.dest} exists: remove it or choose another name')
     return args
 
 

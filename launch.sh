@@ -75,6 +75,10 @@ usage: $(basename "$0") [eval] METHOD $setting_name [--dry-run] [sida.py or fid.
 $(printf '  %-8s%s' "$setting_name" "${choices// / | }")${setting_note:+       $setting_note}
   --dry-run  print the download and torchrun commands, run nothing
 EOF
+    if ((status == 0)); then   # --help: also the environment variables, from the script's header
+        echo
+        sed -n '/^# Environment/,/^$/{/^$/d; s/^# \{0,1\}//; p}' "$0"
+    fi
     exit "$status"
 }
 usage_error() { echo "error: $*" >&2; usage 2; }
@@ -114,16 +118,23 @@ count_gpus() {
     if [[ $n =~ ^[0-9]+$ ]] && ((n > 0)); then echo "$n"; else echo 1; fi
 }
 
-check_machines() {  # NGPU, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT -> ngpu, nnodes, node_rank, master_port
+check_machines() {  # NGPU, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT -> ngpu, nnodes, node_rank, master_port;
+                    # BATCH_GPU and DURATION are checked here too
     ngpu=${NGPU:-$(count_gpus)}
     nnodes=${NNODES:-1}
     node_rank=${NODE_RANK:-0}
     master_port=${MASTER_PORT:-29500}
     local v
-    for v in ngpu nnodes; do
+    for v in ngpu nnodes master_port; do
         [[ ${!v} =~ ^[1-9][0-9]*$ ]] || usage_error "${v^^} must be a positive integer"
     done
-    [[ $node_rank =~ ^[0-9]+$ ]] || usage_error "NODE_RANK must be an integer"
+    [[ ${BATCH_GPU:-1} =~ ^[1-9][0-9]*$ ]] || usage_error "BATCH_GPU must be a positive integer"
+    if ! [[ $node_rank =~ ^[0-9]+$ ]] || ((node_rank >= nnodes)); then
+        usage_error "NODE_RANK must be in 0..$((nnodes - 1))"
+    fi
+    if ! [[ ${DURATION:-1} =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)$ ]] || [[ ${DURATION:-1} =~ ^[0.]+$ ]]; then
+        usage_error "DURATION must be a positive number of Mimg"
+    fi
     if ((nnodes > 1)) && [[ -z ${MASTER_ADDR:-} ]]; then
         usage_error "NNODES=$nnodes needs MASTER_ADDR (the address of node 0)"
     fi
@@ -131,6 +142,7 @@ check_machines() {  # NGPU, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT -> ngpu,
 
 # ---- Dataset (prepared by hand; checked before anything is downloaded) ------------------------
 data_problem() {  # prints what is wrong with $data, nothing when it looks right
+    [[ -d $data ]] && { echo "a folder: pass the zip made by dataset_tool.py"; return; }
     [[ -f $data ]] || { echo "no such file"; return; }
     "${PYTHON:-python3}" - "$data" "${data_check[@]}" <<'EOF' 2>&1 || true
 import json, sys, zipfile
@@ -225,11 +237,33 @@ download() {  # -> teacher, ref, detector, data (CIFAR-10), network (eval), init
 # ---- Launch ------------------------------------------------------------------------------------
 run() { show "$@"; ((dry_run)) || "$@"; }
 
+check_extra() {  # a real launch: the extra arguments through sida.py's (eval: fid.py's) checks, before downloads
+    ((dry_run)) && return 0
+    "${PYTHON:-python3}" - "$here" "$mode" "$outdir" "${extra[@]}" <<'EOF' || exit 1
+import sys
+here, mode, outdir, extra = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+sys.path.insert(0, here)
+sys.argv[0] = 'fid.py' if mode == 'eval' else 'sida.py'     # the program argparse names
+try:
+    import fid, sida
+except ImportError:          # no torch here: torchrun's Python checks them instead
+    sys.exit(0)
+if mode == 'eval':
+    fid.parse_args(['gen', '--network', '-', '--ref', '-', *extra])     # exits 1 with one line
+else:
+    try:
+        sida.parse_args(['--outdir', outdir, *extra])
+    except sida.UserError as e:
+        sys.exit(f'error: {e}')
+EOF
+}
+
 launch() {  # after the script's settings: environment, checks, downloads, then torchrun
     duration=${DURATION:-$duration}
     outdir=${OUTDIR:-runs/$name-$method}
     check_machines
     check_data
+    check_extra
     download
     local launcher args
     if ((nnodes == 1)) && [[ -z ${MASTER_ADDR:-} ]]; then

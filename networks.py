@@ -150,7 +150,7 @@ def open_url(source, cache_dir=None):
     source = str(source)
     if not re.match(r'(https?|file)://', source):
         if not os.path.isfile(source):
-            raise UserError(f'file not found: {source}')
+            raise UserError(f'{source}: a folder, not a file' if os.path.isdir(source) else f'file not found: {source}')
         return source
     cache_dir = cache_dir or os.environ.get('SIDA_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'sida')
     name = os.path.basename(urllib.parse.urlparse(source).path) or 'download'
@@ -174,6 +174,8 @@ def open_url(source, cache_dir=None):
         reason = getattr(e, 'reason', None) or e
         raise UserError(_one_line(f'could not reach {source} ({reason}); '
                                   'download it yourself and pass the local file instead')) from None
+    except OSError as e:
+        raise UserError(f'cannot write {path} ({e.strerror or e}); set SIDA_CACHE to a writable folder') from None
     return path
 
 # ----------------------------------------------------------------------------------------------------
@@ -1463,14 +1465,21 @@ def _load_sida_file(path):
     return net
 
 
+def check_network_source(source, flag=None):
+    """source as a string if it can name a network (a file, URL or known name); refused before any download."""
+    source = str(source)
+    if not re.match(r'(https?|file)://', source) and not os.path.exists(source) and '/' not in source \
+            and source not in OFFICIAL_URLS and source not in RELEASED_URLS:
+        raise UserError(f'{flag + " " if flag else ""}{source}: no such file, nor a known network name '
+                        f'(python fid.py names lists them)')
+    return source
+
+
 def load_network(source, device='cpu'):
     """A network from a file, URL, official teacher name (OFFICIAL_URLS) or released generator name
     (RELEASED_URLS): our own files written by save_network, or official EDM/EDM2/SiD/SiDA pickles.
     Returned in eval mode without gradients; `net.meta` holds the file's metadata ({} for official pickles)."""
-    source = str(source)
-    if not re.match(r'(https?|file)://', source) and not os.path.exists(source) and '/' not in source \
-            and source not in OFFICIAL_URLS and source not in RELEASED_URLS:
-        raise UserError(f'{source}: no such file, nor a known network name (python fid.py names lists them)')
+    source = check_network_source(source)
     path = open_url(OFFICIAL_URLS.get(source) or RELEASED_URLS.get(source) or source)
     if is_zip(path):  # torch.save archive
         net = _load_sida_file(path)

@@ -9,7 +9,7 @@ networks and EDM's augmentation in networks.py, FID/IS in fid.py, the toy run's 
 bench.py.
 
 One process (CPU or one GPU):
-    python sida.py --preset toy                     # offline toy run on the CPU (no downloads, ~10 min)
+    python sida.py --preset toy                     # offline toy run on the CPU (no downloads, ~3 min)
     python sida.py --teacher edm-cifar10-32x32-uncond-vp --data cifar-10-python.tar.gz \
         --ref cifar10-32x32 --outdir runs/c10
 One node with 8 GPUs:
@@ -25,13 +25,16 @@ The paper's runs, with every setting: train_cifar.sh, train_imagenet.sh, train_f
 import argparse
 import contextlib
 import copy
+import fcntl
 import io
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
@@ -153,6 +156,14 @@ def parse_args(argv=None):
         if args.method == 'sid2a' and 'init_generator' not in args.explicit:
             args.init_generator = toy.shipped('sid-generator', args.arch)
     check_args(args)
+    # Flags that contradict each other, or say nothing.
+    if args.resume == '':
+        raise UserError('--resume: an empty folder name')
+    if args.resume and 'outdir' in args.explicit and os.path.abspath(args.outdir) != os.path.abspath(args.resume):
+        raise UserError(f'--resume {args.resume} and --outdir {args.outdir} name different folders '
+                        f'(a run continues in its own)')
+    if 'arch' in args.explicit and args.preset != 'toy':
+        raise UserError('--arch chooses the toy teacher: it needs --preset toy')
     return args
 
 
@@ -488,10 +499,13 @@ class SiDA:
         self.p_std = teacher.P_std if args.p_std is None else args.p_std
         self.adversarial = args.method != 'sid'
         self.clip_fake_grads = self.adversarial and not teacher.magnitude_preserving   # upstream's EDM2 runs do not clip
-        self.fake_score = trainable_copy(teacher, args.dropout, device)
+        # Every trainable parameter must take part in its step's loss (DDP stops a run otherwise): G never
+        # uses a log-variance head, f_psi only for the log-variance weighting (EDM2, not --no-logvar).
+        self.use_logvar = args.logvar and teacher.use_logvar
+        self.fake_score = trainable_copy(teacher, args.dropout, device,
+                                         drop_logvar=teacher.use_logvar and not self.use_logvar)
         self.G = trainable_copy(G_init, args.dropout, device, drop_logvar=G_init.use_logvar).eval()
         self.G_ema = networks.freeze(copy.deepcopy(self.G))
-        self.use_logvar = args.logvar and self.fake_score.use_logvar
         # Forced weight normalisation as upstream's EDM2 runs apply it: the generator's stored weights are
         # renormalised before its training passes; the fake score network's never are (upstream makes it as
         # a copy of the eval-mode teacher, whose hook stays bound to the teacher), though its forward
@@ -673,7 +687,9 @@ def read_state(path, args):
         raise UserError(f'--resume: {path} does not exist' + (' (the run stopped before its first state: start it '
                                                               'again, without --resume)' if stopped else ''))
     try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
+        with warnings.catch_warnings():           # torch warns of a foreign pickle before refusing it: one line only
+            warnings.simplefilter('ignore')
+            state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         raise UserError(f'--resume: {path} is not a readable training state ({type(e).__name__})') from None
     if not isinstance(state, dict) or state.get('format') != 'sida-training-state':
@@ -692,13 +708,13 @@ def restore_state(state, path, teacher, sida, slots, rank, world):
     """Load networks, optimizers and random streams from a state; returns (nimg, tick, best)."""
     if state['teacher_config'] != teacher.config:
         raise UserError(f'--resume: {path} was written for a teacher of another architecture than --teacher')
-    nets, opts, scalers = sida.state()
-    for k, v in nets.items():
-        v.load_state_dict(state['nets'][k])
-    for k, v in opts.items():
-        v.load_state_dict(state['opts'][k])
-    for k, v in scalers.items():
-        v.load_state_dict(state['scalers'][k])
+    try:
+        for objects, key in zip(sida.state(), ('nets', 'opts', 'scalers')):
+            for k, v in objects.items():
+                v.load_state_dict(state[key][k])
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise UserError(f'--resume: {path} does not fit the networks of this run '
+                        f'({" ".join(str(e).split())[:300]})') from None
     rng = state['rng'][rank] if len(state['rng']) == world else None
     if rng is not None and set(rng['slots']) == {s.index for s in slots}:
         for s in slots:
@@ -724,6 +740,8 @@ def parse_metrics(spec):
         digits = name[len(kind):]
         if kind not in ('fid', 'is', 'fd') or (digits and not (digits.endswith('k') and digits[:-1].isdigit())):
             raise UserError(f'--metrics: unknown metric "{name}" (use fidNk, isNk, fd or fdNk, e.g. fid50k)')
+        if digits and int(digits[:-1]) < 1:
+            raise UserError(f'--metrics: {name} measures no images (N is in thousands, at least 1)')
         out.append((name, kind, int(digits[:-1]) * 1000 if digits else 2048))
     return out
 
@@ -845,7 +863,8 @@ def format_duration(seconds):
 def status_line(row, total_kimg):
     """One tick for a person: progress, losses, speed, time left, memory and any metric just measured."""
     parts = [f'tick {row["tick"]:<4d} kimg {row["kimg"]:<9g} {100 * row["kimg"] / total_kimg:5.1f}%']
-    parts.append(' '.join(f'{k.removeprefix("loss_")} {row[k]:<8.4g}' for k in row if k.startswith('loss_')))
+    losses = [k for k in row if k.startswith('loss_')]     # (+ 0: a loss of -0.0 prints as 0)
+    parts.append(' '.join(f'{k.removeprefix("loss_")} {row[k] + 0:<8.4g}' for k in losses))
     dropped = row.get('dropped_fake', 0) + row.get('dropped_gen', 0)
     if dropped:
         parts.append(f'dropped {dropped}')
@@ -910,11 +929,15 @@ def read_log(path):
     unreadable is skipped with a warning: a damaged log never stops a run (resume repairs it)."""
     rows, bad = [], 0
     if os.path.isfile(path):
-        with open(path) as f:
+        with open(path, errors='replace') as f:
             for line in f:
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except ValueError:
+                    row = None
+                if isinstance(row, dict):
+                    rows.append(row)
+                else:
                     bad += bool(line.strip())
     if bad:
         print(f'warning: {path}: skipped {bad} unreadable line(s)', flush=True)
@@ -986,6 +1009,37 @@ def check_inputs(args, outdir):
         raise UserError(f'{"--resume" if args.resume else "--outdir"} {outdir}: not a folder')
 
 
+def refuse_earlier_run(outdir, state_path):
+    """A new run starts only in a folder without another run's results: a training state or generator
+    snapshots past 0 kimg. (A run stopped before its first state and snapshot starts again from scratch.)"""
+    if os.path.exists(state_path):
+        raise UserError(f'--outdir {outdir} already holds a run: continue it with --resume {outdir} '
+                        f'or choose another --outdir')
+    names = os.listdir(outdir) if os.path.isdir(outdir) else []
+    snapshots = [n for n in names if re.fullmatch(r'generator-\d+\.\d+\.pt', n) and n != 'generator-000000.000.pt']
+    if snapshots:
+        raise UserError(f'--outdir {outdir} holds an earlier run without a training state to resume '
+                        f'({max(snapshots)}): move it away or choose another --outdir')
+
+
+def claim_folder(outdir, fresh, state_path):
+    """Hold the run folder while this process lives (the lock goes with it): a second run or resume of the
+    same folder stops in one line instead of mixing its files with this one's. Returns the open lock file."""
+    try:
+        os.makedirs(outdir, exist_ok=True)
+        lock = open(os.path.join(outdir, '.lock'), 'a')
+    except OSError as e:
+        raise UserError(f'{outdir}: cannot write the run\'s folder ({e.strerror or e})') from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise UserError(f'{outdir} is in use by another run: wait for it to end, or choose another --outdir') from None
+    if fresh:
+        refuse_earlier_run(outdir, state_path)    # again: another run may have written it since the first look
+    return lock
+
+
 def distill(args):
     rank, world, device = fid.init_distributed(args.device)
     master = rank == 0
@@ -993,9 +1047,8 @@ def distill(args):
     outdir = args.resume or args.outdir
     state_path = os.path.join(outdir, 'training-state.pt')
     state = read_state(state_path, args) if args.resume else None
-    if state is None and os.path.exists(state_path):
-        raise UserError(f'--outdir {outdir} already holds a run: continue it with --resume {outdir} '
-                        f'or choose another --outdir')
+    if state is None:
+        refuse_earlier_run(outdir, state_path)
     check_inputs(args, outdir)
     # The folder is written only once the set-up has succeeded (distill_in calls start): a failed start
     # leaves it as it was, with no log.txt or args.json.
@@ -1054,6 +1107,7 @@ def distill_in(args, rank, world, device, outdir, state, state_path, start):
     nimg, cur_tick, best = 0, 0, None
     if state is not None:
         nimg, cur_tick, best = restore_state(state, state_path, teacher, sida, slots, rank, world)
+    lock = claim_folder(outdir, state is None, state_path) if master else None    # held until the run ends
     start()
     log_path, rows = os.path.join(outdir, 'log.jsonl'), []
     if master:
@@ -1071,8 +1125,8 @@ def distill_in(args, rank, world, device, outdir, state, state_path, start):
         log(f'resumed from {state_path} at {nimg / 1000:g} kimg')
     log(f'networks: {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M parameters each (teacher, fake score '
         f'network, generator)')
-    nimg = training_loop(args, sida, slots, evaluator, teacher, (nimg, cur_tick, best), rows, state is None, outdir,
-                         state_path, rank, world, device)
+    nimg, stopped_by = training_loop(args, sida, slots, evaluator, teacher, (nimg, cur_tick, best), rows, state is None,
+                                     outdir, state_path, rank, world, device)
     if master and nimg >= args.duration * 1e6:
         for line in summary(rows, args.method):
             log(line)
@@ -1082,7 +1136,9 @@ def distill_in(args, rank, world, device, outdir, state, state_path, start):
                     args.init_sigma, device)
         log(f'done: the final EMA generator is {outdir}/generator-{nimg / 1000:010.3f}.pt'
             + (f' (the best snapshot by {evaluator.metrics[0][0]}: generator-best.pt)' if evaluator.metrics else ''))
-    return {'nimg': nimg, 'outdir': outdir}
+    if lock:
+        lock.close()
+    return {'nimg': nimg, 'outdir': outdir, 'stopped_by': stopped_by}
 
 
 def training_loop(args, sida, slots, evaluator, teacher, start, rows, fresh, outdir, state_path, rank, world, device):
@@ -1092,15 +1148,17 @@ def training_loop(args, sida, slots, evaluator, teacher, start, rows, fresh, out
     master = rank == 0
     log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
     nimg, cur_tick, best = start
-    gen_start = args.gen_start_kimg * 1000 if sida.adversarial else 0
-    adv_start = args.adv_start_kimg * 1000 if sida.adversarial else float('inf')
+    # Upstream: the generator steps once more than 100k images were seen (SiD: from the start), the
+    # adversarial term once more than 200k; nimg counts the images before this iteration.
+    gen_start = args.gen_start_kimg * 1000 if sida.adversarial else -math.inf
+    adv_start = args.adv_start_kimg * 1000 if sida.adversarial else math.inf
     total = int(args.duration * 1e6)
     log_path = os.path.join(outdir, 'log.jsonl')
     if not fresh and nimg >= total:      # a finished run resumed: nothing to add but a final snapshot a kill cut short
         if master and rows and not os.path.isfile(snapshot_path(outdir, rows[-1]['kimg'])):
             is_best = best is not None and rows[-1].get(evaluator.metrics[0][0]) == best
             derived('the snapshot', save_snapshot, sida.G_ema, rows[-1], is_best, evaluator, args, outdir, device)
-        return nimg
+        return nimg, None
     stop = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.append(signum))
@@ -1161,9 +1219,9 @@ def training_loop(args, sida, slots, evaluator, teacher, start, rows, fresh, out
         if nimg < total:
             t0, step = time.time(), 'fake score'
             sida.fake_score_step(slots)                      # every iteration from the start
-            if nimg >= gen_start:                            # SiDA: after the discriminator warm-up
-                step = 'adversarial generator' if nimg >= adv_start else 'generator'
-                sida.generator_step(slots, use_adv=nimg >= adv_start)
+            if nimg > gen_start:                             # SiDA: after the discriminator warm-up
+                step = 'adversarial generator' if nimg > adv_start else 'generator'
+                sida.generator_step(slots, use_adv=nimg > adv_start)
                 sida.update_ema(nimg)
             nimg += args.batch
             if step in uncompiled:                           # --compile: a new step's graphs compile on first use
@@ -1196,7 +1254,7 @@ def training_loop(args, sida, slots, evaluator, teacher, start, rows, fresh, out
         tick_nimg, tick_time = nimg, time.time()
     if stop:
         log(f'stopped by signal {stop[0]} at {nimg / 1000:g} kimg; continue with --resume {outdir}')
-    return nimg
+    return nimg, (stop[0] if stop else None)
 
 
 def peak_rss():
@@ -1207,10 +1265,12 @@ def peak_rss():
 
 def main(argv=None):
     try:
-        distill(parse_args(argv))
+        result = distill(parse_args(argv))
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(1)
+    if result['stopped_by']:                  # saved, not finished: 128 + the signal, as the shell reports a kill
+        sys.exit(128 + result['stopped_by'])
 
 
 if __name__ == '__main__':

@@ -17,6 +17,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shlex
 import shutil
 import signal
@@ -668,6 +669,14 @@ def test_open_url_downloads_once_into_the_cache(tmp_path, capfd):
     assert networks.open_url(url, cache_dir=str(tmp_path / 'cache')) == path  # server gone: served from the cache
     assert os.listdir(tmp_path / 'cache') == [os.path.basename(path)]
 
+def test_a_cache_that_cannot_be_written_is_named_in_one_line(tmp_path):
+    (tmp_path / 'net.pkl').write_bytes(b'x')
+    (tmp_path / 'not-a-folder').write_text('mine')
+    with pytest.raises(UserError) as error:
+        networks.open_url((tmp_path / 'net.pkl').as_uri(), cache_dir=str(tmp_path / 'not-a-folder'))
+    assert 'SIDA_CACHE' in str(error.value) and '\n' not in str(error.value)
+    assert (tmp_path / 'not-a-folder').read_text() == 'mine'
+
 # ----------------------------------------------------------------------------------------------------
 # On a GPU (skipped elsewhere).
 
@@ -1008,7 +1017,7 @@ def tiny_run_argv(tmp, teacher, *extra):
     return ['--teacher', teacher, '--data', 'toy', '--cond', '--batch', '8', '--lr', '1e-4', '--glr', '1e-4',
             '--ema', '0.0005', '--dropout', '0', '--augment', '0.1', '--gen-start-kimg', '0.016',
             '--adv-start-kimg', '0.032', '--tick', '0.016', '--snap', '100', '--dump', '100', '--metrics', 'none',
-            '--device', 'cpu', '--outdir', str(tmp), *extra]
+            '--device', 'cpu', *([] if '--resume' in extra else ['--outdir', str(tmp)]), *extra]
 
 
 def run_sida(tmp, teacher, *extra, check=True, env=None, nproc=None, kill_at=None):
@@ -1094,6 +1103,22 @@ def test_training_iteration_never_reads_tensors_back_to_the_host(arch, precision
     assert len(s.stats['loss_sid'][0].shape) == 0            # statistics stay on the device until a tick
 
 
+@pytest.mark.parametrize('arch, flags', [('ddpmpp', ()), ('ddpmpp', ('--method', 'sid')), ('edm2', ()),
+                                         ('edm2', ('--no-logvar',))])
+def test_every_trainable_parameter_takes_part_in_its_step(arch, flags):
+    """Several GPUs: DDP stops the run at the second step if a trainable parameter got no gradient (e.g. a
+    log-variance head that --no-logvar leaves unused), so each step's loss reaches every parameter."""
+    s = bench_sida(arch, *flags)
+    unused = {}
+    s.optimizer_step = lambda opt, scaler, net, clip: unused.setdefault(
+        'G' if net is s.G else 'fake score', [n for n, p in net.named_parameters() if p.grad is None])
+    slots = [sida.Slot(0, 0, torch.device('cpu'))]
+    s.fake_score_step(slots)
+    s.generator_step(slots, use_adv=s.adversarial)
+    assert unused == {'fake score': [], 'G': []}
+    assert s.use_logvar == (arch == 'edm2' and '--no-logvar' not in flags)
+
+
 @pytest.mark.parametrize('arch, graphs', [('ddpmpp', 3), ('edm2', 4)])   # EDM2's G has no logvar head of its own
 def test_compiled_iteration_equals_eager_without_graph_breaks(monkeypatch, tmp_path, arch, graphs):
     """--compile traces every network call whole (no graph breaks) into graphs shared between calls; the
@@ -1134,11 +1159,11 @@ def test_warmup_schedule_switches_at_the_right_image_counts(tiny_teacher, monkey
     sida.distill(sida.parse_args(['--teacher', tiny_teacher, '--data', 'toy', '--cond', '--batch', '8',
                                   '--gen-start-kimg', '0.016', '--adv-start-kimg', '0.032', '--duration', '0.000048',
                                   '--metrics', 'none', '--device', 'cpu', '--outdir', str(tmp_path)]))
-    # nimg before each iteration: 0, 8, 16, 24, 32, 40 -> generator from 16, adversarial from 32.
+    # nimg before each iteration: 0, 8, 16, 24, 32, 40 -> as upstream (cur_nimg > 100k, > 200k), the generator
+    # steps once more than 16 images were seen, the adversarial term once more than 32.
     # The EMA ramp-up counts the images before the step (upstream: beta from cur_nimg before it grows).
-    assert calls == [('fake', None), ('fake', None), ('fake', None), ('gen', False), ('ema', 16), ('fake', None),
-                     ('gen', False), ('ema', 24), ('fake', None), ('gen', True), ('ema', 32), ('fake', None),
-                     ('gen', True), ('ema', 40)]
+    assert calls == [('fake', None), ('fake', None), ('fake', None), ('fake', None), ('gen', False), ('ema', 24),
+                     ('fake', None), ('gen', False), ('ema', 32), ('fake', None), ('gen', True), ('ema', 40)]
 
 
 def test_a_finished_run_gives_back_the_signal_handlers(tiny_teacher, monkeypatch, tmp_path):
@@ -1204,7 +1229,10 @@ def test_resume_repairs_a_cut_log_and_drops_rows_past_the_state(tiny_teacher, tm
     assert [r['tick'] for r in rows] == [0, 1, 2]
     with open(log, 'a') as f:                        # tick 3 logged, then a kill while writing tick 4
         f.write(json.dumps(dict(rows[-1], tick=3, kimg=0.048)) + '\n' + '{"tick": 4, "kimg": 0.0')
-    run_sida(tmp_path / 'x', tiny_teacher, '--duration', '0.000064', '--resume', str(tmp_path))
+    with open(log, 'ab') as f:                       # and lines no log has: bytes that are no UTF-8, a bare number
+        f.write(b'\n\xff\xfe\n3\n')
+    r = run_sida(tmp_path / 'x', tiny_teacher, '--duration', '0.000064', '--resume', str(tmp_path))
+    assert 'skipped 3 unreadable line(s)' in r.stdout
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r['tick'] for r in rows] == [0, 1, 2, 3, 4]
     assert torch.load(tmp_path / 'training-state.pt', weights_only=True)['nimg'] == 64
@@ -1230,7 +1258,8 @@ def test_sigterm_saves_state_and_the_run_resumes(tiny_teacher, tmp_path):
     time.sleep(3)
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=120)
-    assert p.returncode == 0, err
+    assert p.returncode == 128 + signal.SIGTERM, err          # saved, not finished: `sida.py && next` stops
+    assert 'continue with --resume' in out
     state = torch.load(tmp_path / 'training-state.pt', weights_only=True)
     assert 0 < state['nimg'] < 1_000_000
     r = subprocess.run([sys.executable, os.path.join(HERE, 'sida.py'), '--resume', str(tmp_path),
@@ -1337,7 +1366,12 @@ UNREACHABLE = 'http://127.0.0.1:9/teacher.pkl'     # a teacher that fails only i
     (['--teacher', UNREACHABLE, '--method', 'sid2a'], '--init-generator'),
     (['--teacher', UNREACHABLE, '--method', 'sida', '--data', None], '--data'),
     (['--teacher', UNREACHABLE, '--method', 'sid', '--data', None, '--metrics', 'fd'], "fd is the toy run's metric"),
-    (['--teacher', UNREACHABLE, '--resume', '/nonexistent/run'], '--resume'),
+    (['--teacher', UNREACHABLE, '--resume', '/nonexistent/run', '--outdir', None], '--resume'),
+    (['--resume', ''], '--resume: an empty folder name'),
+    (['--resume', '/nonexistent/run'], '--resume /nonexistent/run and --outdir'),   # two different folders
+    (['--arch', 'edm2'], '--arch chooses the toy teacher: it needs --preset toy'),
+    (['--teacher', HERE], f'{HERE}: a folder, not a file'),
+    (['--metrics', 'fd0k'], '--metrics: fd0k measures no images'),
 ])
 def test_bad_inputs_give_one_line_errors_and_write_nothing(tiny_teacher, tmp_path, argv, message):
     base = ['--teacher', tiny_teacher, '--data', 'toy', '--cond', '--metrics', 'none', '--device', 'cpu',
@@ -1454,6 +1488,45 @@ def test_a_bad_resume_changes_nothing_in_the_run(tiny_teacher, tmp_path, argv, m
     assert {n: (tmp_path / 'run' / n).read_bytes() for n in os.listdir(tmp_path / 'run')} == before
 
 
+def test_a_state_that_does_not_fit_the_networks_is_refused_in_one_line(tiny_teacher, tmp_path):
+    run_sida(tmp_path / 'run', tiny_teacher, '--duration', '0.000016')
+    path = tmp_path / 'run' / 'training-state.pt'
+    state = torch.load(path, weights_only=True)
+    del state['nets']['fake_score'][next(iter(state['nets']['fake_score']))]
+    torch.save(state, path)
+    before = {n: (tmp_path / 'run' / n).read_bytes() for n in os.listdir(tmp_path / 'run')}
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'sida.py'), '--resume', str(tmp_path / 'run')],
+                       capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=60)
+    assert r.returncode == 1 and 'does not fit the networks' in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and 'Missing key' in r.stderr
+    assert {n: (tmp_path / 'run' / n).read_bytes() for n in os.listdir(tmp_path / 'run')} == before
+
+
+def test_a_folder_in_use_by_another_run_is_refused(tiny_teacher, tmp_path):
+    """Two runs started into one folder (the same --outdir twice, or a second --resume) would interleave their
+    logs and overwrite each other's states: the second stops in one line while the first holds the folder."""
+    import fcntl
+    (tmp_path / 'out').mkdir()
+    with open(tmp_path / 'out' / '.lock', 'a') as held:             # the first run, alive
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = run_sida(tmp_path / 'out', tiny_teacher, '--duration', '0.000016', check=False)
+    assert r.returncode == 1 and 'in use by another run' in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert os.listdir(tmp_path / 'out') == ['.lock']
+    run_sida(tmp_path / 'out', tiny_teacher, '--duration', '0.000016')    # the lock ends with its process
+
+
+def test_a_new_run_refuses_a_folder_with_an_earlier_runs_results(tiny_teacher, tmp_path):
+    """Without a training state (deleted to save disk, say) a folder's snapshots and log are still a run's
+    results: a new run does not overwrite them."""
+    run_sida(tmp_path, tiny_teacher, '--duration', '0.000032', '--snap', '1')
+    (tmp_path / 'training-state.pt').unlink()
+    before = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)}
+    r = run_sida(tmp_path, tiny_teacher, '--duration', '0.000032', check=False)
+    assert r.returncode == 1 and 'holds an earlier run without a training state' in r.stderr, r.stderr
+    assert 'generator-000000.032.pt' in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)} == before
+
+
 def test_outdir_that_is_a_file_is_refused(tiny_teacher, tmp_path):
     (tmp_path / 'out').write_text('mine')
     r = run_sida(tmp_path / 'out', tiny_teacher, '--duration', '0.000008', check=False)
@@ -1486,7 +1559,8 @@ def test_run_that_stays_nonfinite_stops_and_keeps_the_last_good_state(tmp_path):
     assert r.returncode == 1 and 'no finite generated sample' in r.stderr, r.stderr
     assert (tmp_path / 'run' / 'training-state.pt').read_bytes() == good
     rows = [json.loads(line) for line in open(tmp_path / 'run' / 'log.jsonl')]
-    assert rows[-1]['dropped_gen'] == 24                               # 3 iterations x 8 samples, all dropped
+    # Iterations at nimg 16, 24, 32; the generator steps once nimg > 16 (--gen-start-kimg 0.016): 2 x 8 dropped.
+    assert rows[-1]['dropped_gen'] == 16
 
 
 def test_a_crash_while_writing_leaves_the_previous_file_intact(tmp_path):
@@ -1996,6 +2070,19 @@ def test_damaged_npz_reference_is_reported_as_a_damaged_npz_not_a_pickle(tmp_pat
     assert message.startswith('--ref') and 'damaged npz' in message and 'pickle' not in message and '\n' not in message
 
 
+@pytest.mark.parametrize('mu, sigma, message', [
+    (np.full(4, np.nan), np.eye(4), 'must be finite'),
+    (np.zeros(4), -np.eye(4), 'a covariance'),
+    (np.array(['a', 'b', 'c', 'd']), np.eye(4), 'not arrays of numbers'),
+])
+def test_reference_statistics_that_cannot_give_a_fid_are_refused(tmp_path, mu, sigma, message):
+    """Such statistics once gave "fid: nan" (or a negative FID) and exit 0."""
+    np.savez(tmp_path / 'ref.npz', mu=mu, sigma=sigma)
+    with pytest.raises(UserError) as error:
+        fid.load_ref(str(tmp_path / 'ref.npz'))
+    assert str(error.value).startswith(f'--ref {tmp_path / "ref.npz"}') and message in str(error.value)
+
+
 def test_load_ref_reads_edm2_pickle_of_numpy_arrays(tmp_path):
     mu, sigma = np.arange(4.0), np.eye(4) * 3
     for protocol in (3, 4, 5):
@@ -2048,6 +2135,21 @@ def test_cifar10_tarball_is_read_with_labels(tmp_path):
     assert images.shape == (20, 3, 32, 32) and images.dtype == np.uint8
     np.testing.assert_array_equal(images, data.reshape(20, 3, 32, 32))   # R, G, B planes of 32x32
     np.testing.assert_array_equal(got_labels, labels.reshape(20))
+
+
+@pytest.mark.parametrize('keep', [100, 2000])
+def test_a_cifar_tarball_cut_short_is_refused_in_one_line(tmp_path, keep):
+    path = tmp_path / 'cifar-10-python.tar.gz'
+    with tarfile.open(path, 'w:gz') as tar:
+        noise = np.random.default_rng(0).integers(0, 256, 4000, np.uint8).tobytes()     # so that gzip cannot shrink it
+        blob = py2_cifar_batch(np.zeros([4, 3072], np.uint8), [0, 1, 2, 3]) + noise
+        info = tarfile.TarInfo('cifar-10-batches-py/data_batch_1')
+        info.size = len(blob)
+        tar.addfile(info, io.BytesIO(blob))
+    path.write_bytes(path.read_bytes()[:keep])
+    with pytest.raises(UserError) as error:
+        fid.load_images(str(path))
+    assert 'damaged tarball' in str(error.value) and str(path) in str(error.value)
 
 
 def test_zip_dataset_labels_follow_dataset_json(tmp_path):
@@ -2272,7 +2374,8 @@ def test_load_network_resolves_a_released_name(released):
 
 
 @pytest.mark.parametrize('argv, message', [
-    (['gen', '--network', 'sida-cifar10-uncnd', '--outdir', 'out'], 'sida-cifar10-uncnd: no such file, nor a known network name'),
+    (['gen', '--network', 'sida-cifar10-uncnd', '--outdir', 'out'], '--network sida-cifar10-uncnd: no such file, nor a known network name'),
+    (['gen', '--network', 'sida-cifar10-uncnd', '--ref', 'cifar10-32x32'], '--network sida-cifar10-uncnd: no such file'),
     (['gen', '--network', 'sida-cifar10-uncond', '--ref', 'cifar10'], '--ref cifar10: no such file, nor a known name'),
     (['gen', '--network', 'sida-cifar10-uncond'], 'pass --ref to measure FID, --outdir to save images'),
 ])
@@ -2280,6 +2383,24 @@ def test_unknown_names_and_nothing_to_do_are_one_line_errors(released, capsys, a
     code, out, err = run_cli(argv, capsys)
     assert code == 1 and out == '' and len(err.splitlines()) == 1 and message in err
     assert not (released[1] / 'cache').exists()                         # nothing downloaded
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['gen', '--network', 'G.pt', '--outdir', 'o', '--init-sigma', '-1'], '--init-sigma -1.0: must be a positive noise level'),
+    (['gen', '--network', 'G.pt', '--outdir', 'o', '--init-sigma', 'nan'], '--init-sigma nan'),
+    (['gen', '--network', 'G.pt', '--outdir', 'a-file'], '--outdir a-file: not a folder'),
+    (['ref', '--data', 'd', '--dest', 'a-folder'], '--dest a-folder: a folder, not a file name'),
+    (['ref', '--data', 'd', '--dest', 'a-file'], '--dest a-file exists: remove it or choose another name'),
+])
+def test_fid_flags_that_cannot_work_are_refused_before_anything_runs(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'a-file').write_text('mine')
+    (tmp_path / 'a-folder').mkdir()
+    with pytest.raises(SystemExit) as e:
+        fid.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and len(err.strip().splitlines()) == 1 and message in err
+    assert (tmp_path / 'a-file').read_text() == 'mine' and os.listdir(tmp_path / 'a-folder') == []
 
 
 def test_gen_without_ref_writes_the_images_and_a_grid(tmp_path, capsys, monkeypatch):
@@ -2312,7 +2433,9 @@ def test_gen_without_ref_decodes_edm2_latent_generators_with_the_vae(tmp_path, c
     vae = LinearVAE()
     monkeypatch.setattr(networks, 'load_network', lambda source, device='cpu': LatentG())
     monkeypatch.setattr(networks, 'load_vae', lambda source, device='cpu': vae)
-    code, out, err = run_cli(['gen', '--network', 'edm2.pkl', '--seeds', '0-3', '--outdir', tmp_path / 'out'], capsys)
+    (tmp_path / 'edm2.pkl').write_bytes(b'')                            # named by a file; its content is LatentG
+    code, out, err = run_cli(['gen', '--network', tmp_path / 'edm2.pkl', '--seeds', '0-3', '--outdir', tmp_path / 'out'],
+                             capsys)
     assert code == 0, err
     assert len(vae.outputs) == 1                                        # one batch of 4, decoded once
     saved = np.asarray(PIL.Image.open(tmp_path / 'out' / '000002.png')).transpose(2, 0, 1)
@@ -2990,6 +3113,7 @@ def test_missing_imagenet_data_prints_instructions_and_exits_1(env, tmp_path, fa
     (lambda p: make_dataset(p, 'png', with_json=False), 'no dataset.json'),
     (lambda p: make_dataset(p, 'png', labels=False), 'no class labels'),
     (lambda p: make_dataset(p, 'npy'), 'no .png files'),
+    (lambda p: p.mkdir(), 'a folder: pass the zip made by dataset_tool.py'),
 ])
 def test_malformed_imagenet_data_is_refused(env, tmp_path, make, reason):
     data = tmp_path / 'bad.zip'
@@ -3049,6 +3173,12 @@ def test_help_prints_the_usage_to_stdout_and_exits_0(env, script, flag):
     assert r.stdout.startswith(f'usage: {script.name} [eval] METHOD {word} [--dry-run] ')
     assert f'  {word:<8}{" | ".join(choices)}' in r.stdout
     assert '--trials 10' in r.stdout                      # the official protocol: 10 trials of 50k images
+    # Every environment variable the script (or launch.sh) reads, as ${NAME:-default}, is listed.
+    source = script.read_text() + (script.parent / 'launch.sh').read_text()
+    read = set(re.findall(r'\$\{([A-Z][A-Z_]*):-', source)) - {'BASH_VERSION'}
+    names = re.findall(r'^  ([A-Z][A-Z_]*(?:, [A-Z][A-Z_]*)*)', r.stdout.split('Environment')[1], re.M)   # NNODES, NODE_RANK, ...
+    listed = {name for line in names for name in line.split(', ')}
+    assert read == listed, (read, listed)
     assert not Path(env['SIDA_CACHE']).exists()
 
 
@@ -3107,6 +3237,35 @@ def test_single_node_is_standalone(env):
 def test_multi_node_without_master_addr_is_a_usage_error(env):
     r = run(CIFAR, 'sida', 'uncond', '--dry-run', env=env, NNODES='2')
     assert r.returncode == 2 and 'MASTER_ADDR' in r.stderr
+
+
+@pytest.mark.parametrize('variables, message', [
+    (dict(BATCH_GPU='abc'), 'BATCH_GPU must be a positive integer'),
+    (dict(MASTER_PORT='x'), 'MASTER_PORT must be a positive integer'),
+    (dict(DURATION='-5'), 'DURATION must be a positive number of Mimg'),
+    (dict(DURATION='0.0'), 'DURATION must be a positive number of Mimg'),
+    (dict(NNODES='2', NODE_RANK='2', MASTER_ADDR='10.0.0.1'), 'NODE_RANK must be in 0..1'),
+])
+def test_bad_environment_values_are_usage_errors(env, variables, message):
+    r = run(CIFAR, 'sida', 'uncond', '--dry-run', env=env, **variables)
+    assert r.returncode == 2 and r.stderr.splitlines()[0] == f'error: {message}'
+    assert r.stdout == ''
+
+
+@pytest.mark.parametrize('mode, extra, message', [
+    ('train', ['--lr', '-1'], 'error: --lr -1.0: must be >= 0'),
+    ('train', ['--resume', '/elsewhere'], 'name different folders'),
+    ('train', ['stray'], 'unrecognized arguments: stray'),
+    ('eval', ['--trials', '0'], 'error: --trials must be at least 1'),
+])
+def test_a_real_launch_checks_the_extra_arguments_before_any_download(env, fake_torchrun, mode, extra, message):
+    """sida.py's (fid.py's) own checks of what the user added, before the downloads: not after them, inside
+    torchrun, as one line among torchrun's traceback."""
+    bindir, record = fake_torchrun
+    r = run(CIFAR, *(['eval'] if mode == 'eval' else []), 'sida', 'uncond', *extra, env=env,
+            PATH=f'{bindir}:{env["PATH"]}', PYTHON=sys.executable)
+    assert r.returncode == 1 and message in r.stderr, r.stderr
+    assert not Path(env['SIDA_CACHE']).exists() and not record.exists()
 
 
 @pytest.mark.parametrize('smi, ngpu', [('printf "GPU 0: H100\\nGPU 1: H100\\nGPU 2: H100\\n"', 3),

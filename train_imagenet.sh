@@ -25,11 +25,11 @@
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   multi-node rendezvous (default: one node)
 #   SIDA_CACHE      download cache (default: ~/.cache/sida)
 #   OUTDIR          run directory (default: runs/imagenet64-<method> or runs/img512-<size>-<method>)
-#   DURATION        training length in Mimg (default: the paper's, see below)
+#   DURATION        training length in Mimg (default: the paper's run)
 #   INIT_GENERATOR  SiD generator that starts a sid2a run, local file or URL
 #                   (default: the released SiD generator for the same teacher)
 #   NETWORK         eval: the generator to score, local file or URL (default: the released one)
-#   PYTHON          interpreter used to check DATA (default: python3)
+#   PYTHON          interpreter that checks DATA and the extra arguments (default: python3)
 
 # shellcheck source-path=SCRIPTDIR source=launch.sh
 . "$(dirname "$0")/launch.sh"   # first: refuses bash < 4.4, sets -euo pipefail, brings the mechanics
