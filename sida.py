@@ -492,7 +492,8 @@ class SiDA:
 
     def __init__(self, args, teacher, G_init, sampler, world, batch_gpu, device, memory_format=torch.channels_last):
         # memory_format: the networks' layout on a GPU (bench.py --memory-format compares the two).
-        self.args, self.teacher, self.sampler, self.device = args, teacher, sampler, device
+        self.args, self.sampler, self.device = args, sampler, device
+        self.teacher = networks.freeze(teacher)                      # no gradient of its own (loaded ones come frozen)
         self.world, self.batch_gpu = world, batch_gpu
         self.batch_per_gpu = args.batch // world                     # B in "sum * scale / B"
         self.p_mean = teacher.P_mean if args.p_mean is None else args.p_mean

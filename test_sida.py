@@ -9,6 +9,7 @@ Golden fixtures (tiny networks made with the official EDM/EDM2 code) are in test
 The real Inception detector, official checkpoints and datasets are replaced by stand-ins the tests build.
 """
 
+import argparse
 import errno
 import functools
 import importlib.util
@@ -506,9 +507,10 @@ def test_official_pickle_with_an_unknown_class_is_refused(official_format, tmp_p
 # ----------------------------------------------------------------------------------------------------
 # Released generators: EDM2 SiDA pickles with forward pre-hooks, and the names of every release.
 
-def test_official_pickle_has_the_upstream_shape_of_a_hook(official_format, tmp_path):
-    # The shape the loader accepts, written by real pickle: getattr(<the MPConv being rebuilt>, name),
-    # the outer reconstruction of that MPConv thrown away for the inner one (POP, then a memo get).
+def test_the_official_format_fixture_pickles_hooks_as_upstream_does(official_format, tmp_path):
+    """A check of the fixture (the loader's test is test_edm2_sida_pickle_with_forward_pre_hooks...): it writes
+    the shape upstream's pickles have, by real pickle: getattr(<the MPConv being rebuilt>, name), the outer
+    reconstruction of that MPConv thrown away for the inner one (POP, then a memo get)."""
     import pickletools
     kwargs = dict(golden('edm2_cond')['kwargs'], force_normalization=True, use_gan=True)
     path = official_format(golden_net('edm2_cond'), 'EDM_2_Precond_Generator', kwargs, str(tmp_path / 'G.pkl'),
@@ -745,12 +747,14 @@ def test_sid_sigma_maps_t_onto_the_karras_schedule():
 
 
 def test_sid_loss_equals_the_formula(draws):
+    draws['x_g'][3] = draws['d_real'][3]                # w = 0 there: the floor 1e-5 applies
     x, dr, df = _np(draws['x_g']), _np(draws['d_real']), _np(draws['d_fake'])
     alpha = 1.2
     w = np.maximum(np.abs(x - dr).mean(axis=(1, 2, 3), keepdims=True), 1e-5)
     expect = (dr - df) * ((dr - x) - alpha * (dr - df)) / w
     got = sida.sid_loss(draws['x_g'], draws['d_real'], draws['d_fake'], alpha)
     np.testing.assert_allclose(_np(got), expect, rtol=1e-5, atol=1e-6)
+    assert np.isfinite(_np(got)).all() and np.abs(_np(got[3])).max() > 1e3     # -alpha (dr - df)^2 / 1e-5
 
 
 def test_sid_weight_carries_no_gradient(draws):
@@ -814,6 +818,14 @@ def test_generator_objective_combines_the_terms_half_and_half(draws):
     assert torch.allclose(loss, sid * 100.0) and ok.all()
     loss, _, stats = sida.generator_objective(draws['x_g'], real, fake, ALL, 1.0, 100.0, 0.01, batch=4)
     assert torch.allclose(loss, 0.5 * sid * 100.0 + 0.5 * adv * 0.01) and 'loss_adv' in stats
+    # EDM2: both terms divided, sample by sample, by e^u of the fake score network's pass.
+    u = torch.tensor([-1.0, 0.0, 0.5, 2.0]).view(4, 1, 1, 1)
+    fake = sida.Denoised(draws['d_fake'], draws['logit_a'], u)
+    per = lambda t: t.sum(dim=(1, 2, 3)) / torch.exp(u.flatten())
+    sid = per(sida.sid_loss(draws['x_g'], draws['d_real'], draws['d_fake'], 1.0)).sum() / 4
+    adv = per(sida.adversarial_loss(draws['logit_a'], draws['x_g'], draws['d_real'], ALL)).sum() / 4
+    loss, _, _ = sida.generator_objective(draws['x_g'], real, fake, ALL, 1.0, 100.0, 0.01, batch=4)
+    assert torch.allclose(loss, 0.5 * sid * 100.0 + 0.5 * adv * 0.01)
 
 
 def test_nonfinite_samples_are_dropped_before_the_losses(draws):
@@ -1036,18 +1048,32 @@ def run_sida(tmp, teacher, *extra, check=True, env=None, nproc=None, kill_at=Non
 
 
 def test_teacher_gets_no_gradient_but_passes_it_to_the_generator(tiny_teacher):
-    teacher = networks.load_network(tiny_teacher)
+    teacher = networks.load_network(tiny_teacher).requires_grad_(True)    # frozen by SiDA, not by the loader
     images, labels = toy.images(32, seed=0)
     sampler = sida.Sampler(images, labels, 4, (3, 16, 16), torch.device('cpu'))
     args = sida.parse_args(['--batch', '4', '--dropout', '0', '--device', 'cpu'])
-    s = sida.SiDA(args, teacher, teacher, sampler, 1, 4, torch.device('cpu'))
-    before = [p.detach().clone() for p in s.G.parameters()]
-    fake_before = [p.detach().clone() for p in s.fake_score.parameters()]
-    s.generator_step([sida.Slot(0, 0, torch.device('cpu'))], use_adv=True)
-    assert all(p.grad is None for p in teacher.parameters())
-    assert all(p.grad is None for p in s.fake_score.parameters())
-    assert any(not torch.equal(a, p) for a, p in zip(before, s.G.parameters())), 'the generator moved'
-    assert all(torch.equal(a, p) for a, p in zip(fake_before, s.fake_score.parameters()))
+    grads = []
+
+    def G_grads(cut_teacher_input):
+        torch.manual_seed(0)
+        s = sida.SiDA(args, teacher, teacher, sampler, 1, 4, torch.device('cpu'))
+        with torch.no_grad():                        # f_psi unlike the teacher, so the SiD term has a gradient
+            for p in s.fake_score.parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+        if cut_teacher_input:
+            teacher_fn = s.teacher_fn
+            s.teacher_fn = lambda x, *a, **k: teacher_fn(x.detach(), *a, **k)
+        fake_before = [p.detach().clone() for p in s.fake_score.parameters()]
+        s.optimizer_step = lambda opt, scaler, net, clip: grads.append([p.grad.clone() for p in net.parameters()])
+        s.generator_step([sida.Slot(0, 0, torch.device('cpu'))], use_adv=False)
+        assert all(p.grad is None for p in teacher.parameters())
+        assert all(p.grad is None for p in s.fake_score.parameters())
+        assert all(torch.equal(a, p) for a, p in zip(fake_before, s.fake_score.parameters()))
+        return grads[-1]
+
+    through, cut = G_grads(False), G_grads(True)
+    assert any(g.abs().sum() > 0 for g in through), 'the generator gets a gradient'
+    assert not all(torch.allclose(a, b) for a, b in zip(through, cut)), 'part of it comes through the teacher'
 
 
 @pytest.mark.parametrize('precision', ['bf16'])
@@ -1065,6 +1091,7 @@ def test_losses_under_autocast_stay_within_tolerance_of_fp32(tiny_teacher, preci
         stats[p] = {k: float(v[0]) for k, v in s.stats.items() if k.startswith('loss')}
     for k, v in stats['fp32'].items():
         assert abs(stats[precision][k] - v) <= 0.05 * abs(v) + 1e-4, (k, v, stats[precision][k])
+    assert stats[precision] != stats['fp32']                         # it did not run in fp32
 
 def bench_sida(arch, *flags):
     """The benchmark's SiDA on a randomly initialised --arch network, 10 classes, 16x16, batch 2."""
@@ -1314,6 +1341,13 @@ def test_help_shows_every_flag_with_its_default():
     assert all(act.help for act in parser._actions)
     text = parser.format_help()
     assert '(default: 0.01)' in text and '--lsg-gan' in text
+    # Every flag with a default (other than None or False) shows it, unless its help already says it.
+    shown = [act for act in parser._actions if act.default is not None and act.default is not False
+             and act.default != argparse.SUPPRESS and 'default' not in act.help]
+    assert {'batch', 'seed', 'method', 'lsg_gan', 'tick'} <= {act.dest for act in shown}
+    assert text.count('(default: ') == len(shown) + sum('(default: ' in act.help for act in parser._actions)
+    for act in shown:
+        assert f'(default: {act.default})' in ' '.join(text.split()), act.dest
 
 
 def test_every_flag_is_a_run_session_or_tool_flag():
@@ -1322,8 +1356,8 @@ def test_every_flag_is_a_run_session_or_tool_flag():
     groups = sida.flag_groups(sida.build_parser())
     assert set(groups) == {'options', 'run', 'session', 'where and how'}
     assert groups['options'] == ['help']
-    assert sida.RUN_FLAGS == tuple(groups['run']) and sida.SESSION_FLAGS == tuple(groups['session'])
     assert {'method', 'alpha', 'lsg_gan', 'force_norm_fake_score'} <= set(sida.RUN_FLAGS)
+    assert {'teacher', 'data', 'duration', 'metrics'} <= set(sida.SESSION_FLAGS)
 
 
 def test_preset_keeps_flags_given_on_the_command_line():
