@@ -87,14 +87,8 @@ PAPER = {  # data: (reference, SiD FID, best SiDA/SiD²A FID, IS reported)
     'edm2-img512-xxl': ('img512',         None,  1.366, False),
 }
 
-# Globals a pickle of plain numpy arrays may name (EDM2's img512.pkl, the CIFAR-10 batches);
-# numpy 1.x writers say numpy.core, numpy 2.x writers numpy._core.
-NUMPY_PICKLE_GLOBALS = {
-    'numpy.core.multiarray._reconstruct', 'numpy._core.multiarray._reconstruct',   # arrays, protocols 2-4
-    'numpy.core.numeric._frombuffer', 'numpy._core.numeric._frombuffer',           # arrays, protocol 5
-    'numpy.core.multiarray.scalar', 'numpy._core.multiarray.scalar',               # numpy scalars
-    'numpy.ndarray', 'numpy.dtype',
-}
+# Globals a pickle of plain numpy arrays may name (EDM2's img512.pkl, the CIFAR-10 batches).
+NUMPY_PICKLE_GLOBALS = networks.numpy_pickle_globals()
 
 # ----------------------------------------------------------------------------------------------------
 # Distributed helpers: everything below works the same in one process and under torchrun.
@@ -366,7 +360,7 @@ def _read_cifar10(path):
     batches are pickled dicts {b'data': uint8 [10000, 3072], b'labels': [...]}, read without running code."""
     images, labels = [], []
     with tarfile.open(path) as tar:
-        members = sorted((m for m in tar.getmembers() if os.path.basename(m.name).startswith('data_batch_')),
+        members = sorted((m for m in tar.getmembers() if m.isfile() and os.path.basename(m.name).startswith('data_batch_')),
                          key=lambda m: os.path.basename(m.name))
         if not members:
             raise UserError(f'{path}: a tarball without data_batch_* files is not the CIFAR-10 python tarball')

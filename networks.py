@@ -1270,16 +1270,36 @@ def safe_pickle_load(file, allowed, **unpickler_kwargs):
     objects to use instead. Any other global raises UserError naming it and the file."""
     name = file if isinstance(file, (str, os.PathLike)) else getattr(file, 'name', '<pickle>')
 
-    class RestrictedUnpickler(pickle.Unpickler):
+    # Python's own unpickler (pickle._Unpickler), whose opcodes can be checked: BUILD sets attributes on
+    # (or calls __setstate__ of) the object below it, which must be one the pickle made, never a class or
+    # function it was handed, or a file could rewrite them for the whole process.
+    class RestrictedUnpickler(pickle._Unpickler):
+        dispatch = dict(pickle._Unpickler.dispatch)
+
         def find_class(self, module, qualname):
             key = f'{module}.{qualname}'
             if key not in allowed:
                 raise UserError(f'refusing to load {name}: it needs the global {key}, which is not plain data')
             if isinstance(allowed, dict):
-                return allowed[key]
-            with warnings.catch_warnings():  # numpy 2 warns on its numpy.core aliases
-                warnings.simplefilter('ignore')
-                return functools.reduce(getattr, qualname.split('.'), importlib.import_module(module))
+                found = allowed[key]
+            else:
+                with warnings.catch_warnings():  # numpy 2 warns on its numpy.core aliases
+                    warnings.simplefilter('ignore')
+                    found = functools.reduce(getattr, qualname.split('.'), importlib.import_module(module))
+            self.handed_out.add(id(found))
+            return found
+
+        def load_build(self):
+            target = self.stack[-2]
+            if id(target) in self.handed_out or isinstance(target, type) or callable(target):
+                raise UserError(f'refusing to load {name}: it would change {type(target).__name__} '
+                                f'{getattr(target, "__qualname__", "")}, which it did not make'.replace('  ', ' '))
+            super().load_build()
+        dispatch[pickle.BUILD[0]] = load_build
+
+        def load(self):
+            self.handed_out = set()
+            return super().load()
 
     try:
         if isinstance(file, (str, os.PathLike)):
@@ -1339,9 +1359,31 @@ def _storage_from_bytes(data):
         return torch.load(io.BytesIO(data), weights_only=True)
 
 
+def numpy_pickle_globals():
+    """The globals a pickle of plain numpy arrays and scalars names (numpy 1.x writers say numpy.core,
+    numpy 2.x numpy._core), checked so that sizes come from the file's data: numpy's own pickles make an
+    array as an empty shell that BUILD fills, and a scalar from its bytes."""
+    np_core = np._core if hasattr(np, '_core') else np.core
+
+    def array_shell(cls, shape, dtype):
+        if cls is not np.ndarray or tuple(shape) != (0,):
+            raise ValueError('a numpy array not made as numpy pickles arrays')
+        return np_core.multiarray._reconstruct(cls, shape, dtype)
+
+    def scalar(dtype, data=None):
+        if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes) or len(data) != dtype.itemsize:
+            raise ValueError('a numpy scalar not made from its bytes')
+        return np_core.multiarray.scalar(dtype, data)
+
+    allowed = {'numpy.ndarray': np.ndarray, 'numpy.dtype': np.dtype}
+    for core in ('numpy.core', 'numpy._core'):
+        allowed.update({f'{core}.multiarray._reconstruct': array_shell, f'{core}.multiarray.scalar': scalar,
+                        f'{core}.numeric._frombuffer': np_core.numeric._frombuffer})     # protocol 5 arrays
+    return allowed
+
+
 def _official_globals(path):
     # Everything the EDM/EDM2/SiD/SiDA pickles need, and nothing that runs code from the file.
-    np_core = np._core if hasattr(np, '_core') else np.core
     allowed = {
         'torch_utils.persistence._reconstruct_persistent_obj': _PersistentObject,
         'builtins.getattr': _hook_getattr(path),   # only for hooks of the objects above
@@ -1351,12 +1393,8 @@ def _official_globals(path):
         'torch._utils._rebuild_tensor_v2': torch._utils._rebuild_tensor_v2,
         'torch._utils._rebuild_parameter': torch._utils._rebuild_parameter,
         'torch.storage._load_from_bytes': _storage_from_bytes,
-        'numpy.dtype': np.dtype,
-        'numpy.ndarray': np.ndarray,
+        **numpy_pickle_globals(),
     }
-    for core in ('numpy.core', 'numpy._core'):
-        allowed[f'{core}.multiarray.scalar'] = np_core.multiarray.scalar
-        allowed[f'{core}.multiarray._reconstruct'] = np_core.multiarray._reconstruct
     for container in ('ModuleDict', 'ModuleList', 'Sequential', 'ParameterDict', 'ParameterList'):
         allowed[f'torch.nn.modules.container.{container}'] = _PickledModule
     return allowed
@@ -1408,6 +1446,11 @@ def _fill(net, tensors, path):
              for k in expected if tensors[k].shape != expected[k].shape]
     if wrong:
         raise UserError(f'{path}: tensors of the wrong shape: {listing(wrong)}')
+    if not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise UserError(f'{path}: a state_dict entry is not a tensor')
+    short = [k for k, t in tensors.items() if t.numel() * t.element_size() > t.untyped_storage().nbytes()]
+    if short:
+        raise UserError(f'{path}: tensors larger than their data in the file: {listing(short)}')
     tensors = {k: t.detach().to(torch.float32) if t.is_floating_point() else t.detach() for k, t in tensors.items()}
     net.load_state_dict(tensors, strict=True, assign=True)
     return net
@@ -1481,11 +1524,16 @@ def load_network(source, device='cpu'):
     Returned in eval mode without gradients; `net.meta` holds the file's metadata ({} for official pickles)."""
     source = check_network_source(source)
     path = open_url(OFFICIAL_URLS.get(source) or RELEASED_URLS.get(source) or source)
-    if is_zip(path):  # torch.save archive
-        net = _load_sida_file(path)
-    else:
-        net = _load_official_pickle(path)
-        net.meta = {}
+    try:
+        if is_zip(path):  # torch.save archive
+            net = _load_sida_file(path)
+        else:
+            net = _load_official_pickle(path)
+            net.meta = {}
+    except UserError:
+        raise
+    except Exception as e:    # arguments or state of a kind no real network file has
+        raise UserError(_one_line(f'{source}: not a network this loader can read ({type(e).__name__}: {e})')[:400]) from None
     return freeze(net).to(device)
 
 # ----------------------------------------------------------------------------------------------------

@@ -2136,6 +2136,46 @@ def test_load_ref_refuses_pickle_that_names_other_globals(tmp_path):
     with pytest.raises(networks.UserError):
         fid.load_ref(str(path))
 
+def test_a_pickle_cannot_change_the_globals_it_is_handed(tmp_path):
+    """BUILD on a global (here setting __defaults__ of torch's tensor rebuilder, which made every later tensor
+    load in the process come back changed) is refused; the function stays as it was."""
+    path = tmp_path / 'evil.pkl'
+    path.write_bytes(b'\x80\x02ctorch._utils\n_rebuild_tensor_v2\nN}X\x0c\x00\x00\x00__defaults__}X\x03\x00\x00'
+                     b'\x00neg\x88s\x85s\x86b0}.')
+    defaults = torch._utils._rebuild_tensor_v2.__defaults__
+    with pytest.raises(UserError, match='it would change function _rebuild_tensor_v2'):
+        networks.load_network(str(path))
+    assert torch._utils._rebuild_tensor_v2.__defaults__ == defaults
+
+
+def test_a_small_file_cannot_claim_a_large_network_or_array(tmp_path):
+    """Sizes come from the file's data: tensors with zero strides over a tiny storage, and numpy arrays made
+    with a size of their own instead of numpy's empty shell, are refused before anything is allocated."""
+    torch.manual_seed(0)
+    networks.save_network(networks.build_network(TINY), str(tmp_path / 'net.pt'))
+    data = torch.load(tmp_path / 'net.pt', weights_only=True)
+    data['state_dict'] = {k: torch.zeros(1, dtype=t.dtype).expand(t.shape) for k, t in data['state_dict'].items()}
+    torch.save(data, tmp_path / 'strided.pt')
+    with pytest.raises(UserError, match='tensors larger than their data in the file'):
+        networks.load_network(str(tmp_path / 'strided.pt'))
+    big = (b'\x80\x02}X\x03\x00\x00\x00fid}(X\x02\x00\x00\x00mucnumpy.core.multiarray\n_reconstruct\ncnumpy\n'
+           b'ndarray\nJ\x00\xe1\xf5\x05\x85C\x01O\x87RX\x05\x00\x00\x00sigmaK\x00us.')   # 10^8 objects, 97 bytes
+    (tmp_path / 'ref.pkl').write_bytes(big)
+    with pytest.raises(UserError, match='not made as numpy pickles arrays'):
+        fid.load_ref(str(tmp_path / 'ref.pkl'))
+
+
+def test_network_arguments_no_real_file_has_are_one_line_errors(tmp_path):
+    torch.manual_seed(0)
+    networks.save_network(networks.build_network(TINY), str(tmp_path / 'net.pt'))
+    data = torch.load(tmp_path / 'net.pt', weights_only=True)
+    data['config']['kwargs']['model_channels'] = 0
+    torch.save(data, tmp_path / 'bad.pt')
+    with pytest.raises(UserError) as error:
+        networks.load_network(str(tmp_path / 'bad.pt'))
+    assert '\n' not in str(error.value) and 'bad.pt' in str(error.value)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Reading datasets.
 
@@ -2169,6 +2209,20 @@ def test_cifar10_tarball_is_read_with_labels(tmp_path):
     assert images.shape == (20, 3, 32, 32) and images.dtype == np.uint8
     np.testing.assert_array_equal(images, data.reshape(20, 3, 32, 32))   # R, G, B planes of 32x32
     np.testing.assert_array_equal(got_labels, labels.reshape(20))
+
+
+def test_a_cifar_tarball_whose_batch_is_a_link_is_refused(tmp_path):
+    path = tmp_path / 'cifar-10-python.tar.gz'
+    with tarfile.open(path, 'w:gz') as tar:
+        tar.addfile(_link('cifar-10-batches-py/data_batch_1', '/etc/passwd'))
+    with pytest.raises(UserError, match='without data_batch'):
+        fid.load_images(str(path))
+
+
+def _link(name, target):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = tarfile.SYMTYPE, target
+    return info
 
 
 @pytest.mark.parametrize('keep', [100, 2000])
