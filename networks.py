@@ -1467,6 +1467,19 @@ def _build_on_meta(class_name, kwargs, path):
         raise UserError(_one_line(f'{path}: unsupported network arguments {kwargs} ({e})')) from None
 
 
+def _few_values(value, path, limit=10_000):
+    # Constructor arguments are a few numbers, strings and short lists; a pickle can share one list many times
+    # over (memoised), which copying would expand exponentially, or make it contain itself.
+    count, stack = 0, [value]
+    while stack:
+        v = stack.pop()
+        count += 1
+        if count > limit:
+            raise UserError(f'{path}: network arguments of more than {limit} values (or a cycle)')
+        stack.extend(v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else ())
+    return value
+
+
 def _load_official_pickle(path):
     data = safe_pickle_load(path, _official_globals(path))
     obj = data.get('ema') if isinstance(data, dict) else data
@@ -1475,8 +1488,8 @@ def _load_official_pickle(path):
     if obj.class_name not in _OFFICIAL_CLASSES:
         raise UserError(f'{path}: unsupported network class {obj.class_name!r} (supported: {", ".join(_OFFICIAL_CLASSES)})')
     class_name, positional = _OFFICIAL_CLASSES[obj.class_name]
-    kwargs = dict(zip(positional, obj.state.get('_init_args') or ()))
-    kwargs.update(_plain(dict(obj.state.get('_init_kwargs') or {})))
+    args, kwargs = _few_values(obj.state.get('_init_args') or (), path), _few_values(obj.state.get('_init_kwargs') or {}, path)
+    kwargs = {**dict(zip(positional, _plain(list(args)))), **_plain(dict(kwargs))}
     kwargs.pop('use_gan', None)  # SiDA's switch for its discriminator, which is always on here
     tensors = _collect_tensors(obj, path)
     if class_name == 'EDMPrecond':

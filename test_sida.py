@@ -504,6 +504,20 @@ def test_official_pickle_with_an_unknown_class_is_refused(official_format, tmp_p
     with pytest.raises(UserError, match='VEPrecond'):
         networks.load_network(path)
 
+def test_official_pickle_with_arguments_shared_many_times_over_is_refused_at_once(official_format, tmp_path):
+    """Pickle memoises a list shared many times: 30 levels of L = [L, L] are a few hundred bytes, and 2^30
+    values once copied (this took minutes and gigabytes)."""
+    shared = [1]
+    for _ in range(30):
+        shared = [shared, shared]
+    kwargs = dict(golden('edm_adm_cond')['kwargs'], extra=shared)
+    path = official_format(golden_net('edm_adm_cond'), 'EDMPrecond', kwargs, str(tmp_path / 'shared.pkl'))
+    start = time.time()
+    with pytest.raises(UserError, match='network arguments of more than 10000 values'):
+        networks.load_network(path)
+    assert time.time() - start < 10
+
+
 # ----------------------------------------------------------------------------------------------------
 # Released generators: EDM2 SiDA pickles with forward pre-hooks, and the names of every release.
 
