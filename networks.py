@@ -1291,7 +1291,7 @@ def safe_pickle_load(file, allowed, **unpickler_kwargs):
 
         def load_build(self):
             target = self.stack[-2]
-            if id(target) in self.handed_out or isinstance(target, type) or callable(target):
+            if id(target) in self.handed_out or callable(target):     # classes and functions are callable
                 raise UserError(f'refusing to load {name}: it would change {type(target).__name__} '
                                 f'{getattr(target, "__qualname__", "")}, which it did not make'.replace('  ', ' '))
             super().load_build()
@@ -1488,8 +1488,8 @@ def _load_official_pickle(path):
     if obj.class_name not in _OFFICIAL_CLASSES:
         raise UserError(f'{path}: unsupported network class {obj.class_name!r} (supported: {", ".join(_OFFICIAL_CLASSES)})')
     class_name, positional = _OFFICIAL_CLASSES[obj.class_name]
-    args, kwargs = _few_values(obj.state.get('_init_args') or (), path), _few_values(obj.state.get('_init_kwargs') or {}, path)
-    kwargs = {**dict(zip(positional, _plain(list(args)))), **_plain(dict(kwargs))}
+    init_args, init_kwargs = _few_values((obj.state.get('_init_args') or (), obj.state.get('_init_kwargs') or {}), path)
+    kwargs = {**dict(zip(positional, init_args)), **_plain(dict(init_kwargs))}
     kwargs.pop('use_gan', None)  # SiDA's switch for its discriminator, which is always on here
     tensors = _collect_tensors(obj, path)
     if class_name == 'EDMPrecond':

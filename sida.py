@@ -1017,7 +1017,8 @@ def refuse_earlier_run(outdir, state_path):
         raise UserError(f'--outdir {outdir} already holds a run: continue it with --resume {outdir} '
                         f'or choose another --outdir')
     names = os.listdir(outdir) if os.path.isdir(outdir) else []
-    snapshots = [n for n in names if re.fullmatch(r'generator-\d+\.\d+\.pt', n) and n != 'generator-000000.000.pt']
+    initial = os.path.basename(snapshot_path(outdir, 0))
+    snapshots = [n for n in names if re.fullmatch(r'generator-\d+\.\d+\.pt', n) and n != initial]
     if snapshots:
         raise UserError(f'--outdir {outdir} holds an earlier run without a training state to resume '
                         f'({max(snapshots)}): move it away or choose another --outdir')
