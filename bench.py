@@ -231,7 +231,7 @@ def main(argv=None):
                 result = {'target': name, 'mode': mode, **bench(args, world, device)}
             except Exception as e:
                 failed = True
-                result = {'target': name, 'mode': mode, 'error': f'{type(e).__name__}: {" ".join(str(e).split())[:300]}'}
+                result = {'target': name, 'mode': mode, 'error': f'{type(e).__name__}: {networks.one_line(e)[:300]}'}
             if rank == 0:
                 print(json.dumps(result), flush=True)
             if device.type == 'cuda':

@@ -10,7 +10,7 @@ FID of a one-step generator (ours, or a released one by name), no PNGs written u
     python fid.py gen  --network sida-cifar10-uncond --ref cifar10-32x32 --num 50000
 The official protocol, 10 trials of 50,000 images (seeds 0-499999): each trial, then mean, std, min, max:
     python fid.py gen  --network sida-cifar10-uncond --ref cifar10-32x32 --trials 10
-Images and a grid from any generator (EDM2 latent generators are decoded by the Stable Diffusion VAE):
+Images and a grid of them (samples-grid.png) from any generator (EDM2 latent generators: decoded by the VAE):
     python fid.py gen  --network sida-edm2-img512-xs --seeds 0-63 --outdir samples/
 The names of the released generators and reference statistics, with the paper's FIDs:
     python fid.py names                     (or python fid.py --list)
@@ -59,7 +59,7 @@ SIGMA_INIT = 2.5            # noise level the one-step generator starts from (Si
 IS_SPLITS = 10              # Inception Score: mean and std over this many splits (StyleGAN, Salimans et al.)
 PROGRESS_SECONDS = 10       # at most one progress line this often in a log file
 PROGRESS_SECONDS_TTY = 0.5  # redraw the progress bar this often on a terminal
-GRID_IMAGES = 64            # --outdir also gets grid.png of the first this many seeds
+GRID_IMAGES = 64            # sample grids: the first this many seeds (8 x 8)
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
 
 # Reference statistics of the training sets, by name (EDM's npz files; EDM2's img512.pkl).
@@ -139,9 +139,10 @@ def _all_gather_interleaved(local, total):
     return out
 
 
-def _duration(seconds):
-    seconds = int(round(seconds))
-    return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+def format_duration(seconds):
+    seconds = int(max(seconds, 0))
+    return (f'{seconds // 86400}d {seconds % 86400 // 3600:02d}h' if seconds >= 86400 else
+            f'{seconds // 3600}h {seconds % 3600 // 60:02d}m' if seconds >= 3600 else f'{seconds // 60}m {seconds % 60:02d}s')
 
 
 class Progress:
@@ -166,7 +167,7 @@ class Progress:
         elapsed = now - self.start
         rate = self.done / max(elapsed, 1e-9)
         filled = self.width * self.done // max(self.total, 1)
-        left = f'took {_duration(elapsed)}' if finished else f'ETA {_duration((self.total - self.done) / max(rate, 1e-9))}'
+        left = f'took {format_duration(elapsed)}' if finished else f'ETA {format_duration((self.total - self.done) / max(rate, 1e-9))}'
         line = (f'{self.what} [{"#" * filled}{"." * (self.width - filled)}] {self.done}/{self.total} images '
                 f'({100 * self.done // max(self.total, 1)}%), {rate:.0f} img/s, {left}')
         end = '\n' if finished or not self.tty else ''
@@ -464,11 +465,21 @@ def _keep_list(items):
     return items
 
 
+def subset(size, num):
+    """Indices of `num` of `size` images as EDM picks them (all if num is None): a random subset (seed 0),
+    in file order, so a dataset stored class by class is not cut to its first classes."""
+    indices = np.arange(size)
+    if num is not None and num < size:
+        np.random.RandomState(0).shuffle(indices)
+        indices = np.sort(indices[:num])
+    return indices.tolist()
+
+
 def iterate_images(source, batch=64, num=None, rank=0, world_size=1, workers=0):
-    """Batches (uint8 tensor [b, C, H, W], labels int64 [b], -1 without labels) of the first `num`
-    images of a dataset (path or ImageDataset); this rank gets images rank, rank + world_size, ..."""
+    """Batches (uint8 tensor [b, C, H, W], labels int64 [b], -1 without labels) of `num` images of a
+    dataset (path or ImageDataset; `subset`); this rank gets every world_size-th of them from its rank on."""
     dataset = source if isinstance(source, ImageDataset) else ImageDataset(source)
-    indices = list(range(len(dataset) if num is None else num))[rank::world_size]
+    indices = subset(len(dataset), num)[rank::world_size]
     workers = 0 if dataset._arrays is not None else workers   # already decoded in memory
     batches = [indices[i:i + batch] for i in range(0, len(indices), batch)]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=_keep_list,
@@ -483,14 +494,12 @@ def iterate_images(source, batch=64, num=None, rank=0, world_size=1, workers=0):
                torch.tensor([label for _, label in items], dtype=torch.int64))
 
 
-def load_images(path, num=None):
+def load_images(path):
     """All images of a dataset in memory: (uint8 numpy [N, C, H, W], int64 labels [N] or None)."""
     dataset = ImageDataset(path)
     if dataset._arrays is not None:
-        labels = dataset.labels
-        return dataset._arrays[:num], None if labels is None else labels[:num]
-    images = torch.cat([x for x, _ in iterate_images(dataset, batch=256, num=num)]).numpy()
-    return images, None if dataset.labels is None else dataset.labels[:len(images)]
+        return dataset._arrays, dataset.labels
+    return torch.cat([x for x, _ in iterate_images(dataset, batch=256)]).numpy(), dataset.labels
 
 # ----------------------------------------------------------------------------------------------------
 # Measuring: image batches -> features -> statistics -> FID / IS.
@@ -539,13 +548,13 @@ def generator_metrics(generate, num, detector, ref=None, batch=64, device='cpu',
         raise UserError(f'{len(seeds)} seeds given for {num} images')
     ref = _as_ref(ref)
     mine = seeds[:num][rank()::world_size()]
-    batches = (generate(s) for s in mine.split(batch))
+    batches = (generate(s) for s in mine.split(batch) if len(s))      # (a rank may have no seeds)
     return _measure(batches, num, detector, device, ref, want_is, 'generating', progress)
 
 
 def dataset_metrics(source, detector, num=None, ref=None, batch=64, device='cpu', want_is=False,
                     workers=0, progress=True):
-    """Like generator_metrics for the first `num` images (all if None) of a folder, zip or tarball."""
+    """Like generator_metrics for `num` images (all if None; `subset`) of a folder, zip or tarball."""
     dataset = source if isinstance(source, ImageDataset) else ImageDataset(source)
     if num is not None and num > len(dataset):
         raise UserError(f'{dataset.path}: {len(dataset)} images, fewer than --num {num}')
@@ -602,6 +611,11 @@ def save_images(images, seeds, outdir):
 def _read_png(outdir, seed):
     with open(os.path.join(outdir, f'{seed:06d}.png'), 'rb') as f:
         return _decode_image(f.read(), f'{seed:06d}.png')
+
+
+def grid_path(outdir):
+    # Beside the folder, not in it: the folder holds only the samples, ready for `calc --images`.
+    return os.path.abspath(outdir).rstrip(os.sep) + '-grid.png'
 
 
 def save_grid(images, path):
@@ -744,16 +758,17 @@ def cmd_gen(args, device):
     else:
         meter = Progress('sampling', num)
         for batch_seeds in torch.tensor(seeds[:num][rank()::world_size()], dtype=torch.int64).split(args.batch):
-            generate(batch_seeds)
+            if len(batch_seeds):
+                generate(batch_seeds)
             meter.update(len(batch_seeds))
     if args.outdir:
         if world_size() > 1:
             dist.barrier()                      # every rank has written its PNGs; rank 0 reads the grid's back
         if rank() == 0:
             first = seeds[:min(num, GRID_IMAGES)]
-            save_grid(torch.from_numpy(np.stack([_read_png(args.outdir, seed) for seed in first])),
-                      os.path.join(args.outdir, 'grid.png'))
-            print(f'wrote {num} images and grid.png (the first {len(first)}) to {args.outdir}', file=sys.stderr)
+            grid = grid_path(args.outdir)
+            save_grid(torch.from_numpy(np.stack([_read_png(args.outdir, seed) for seed in first])), grid)
+            print(f'wrote {num} images to {args.outdir} and the first {len(first)} as a grid to {grid}', file=sys.stderr)
     if ref is not None and args.trials == 1:
         _report(results[0], num)
     elif ref is not None and rank() == 0:
@@ -811,7 +826,7 @@ def parse_args(argv=None):
     gen.add_argument('--network', required=True,
                      help='generator: ours or an official pickle (path or URL), or a released name (see: names)')
     gen.add_argument('--seeds', help='seeds to generate, e.g. 0-49999 (default 0..num-1; without --ref 0-63)')
-    gen.add_argument('--outdir', help='save the images as PNGs here, and grid.png of the first 64')
+    gen.add_argument('--outdir', help='save the images as PNGs here, and a grid of the first 64 as OUTDIR-grid.png')
     gen.add_argument('--init-sigma', type=float, default=SIGMA_INIT, help='sigma_init of the one-step generator')
     gen.add_argument('--vae', default=networks.VAE_NAME, help='EDM2 latent generators: the VAE (hub name or folder)')
     gen.add_argument('--ref', help='reference statistics: npz or EDM2 pkl, path, URL or name; without it, no FID')
@@ -820,13 +835,15 @@ def parse_args(argv=None):
     for p in (calc, gen):
         p.add_argument('--is', dest='inception_score', action='store_true', help='also print the Inception Score')
     # --num-images is the same flag: torchrun (2.9+) takes a bare --num for an abbreviation of its --numa-binding.
-    calc.add_argument('--num', '--num-images', dest='num', type=int, help='use the first N images (error if fewer)')
+    calc.add_argument('--num', '--num-images', dest='num', type=int,
+                      help='use N of the images, a random subset as EDM picks it (error if fewer)')
     gen.add_argument('--num', '--num-images', dest='num', type=int,
                      help='number of images (default 50000, or the number of --seeds)')
     gen.add_argument('--trials', type=int, default=1,
                      help='FID of this many sets of --num images, seeds 0.. on (the official protocol: 10 of 50000); '
                           'prints each, then mean, std, min and max')
-    ref.add_argument('--num', '--num-images', dest='num', type=int, help='use the first N images (error if fewer)')
+    ref.add_argument('--num', '--num-images', dest='num', type=int,
+                      help='use N of the images, a random subset as EDM picks it (error if fewer)')
     for p in (ref, calc, gen):
         p.add_argument('--detector', help='Inception TorchScript file or URL (default: the official one, cached)')
         p.add_argument('--batch', type=int, default=64, help='images per batch per GPU')

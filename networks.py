@@ -113,7 +113,7 @@ RELEASED_URLS = {  # released generator name -> URL
 }
 
 
-def _one_line(text):
+def one_line(text):
     return ' '.join(str(text).split())
 
 
@@ -172,7 +172,7 @@ def open_url(source, cache_dir=None):
         atomic_write(path, download)
     except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as e:
         reason = getattr(e, 'reason', None) or e
-        raise UserError(_one_line(f'could not reach {source} ({reason}); '
+        raise UserError(one_line(f'could not reach {source} ({reason}); '
                                   'download it yourself and pass the local file instead')) from None
     except OSError as e:
         raise UserError(f'cannot write {path} ({e.strerror or e}); set SIDA_CACHE to a writable folder') from None
@@ -205,11 +205,9 @@ def resample(x, mode, f=None, padding=0):
 
 
 def weight_init(shape, mode, fan_in, fan_out):
-    # The four initialisations EDM's networks choose from (Glorot & Bengio 2010; He et al. 2015).
+    # The initialisations EDM's networks use (Glorot & Bengio 2010; He et al. 2015).
     if mode == 'xavier_uniform':
         return math.sqrt(6 / (fan_in + fan_out)) * (torch.rand(*shape) * 2 - 1)
-    if mode == 'xavier_normal':
-        return math.sqrt(2 / (fan_in + fan_out)) * torch.randn(*shape)
     if mode == 'kaiming_uniform':
         return math.sqrt(3 / fan_in) * (torch.rand(*shape) * 2 - 1)
     if mode == 'kaiming_normal':
@@ -235,11 +233,10 @@ class Conv2d(nn.Module):
     def __init__(self,
         in_channels, out_channels,
         kernel,                             # Kernel size; 0 = resampling only, no weights.
-        bias            = True,             # Learn a bias (when kernel > 0).
         up              = False,            # Upsample by 2 before the convolution.
         down            = False,            # Downsample by 2 before the convolution.
         resample_filter = [1, 1],           # 1D taps of the separable filter: [1,1] box, [1,3,3,1] NCSN++.
-        fused_resample  = False,            # Convolve and resample in one padded pass (NCSN++ residual input).
+        fused_resample  = False,            # Convolve, then downsample, in one padded pass (NCSN++ residual input).
         init_mode       = 'kaiming_normal', # Initialisation (see weight_init).
         init_weight     = 1,                # Scale of the initial weights.
         init_bias       = 0,                # Scale of the initial bias.
@@ -251,7 +248,7 @@ class Conv2d(nn.Module):
         fans = dict(mode=init_mode, fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
         shape = [out_channels, in_channels, kernel, kernel]
         self.weight = nn.Parameter(weight_init(shape, **fans) * init_weight) if kernel else None
-        self.bias = nn.Parameter(weight_init([out_channels], **fans) * init_bias) if kernel and bias else None
+        self.bias = nn.Parameter(weight_init([out_channels], **fans) * init_bias) if kernel else None
         self.register_buffer('resample_filter', fir_filter(resample_filter) if up or down else None)
         self.box = is_box(resample_filter)
 
@@ -264,8 +261,6 @@ class Conv2d(nn.Module):
         if self.fused_resample and w is not None and self.down:
             x = resample(F.conv2d(x, w, padding=w_pad + f_pad), 'down', f)
             return x if b is None else x + b.to(x.dtype).reshape(1, -1, 1, 1)   # in the convolution's dtype
-        if self.fused_resample and w is not None and self.up:
-            return F.conv2d(resample(x, 'up', f, max(f_pad - w_pad, 0)), w, b, padding=max(w_pad - f_pad, 0))
         if self.up:
             x = resample(x, 'up', f, f_pad)
         if self.down:
@@ -399,13 +394,6 @@ class FourierEmbedding(nn.Module):
         return torch.cat([x.cos(), x.sin()], dim=1)
 
 
-def _drop_labels(labels, p, training):
-    # Label dropout for classifier-free guidance: a sample's label becomes all zeros with probability p.
-    if training and p:
-        keep = torch.rand([labels.shape[0], 1], device=labels.device) >= p
-        labels = labels * keep.to(labels.dtype)
-    return labels
-
 # ----------------------------------------------------------------------------------------------------
 # EDM's UNets. Each exposes embed / encode / decode so that the preconditioner can run the encoder
 # alone for the SiDA discriminator; forward() is the plain UNet.
@@ -424,18 +412,16 @@ class SongUNet(nn.Module):
         num_blocks         = 4,             # Residual blocks per level.
         attn_resolutions   = [16],          # Resolutions with self-attention.
         dropout            = 0.10,          # Dropout probability inside the residual blocks.
-        label_dropout      = 0,             # Label dropout probability (classifier-free guidance).
         embedding_type     = 'positional',  # Noise embedding: 'positional' (DDPM++) or 'fourier' (NCSN++).
         channel_mult_noise = 1,             # Noise embedding width = model_channels * this: 1 DDPM++, 2 NCSN++.
-        encoder_type       = 'standard',    # 'standard' (DDPM++), 'skip' or 'residual' (NCSN++).
-        decoder_type       = 'standard',    # 'standard' (DDPM++) or 'skip' (NCSN++).
+        encoder_type       = 'standard',    # 'standard' (DDPM++) or 'residual' (NCSN++).
+        decoder_type       = 'standard',    # 'standard': the only one of EDM's trained networks.
         resample_filter    = [1, 1],        # FIR taps: [1,1] DDPM++, [1,3,3,1] NCSN++.
     ):
         super().__init__()
         assert embedding_type in ['fourier', 'positional']
-        assert encoder_type in ['standard', 'skip', 'residual']
-        assert decoder_type in ['standard', 'skip']
-        self.label_dropout = label_dropout
+        assert encoder_type in ['standard', 'residual']     # EDM's 'skip' types: in no released network
+        assert decoder_type == 'standard'
         emb_channels = model_channels * channel_mult_emb
         noise_channels = model_channels * channel_mult_noise
         init = dict(init_mode='xavier_uniform')
@@ -453,7 +439,7 @@ class SongUNet(nn.Module):
         self.map_layer0 = Linear(noise_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
 
-        # Encoder. 'aux' layers carry the downsampled input image alongside (NCSN++ skip/residual inputs).
+        # Encoder. 'aux' layers carry the downsampled input image alongside (NCSN++'s residual input).
         self.enc = nn.ModuleDict()
         cout, caux = in_channels, in_channels
         for level, mult in enumerate(channel_mult):
@@ -463,9 +449,6 @@ class SongUNet(nn.Module):
                 self.enc[f'{res}x{res}_conv'] = Conv2d(cin, cout, 3, **init)
             else:
                 self.enc[f'{res}x{res}_down'] = UNetBlock(cout, cout, down=True, **block)
-                if encoder_type == 'skip':
-                    self.enc[f'{res}x{res}_aux_down'] = Conv2d(caux, caux, 0, down=True, resample_filter=resample_filter)
-                    self.enc[f'{res}x{res}_aux_skip'] = Conv2d(caux, cout, 1, **init)
                 if encoder_type == 'residual':
                     self.enc[f'{res}x{res}_aux_residual'] = Conv2d(caux, cout, 3, down=True, resample_filter=resample_filter,
                                                                    fused_resample=True, **init)
@@ -488,10 +471,7 @@ class SongUNet(nn.Module):
                 cin, cout = cout + skips.pop(), model_channels * mult
                 attn = idx == num_blocks and res in attn_resolutions
                 self.dec[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=attn, **block)
-            if decoder_type == 'skip' or level == 0:
-                if decoder_type == 'skip' and level < len(channel_mult) - 1:
-                    self.dec[f'{res}x{res}_aux_up'] = Conv2d(out_channels, out_channels, 0, up=True,
-                                                             resample_filter=resample_filter)
+            if level == 0:
                 self.dec[f'{res}x{res}_aux_norm'] = GroupNorm(cout, eps=1e-6)
                 self.dec[f'{res}x{res}_aux_conv'] = Conv2d(cout, out_channels, 3, **init_zero)
 
@@ -499,8 +479,7 @@ class SongUNet(nn.Module):
         emb = self.map_noise(noise_labels)
         emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(emb.shape)  # DDPM++/NCSN++ order: sin before cos
         if self.map_label is not None:
-            labels = _drop_labels(class_labels, self.label_dropout, self.training)
-            emb = emb + self.map_label(labels * math.sqrt(self.map_label.in_features))
+            emb = emb + self.map_label(class_labels * math.sqrt(self.map_label.in_features))
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
         return F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
@@ -509,11 +488,7 @@ class SongUNet(nn.Module):
         """The encoder's feature maps, the skip connections of the decoder; the last is the lowest resolution."""
         skips, aux, params = [], x, block_embeddings(self.enc.values(), emb)
         for name, layer in self.enc.items():
-            if name.endswith('aux_down'):
-                aux = layer(aux)
-            elif name.endswith('aux_skip'):
-                x = skips[-1] = x + layer(aux)
-            elif name.endswith('aux_residual'):
+            if name.endswith('aux_residual'):
                 x = skips[-1] = aux = (x + layer(aux)) / math.sqrt(2)
             else:
                 x = layer(x, next(params)) if isinstance(layer, UNetBlock) else layer(x)
@@ -522,20 +497,17 @@ class SongUNet(nn.Module):
 
     def decode(self, skips, emb):
         skips = list(skips)
-        x, out, h, params = skips[-1], None, None, block_embeddings(self.dec.values(), emb)
+        x, params = skips[-1], block_embeddings(self.dec.values(), emb)
         for name, layer in self.dec.items():
-            if name.endswith('aux_up'):
-                out = layer(out)
-            elif name.endswith('aux_norm'):
-                h = layer(x)
+            if name.endswith('aux_norm'):                 # the output layers, last
+                x = layer(x)
             elif name.endswith('aux_conv'):
-                h = layer(F.silu(h))
-                out = h if out is None else h + out
+                x = layer(F.silu(x))
             else:
                 if '_block' in name:
                     x = torch.cat([x, skips.pop()], dim=1)
                 x = layer(x, next(params))
-        return out
+        return x
 
     def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
         emb = self.embed(noise_labels, class_labels, augment_labels)
@@ -556,10 +528,8 @@ class DhariwalUNet(nn.Module):
         num_blocks         = 3,             # Residual blocks per level.
         attn_resolutions   = [32, 16, 8],   # Resolutions with self-attention.
         dropout            = 0.10,          # Dropout probability inside the residual blocks.
-        label_dropout      = 0,             # Label dropout probability (classifier-free guidance).
     ):
         super().__init__()
-        self.label_dropout = label_dropout
         emb_channels = model_channels * channel_mult_emb
         init = dict(init_mode='kaiming_uniform', init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3))
         init_zero = dict(init_mode='kaiming_uniform', init_weight=0, init_bias=0)
@@ -609,7 +579,7 @@ class DhariwalUNet(nn.Module):
             emb = emb + self.map_augment(augment_labels)
         emb = self.map_layer1(F.silu(self.map_layer0(emb)))
         if self.map_label is not None:
-            emb = emb + self.map_label(_drop_labels(class_labels, self.label_dropout, self.training))
+            emb = emb + self.map_label(class_labels)
         return F.silu(emb)
 
     def encode(self, x, emb):
@@ -1008,7 +978,7 @@ class EDM2Precond(nn.Module):
         sigma_data          = 0.5,          # Standard deviation of the data.
         logvar_channels     = 128,          # Width of the log-variance head's Fourier features.
         use_logvar          = True,         # Keep the log-variance head (teachers, fake score); False for generators.
-        force_normalization = True,         # Training loops renormalise the stored weights (normalize_weights_).
+        force_normalization = True,         # The official switch, kept in the config; sida.py's --force-norm decides.
         use_fp16            = False,        # Accepted from official pickles; precision comes from torch.autocast.
         **unet_kwargs,                      # Arguments of EDM2UNet and MPBlock.
     ):
@@ -1025,7 +995,6 @@ class EDM2Precond(nn.Module):
             # The uncertainty u(sigma) of EDM2's loss weighting (Karras et al. 2024, the learned log-variance).
             self.logvar_fourier = MPFourier(logvar_channels)
             self.logvar_linear = MPConv(logvar_channels, 1, [])
-        self.force_normalization = force_normalization
         self.frozen, self._kept = False, None       # freeze(): keep the normalised weights between passes
         self.config = {'class_name': 'EDM2Precond', 'kwargs': _plain(dict(
             img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, sigma_data=sigma_data,
@@ -1075,7 +1044,7 @@ class EDM2Precond(nn.Module):
     def normalize_weights_(self):
         """Forced weight normalisation (EDM2, Sec. 2.3): rescale every stored weight in place to unit
         root-mean-square per output channel, so the effective learning rate does not decay as the
-        weights grow. Training loops call it before each training step when force_normalization is on.
+        weights grow. sida.py calls it on G before each generator step (--force-norm).
         Layers of equal fan-in are normalised as one stack."""
         for group in _by_fan_in([m for m in self.modules() if isinstance(m, MPConv)]):
             params = [layer.weight for layer in group]
@@ -1309,9 +1278,9 @@ def safe_pickle_load(file, allowed, **unpickler_kwargs):
     except UserError:
         raise
     except OSError as e:
-        raise UserError(_one_line(f'cannot read {name}: {e.strerror or e}')) from None
+        raise UserError(one_line(f'cannot read {name}: {e.strerror or e}')) from None
     except Exception as e:  # whatever a truncated or corrupt pickle raises
-        raise UserError(_one_line(f'{name} is not a readable pickle (truncated or corrupt?): '
+        raise UserError(one_line(f'{name} is not a readable pickle (truncated or corrupt?): '
                                   f'{type(e).__name__}: {e}')) from None
 
 
@@ -1442,12 +1411,13 @@ def _fill(net, tensors, path):
         problems = [f'missing {listing(missing)}'] if missing else []
         problems += [f'unexpected {listing(unexpected)}'] if unexpected else []
         raise UserError(f'{path}: the tensors do not match {net.config["class_name"]}: {"; ".join(problems)}')
+    not_tensors = [k for k, t in tensors.items() if not isinstance(t, torch.Tensor)]
+    if not_tensors:
+        raise UserError(f'{path}: state_dict entries that are not tensors: {listing(not_tensors)}')
     wrong = [f'{k} {list(tensors[k].shape)} (expected {list(expected[k].shape)})'
              for k in expected if tensors[k].shape != expected[k].shape]
     if wrong:
         raise UserError(f'{path}: tensors of the wrong shape: {listing(wrong)}')
-    if not all(isinstance(t, torch.Tensor) for t in tensors.values()):
-        raise UserError(f'{path}: a state_dict entry is not a tensor')
     short = [k for k, t in tensors.items() if t.numel() * t.element_size() > t.untyped_storage().nbytes()]
     if short:
         raise UserError(f'{path}: tensors larger than their data in the file: {listing(short)}')
@@ -1464,7 +1434,7 @@ def _build_on_meta(class_name, kwargs, path):
     except UserError as e:
         raise UserError(f'{path}: {e}') from None
     except (TypeError, ValueError, AssertionError) as e:
-        raise UserError(_one_line(f'{path}: unsupported network arguments {kwargs} ({e})')) from None
+        raise UserError(one_line(f'{path}: unsupported network arguments {kwargs} ({e})')) from None
 
 
 def _few_values(value, path, limit=10_000):
@@ -1510,7 +1480,7 @@ def _load_sida_file(path):
         what = f'the global {found.group(1)}' if found else 'objects'
         raise UserError(f'refusing to load {path}: it contains {what}, which is not plain data') from None
     except Exception as e:
-        raise UserError(_one_line(f'{path} is not a readable network file (truncated or corrupt?): '
+        raise UserError(one_line(f'{path} is not a readable network file (truncated or corrupt?): '
                                   f'{type(e).__name__}: {e}')) from None
     if not isinstance(data, dict) or data.get('format') != 'sida-network':
         raise UserError(f'{path}: not a network file written by save_network')
@@ -1546,7 +1516,7 @@ def load_network(source, device='cpu'):
     except UserError:
         raise
     except Exception as e:    # arguments or state of a kind no real network file has
-        raise UserError(_one_line(f'{source}: not a network this loader can read ({type(e).__name__}: {e})')[:400]) from None
+        raise UserError(one_line(f'{source}: not a network this loader can read ({type(e).__name__}: {e})')[:400]) from None
     return freeze(net).to(device)
 
 # ----------------------------------------------------------------------------------------------------
@@ -1604,11 +1574,10 @@ def encode_images(vae, images):
 @torch.no_grad()
 def decode_latents(vae, x):
     """Normalised latents [N, 4, h, w] -> uint8 images [N, 3, 8h, 8w], as EDM2 converts them:
-    clamp(0, 1) * 255, truncated to an integer. The 1e-3 added before truncating only absorbs float
-    error (a level that comes out as 127.99998 is 128), so decode(encode(x)) of an exact VAE is x."""
+    clamp(0, 1) * 255, truncated to an integer."""
     raw = denormalize_latents(x.float()).to(next(vae.parameters()).device)
     images = vae.decode(raw).sample
-    return (images.float().clamp(0, 1) * 255 + 1e-3).to(torch.uint8)
+    return (images.float().clamp(0, 1) * 255).to(torch.uint8)
 
 
 class LatentData:

@@ -90,8 +90,6 @@ def build_parser():
     a('--p-std',          type=float, default=None, help="log-normal std of the fake-score noise (default: the teacher's, EDM 1.2, EDM2 1.0)")
     a('--logvar',         action=argparse.BooleanOptionalAction, default=True, help='EDM2: log-variance weighting of the losses')
     a('--force-norm',     action=argparse.BooleanOptionalAction, default=True, help="EDM2: forced weight normalisation of the generator's stored weights")
-    a('--force-norm-fake-score', action=argparse.BooleanOptionalAction, default=False,
-      help="EDM2: also the fake score network's (upstream never does)")
     a('--gen-start-kimg', type=float, default=100., help='generator steps start after this many kimg (SiDA)')
     a('--adv-start-kimg', type=float, default=200., help='adversarial generator term starts after this many kimg')
     a('--precision',      default='fp32', choices=['fp32', 'tf32', 'bf16', 'fp16'], help='arithmetic of the networks')
@@ -324,6 +322,12 @@ def load_dataset(path, resolution, channels, latent):
     return images, labels
 
 
+# The random streams of one --seed: slot i draws from generator seed s * SEED_STRIDE + i, rank r's dropout masks
+# from s * SEED_STRIDE + DROPOUT_STREAM + r; no run has half a million slots, so no two streams share a seed.
+SEED_STRIDE = 1_000_003
+DROPOUT_STREAM = SEED_STRIDE // 2
+
+
 class Slot:
     """The random stream of one micro-batch slot. A step of `batch` images is split into
     batch / batch_gpu slots, spread over ranks and accumulation rounds; each slot has its own generator,
@@ -331,7 +335,7 @@ class Slot:
 
     def __init__(self, index, seed, device):
         self.index = index
-        self.gen = torch.Generator(device).manual_seed(seed * 1_000_003 + index)
+        self.gen = torch.Generator(device).manual_seed(seed * SEED_STRIDE + index)
 
 
 class Sampler:
@@ -512,7 +516,6 @@ class SiDA:
         # a copy of the eval-mode teacher, whose hook stays bound to the teacher), though its forward
         # normalises them like every EDM2 layer does.
         self.renormalize_G = args.force_norm and self.G.magnitude_preserving
-        self.renormalize_fake = self.renormalize_G and args.force_norm_fake_score
         self.use_aug = args.augment > 0 and self.fake_score.augment_dim > 0
         # Unaugmented passes get zero augmentation labels (this also keeps map_augment in every DDP graph).
         self.no_aug = torch.zeros(batch_gpu, teacher.augment_dim, device=device) if teacher.augment_dim else None
@@ -567,8 +570,6 @@ class SiDA:
         encoder to tell noisy real images from noisy generated ones, in one backward."""
         a, data, n, dev = self.args, self.sampler, self.batch_gpu, self.device
         self.fake_score.train().requires_grad_(True)
-        if self.renormalize_fake:
-            self.fake_score.normalize_weights_()
         for slot, sync in self.rounds(self.fake_score_ddp, slots):
             with sync:
                 if self.adversarial or data.labels is not None:
@@ -715,7 +716,7 @@ def restore_state(state, path, teacher, sida, slots, rank, world):
                 v.load_state_dict(state[key][k])
     except (KeyError, ValueError, RuntimeError) as e:
         raise UserError(f'--resume: {path} does not fit the networks of this run '
-                        f'({" ".join(str(e).split())[:300]})') from None
+                        f'({networks.one_line(e)[:300]})') from None
     rng = state['rng'][rank] if len(state['rng']) == world else None
     if rng is not None and set(rng['slots']) == {s.index for s in slots}:
         for s in slots:
@@ -855,12 +856,6 @@ def print_options(args, world, rounds, batch_gpu, device):
     print(f'output:          {os.path.abspath(args.resume or args.outdir)}', flush=True)
 
 
-def format_duration(seconds):
-    seconds = int(max(seconds, 0))
-    return (f'{seconds // 86400}d {seconds % 86400 // 3600:02d}h' if seconds >= 86400 else
-            f'{seconds // 3600}h {seconds % 3600 // 60:02d}m' if seconds >= 3600 else f'{seconds // 60}m {seconds % 60:02d}s')
-
-
 def status_line(row, total_kimg):
     """One tick for a person: progress, losses, speed, time left, memory and any metric just measured."""
     parts = [f'tick {row["tick"]:<4d} kimg {row["kimg"]:<9g} {100 * row["kimg"] / total_kimg:5.1f}%']
@@ -871,7 +866,7 @@ def status_line(row, total_kimg):
         parts.append(f'dropped {dropped}')
     if 'img_per_s' in row:
         left = (total_kimg - row['kimg']) * row['sec_per_kimg']
-        parts.append(f'{row["img_per_s"]:.1f} img/s {row["sec_per_kimg"]:.3g} s/kimg ETA {format_duration(left)}')
+        parts.append(f'{row["img_per_s"]:.1f} img/s {row["sec_per_kimg"]:.3g} s/kimg ETA {fid.format_duration(left)}')
         parts.append(f'mem {row["peak_gb"]:.2f} GB')
     measured = [k for k in row if k.startswith(METRIC_PREFIXES)]
     if measured:
@@ -885,7 +880,7 @@ def snapshot_path(outdir, kimg):
 
 def save_snapshot(G_ema, row, is_best, evaluator, args, outdir, device):
     """Sample grid and EMA generator at this kimg; generator-best.pt too when the main metric improved."""
-    fid.save_grid(fid.generate_images(G_ema, torch.arange(64), args.init_sigma, device, evaluator.vae),
+    fid.save_grid(fid.generate_images(G_ema, torch.arange(fid.GRID_IMAGES), args.init_sigma, device, evaluator.vae),
                   os.path.join(outdir, f'samples-{row["kimg"]:010.3f}.png'))
     meta = dict(kimg=row['kimg'], method=args.method, teacher=str(args.teacher))
     networks.save_network(G_ema, snapshot_path(outdir, row['kimg']), **meta)
@@ -922,7 +917,7 @@ def derived(what, make, *args):
     try:
         make(*args)
     except Exception as e:
-        print(f'warning: {what} failed ({type(e).__name__}: {" ".join(str(e).split())}); the run goes on', flush=True)
+        print(f'warning: {what} failed ({type(e).__name__}: {networks.one_line(e)}); the run goes on', flush=True)
 
 
 def read_log(path):
@@ -1045,7 +1040,7 @@ def claim_folder(outdir, fresh, state_path):
 def distill(args):
     rank, world, device = fid.init_distributed(args.device)
     master = rank == 0
-    torch.manual_seed(args.seed * 1_000_003 + rank)        # dropout masks; every other draw is a slot stream
+    torch.manual_seed(args.seed * SEED_STRIDE + DROPOUT_STREAM + rank)      # dropout; all else draws from slots
     outdir = args.resume or args.outdir
     state_path = os.path.join(outdir, 'training-state.pt')
     state = read_state(state_path, args) if args.resume else None
@@ -1185,7 +1180,7 @@ def training_loop(args, sida, slots, evaluator, teacher, start, rows, fresh, out
             except UserError:
                 raise
             except Exception as e:
-                log(f'warning: measuring {args.metrics} failed ({type(e).__name__}: {" ".join(str(e).split())}); '
+                log(f'warning: measuring {args.metrics} failed ({type(e).__name__}: {networks.one_line(e)}); '
                     f'the run goes on')
         is_best = snap and improves(row, best, evaluator.metrics)
         best = broadcast_object(row[evaluator.metrics[0][0]] if is_best else best)
