@@ -30,6 +30,7 @@ import io
 import json
 import math
 import os
+import random
 import re
 import signal
 import sys
@@ -322,20 +323,23 @@ def load_dataset(path, resolution, channels, latent):
     return images, labels
 
 
-# The random streams of one --seed: slot i draws from generator seed s * SEED_STRIDE + i, rank r's dropout masks
-# from s * SEED_STRIDE + DROPOUT_STREAM + r; no run has half a million slots, so no two streams share a seed.
+# The random streams of one --seed: slot i draws from generator seed s * SEED_STRIDE + i and its dropout masks
+# from s * SEED_STRIDE + DROPOUT_STREAM + i; no run has half a million slots, so no two streams share a seed.
 SEED_STRIDE = 1_000_003
 DROPOUT_STREAM = SEED_STRIDE // 2
 
 
 class Slot:
-    """The random stream of one micro-batch slot. A step of `batch` images is split into
-    batch / batch_gpu slots, spread over ranks and accumulation rounds; each slot has its own generator,
+    """The random streams of one micro-batch slot. A step of `batch` images is split into
+    batch / batch_gpu slots, spread over ranks and accumulation rounds; each slot has its own streams,
     so the same seed gives the same draws however the slots are spread (1 GPU x 2 rounds = 2 GPUs x 1)."""
 
     def __init__(self, index, seed, device):
         self.index = index
         self.gen = torch.Generator(device).manual_seed(seed * SEED_STRIDE + index)
+        # Dropout draws from torch's global generator, which each round reseeds from this one (plain Python: no
+        # tensor, no device sync), so the masks too depend on the slot alone.
+        self.dropout_seeds = random.Random(seed * SEED_STRIDE + DROPOUT_STREAM + index)
 
 
 class Sampler:
@@ -562,6 +566,7 @@ class SiDA:
     def rounds(self, ddp_net, slots):
         """Yield (slot, context) per accumulation round; gradients sync across ranks on the last one."""
         for r, slot in enumerate(slots):
+            torch.manual_seed(slot.dropout_seeds.getrandbits(63))        # this round's dropout masks
             last = r == len(slots) - 1
             yield slot, contextlib.nullcontext() if last or self.world == 1 else ddp_net.no_sync()
 
@@ -659,8 +664,8 @@ class SiDA:
 
 def save_state(path, sida, slots, nimg, tick, best, args, rank):
     """Gather every rank's random streams on rank 0 and write the training state atomically."""
-    rng = {'slots': {s.index: s.gen.get_state() for s in slots}, 'torch': torch.get_rng_state(),
-           'cuda': torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    rng = {'slots': {s.index: s.gen.get_state() for s in slots},
+           'dropout': {s.index: s.dropout_seeds.getstate() for s in slots}}
     all_rng = [rng]
     if dist.is_initialized():
         all_rng = [None] * dist.get_world_size()
@@ -717,15 +722,18 @@ def restore_state(state, path, teacher, sida, slots, rank, world):
     except (KeyError, ValueError, RuntimeError) as e:
         raise UserError(f'--resume: {path} does not fit the networks of this run '
                         f'({networks.one_line(e)[:300]})') from None
-    rng = state['rng'][rank] if len(state['rng']) == world else None
-    if rng is not None and set(rng['slots']) == {s.index for s in slots}:
+    # Every slot continues its streams wherever it runs now (another number of GPUs or accumulation rounds);
+    # only another --batch-gpu, which makes other slots, restarts them.
+    saved = {}
+    for r in state['rng']:                               # (every rank's, gathered by save_state)
+        saved.update({i: (r['slots'][i], r['dropout'][i]) for i in r['slots']})
+    if len(saved) == len(slots) * world and all(s.index in saved for s in slots):
         for s in slots:
-            s.gen.set_state(rng['slots'][s.index])
-        torch.set_rng_state(rng['torch'])
-        if rng['cuda'] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng['cuda'])
-    else:
-        print('warning: resumed with a different GPU/accumulation layout: random streams restart', flush=True)
+            s.gen.set_state(saved[s.index][0])
+            s.dropout_seeds.setstate(saved[s.index][1])
+    elif rank == 0:
+        print(f'warning: resumed with another --batch-gpu than {path} was written with: the random streams of the '
+              f'micro-batches restart', flush=True)
     return state['nimg'], state['tick'], state['best']
 
 # ----------------------------------------------------------------------------------------------------
@@ -966,13 +974,13 @@ def broadcast_object(obj):
     return box[0]
 
 
-def any_rank(flag, device):
-    """True on every rank when flag is true on any (a host sync; used at most once per iteration)."""
+def max_rank(value, device):
+    """The largest of the ranks' values, on every rank (a host sync)."""
     if not dist.is_initialized():
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t)
-    return t.item() > 0
+        return value
+    t = torch.tensor([float(value)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
 
 
 def check_inputs(args, outdir):
@@ -1040,7 +1048,6 @@ def claim_folder(outdir, fresh, state_path):
 def distill(args):
     rank, world, device = fid.init_distributed(args.device)
     master = rank == 0
-    torch.manual_seed(args.seed * SEED_STRIDE + DROPOUT_STREAM + rank)      # dropout; all else draws from slots
     outdir = args.resume or args.outdir
     state_path = os.path.join(outdir, 'training-state.pt')
     state = read_state(state_path, args) if args.resume else None
@@ -1180,8 +1187,11 @@ def training_loop(args, sida, slots, evaluator, teacher, start, rows, fresh, out
             except UserError:
                 raise
             except Exception as e:
-                log(f'warning: measuring {args.metrics} failed ({type(e).__name__}: {networks.one_line(e)}); '
-                    f'the run goes on')
+                failure = f'measuring {args.metrics} failed ({type(e).__name__}: {networks.one_line(e)})'
+                if world > 1:          # the other ranks would wait for this one in the measurement's collectives
+                    raise UserError(f'{failure} on rank {rank}, which stops a run of several processes; the last '
+                                    f'saved state (if any) is intact: continue with --resume {outdir}') from None
+                log(f'warning: {failure}; the run goes on')
         is_best = snap and improves(row, best, evaluator.metrics)
         best = broadcast_object(row[evaluator.metrics[0][0]] if is_best else best)
         if master:
@@ -1191,9 +1201,10 @@ def training_loop(args, sida, slots, evaluator, teacher, start, rows, fresh, out
                 raise UserError(f'could not append to {log_path} ({e.strerror or e}); the last training state is '
                                 f'intact: continue with --resume {outdir} once that is fixed') from None
             rows.append(row)
-        if float(sida.worst_streak) >= args.max_nonfinite:
+        if max_rank(sida.worst_streak, device) >= args.max_nonfinite:      # every rank stops together
+            last = f'the last good state is {state_path}' if os.path.isfile(state_path) else 'no state was saved yet'
             raise UserError(f'no finite generated sample in {args.max_nonfinite} iterations in a row; stopped '
-                            f'(the last good state is {state_path}); lower --lr/--glr or check the teacher')
+                            f'({last}); lower --lr/--glr or check the teacher')
         if dump:
             try:
                 save_state(state_path, sida, slots, nimg, cur_tick, best, args, rank)
@@ -1225,8 +1236,17 @@ def training_loop(args, sida, slots, evaluator, teacher, start, rows, fresh, out
                 uncompiled.discard(step)
                 log(f'--compile: the first iteration with the {step} step took {time.time() - t0:.1f} s')
         done = nimg >= total
-        # Ranks agree on a stop request every few iterations (a host sync; free in one process).
-        stopping = bool(stop) if world == 1 else (nimg // args.batch % 8 == 0 or done) and any_rank(bool(stop), device)
+        # Ranks agree on a stop request every few iterations (a host sync; free in one process): a signal to
+        # any rank stops them all.
+        if world == 1:
+            stopping = bool(stop)
+        elif nimg // args.batch % 8 == 0 or done:
+            signum = int(max_rank(stop[0] if stop else 0, device))
+            stopping = signum > 0
+            if stopping and not stop:
+                stop.append(signum)
+        else:
+            stopping = False
         if not (done or stopping or nimg >= tick_nimg + args.tick * 1000):
             continue
 

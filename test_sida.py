@@ -1207,20 +1207,14 @@ def test_warmup_schedule_switches_at_the_right_image_counts(tiny_teacher, monkey
                      ('fake', None), ('gen', False), ('ema', 32), ('fake', None), ('gen', True), ('ema', 40)]
 
 
-def test_dropout_masks_and_slots_draw_from_streams_of_different_seeds(tiny_teacher, monkeypatch, tmp_path):
-    """Two generators seeded alike draw alike: the dropout masks must not come from any slot's seed."""
-    for step in ('fake_score_step', 'generator_step', 'update_ema'):
-        monkeypatch.setattr(sida.SiDA, step, lambda self, *a, **k: None)
-    seeds, slot_init = {'global': [], 'slots': []}, sida.Slot.__init__
-    def record_slot(self, *a):
-        slot_init(self, *a)
-        seeds['slots'].append(self.gen.initial_seed())
-    monkeypatch.setattr(sida.Slot, '__init__', record_slot)
-    monkeypatch.setattr(torch, 'manual_seed', lambda s, seed=torch.manual_seed: (seeds['global'].append(s), seed(s))[1])
-    sida.distill(sida.parse_args(tiny_run_argv(tmp_path, tiny_teacher, '--duration', '0.000016', '--batch-gpu', '2',
-                                               '--seed', '3')))
-    assert len(seeds['slots']) == 4 and len(seeds['global']) == 1
-    assert seeds['global'][0] not in seeds['slots']
+def test_each_slot_has_dropout_masks_of_its_own_that_depend_on_the_seed_and_the_slot_only():
+    def masks(index, seed):                                  # two rounds of one slot in one process
+        slot, one_process = sida.Slot(index, seed, torch.device('cpu')), types.SimpleNamespace(world=1)
+        return [F.dropout(torch.ones(1000), 0.5) for _ in sida.SiDA.rounds(one_process, None, [slot, slot])]
+    first = masks(0, 3)
+    assert torch.equal(first[0], masks(0, 3)[0]) and torch.equal(first[1], masks(0, 3)[1])
+    assert not torch.equal(first[0], first[1])                                  # each round draws anew
+    assert not torch.equal(first[0], masks(1, 3)[0]) and not torch.equal(first[0], masks(0, 4)[0])
 
 
 def test_a_finished_run_gives_back_the_signal_handlers(tiny_teacher, monkeypatch, tmp_path):
@@ -1252,17 +1246,87 @@ def test_compiled_run_logs_each_steps_first_iteration(tiny_teacher, monkeypatch,
         ['fake score', 'generator', 'adversarial generator']
 
 
-@pytest.mark.parametrize('precision', ['fp32', 'bf16'])    # bf16: the network calls go through sida.cast_once
-def test_two_process_gloo_run_matches_one_process(tiny_teacher, tmp_path, precision):
-    run_sida(tmp_path / 'one', tiny_teacher, '--duration', '0.000048', '--batch-gpu', '4', '--precision', precision)
-    run_sida(tmp_path / 'two', tiny_teacher, '--duration', '0.000048', '--batch-gpu', '4', '--precision', precision,
-             nproc=2)
+@pytest.mark.parametrize('precision, dropout', [('fp32', '0'), ('bf16', '0'), ('fp32', '0.2')])  # bf16: sida.cast_once
+def test_two_process_gloo_run_matches_one_process(tiny_teacher, tmp_path, precision, dropout):
+    """Each slot's draws, dropout masks included, are the same whichever process runs it in which round."""
+    flags = ('--duration', '0.000048', '--batch-gpu', '4', '--precision', precision, '--dropout', dropout)
+    run_sida(tmp_path / 'one', tiny_teacher, *flags)
+    run_sida(tmp_path / 'two', tiny_teacher, *flags, nproc=2)
     one = networks.load_network(str(tmp_path / 'one' / 'generator-000000.048.pt')).state_dict()
     two = networks.load_network(str(tmp_path / 'two' / 'generator-000000.048.pt')).state_dict()
     for k in one:
         assert torch.allclose(one[k], two[k], atol=1e-5, rtol=1e-4), k
     state = torch.load(tmp_path / 'two' / 'training-state.pt', weights_only=True)
     assert state['nimg'] == 48 and len(state['rng']) == 2
+
+
+def fault_on_rank_1(fault, argv):
+    """sida.main(argv) in a torchrun worker; rank 1 alone meets `fault`: 'metrics' (its measurement raises),
+    'nonfinite' (its generated samples are never finite), 'signal' (SIGTERM at its second generator step)."""
+    if os.environ['RANK'] == '1':
+        if fault == 'metrics':
+            sida.Evaluator.__call__ = lambda self, G: 1 / 0
+        step, calls = sida.SiDA.generator_step, []
+
+        def faulty_step(self, *a, **k):
+            step(self, *a, **k)
+            calls.append(1)
+            if fault == 'nonfinite':
+                self.worst_streak = torch.tensor(1e9)
+            if fault == 'signal' and len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+        sida.SiDA.generator_step = faulty_step
+    sida.main(argv)
+
+
+def run_faulty_pair(tmp_path, teacher, fault, *extra):
+    """A two-process tiny run with a fault on rank 1 (fault_on_rank_1); it must end, not hang."""
+    driver = tmp_path / 'driver.py'
+    driver.write_text(f'import sys\nsys.path.insert(0, {HERE!r})\nimport test_sida\n'
+                      f'test_sida.fault_on_rank_1(sys.argv[1], sys.argv[2:])\n')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(driver), fault,
+           *tiny_run_argv(tmp_path / 'run', teacher, *extra)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=150,
+                          cwd=HERE)
+
+
+def test_a_measurement_failing_on_one_rank_stops_every_rank(tiny_teacher, tmp_path):
+    """The other ranks would wait for it inside the measurement's collectives (a hang, not a warning)."""
+    r = run_faulty_pair(tmp_path, tiny_teacher, 'metrics', '--duration', '0.000032', '--metrics', 'fd', '--snap', '1')
+    assert r.returncode != 0
+    assert 'measuring fd failed (ZeroDivisionError: division by zero) on rank 1, which stops a run' in r.stderr
+
+
+def test_non_finite_samples_on_one_rank_stop_every_rank_in_one_line(tiny_teacher, tmp_path):
+    r = run_faulty_pair(tmp_path, tiny_teacher, 'nonfinite', '--duration', '0.000064', '--max-nonfinite', '5')
+    assert r.returncode != 0
+    assert r.stderr.count('error: no finite generated sample in 5 iterations in a row; stopped (no state was '
+                          'saved yet)') == 2, r.stderr[-3000:]
+
+
+def test_a_signal_to_one_rank_stops_every_rank_and_is_reported(tiny_teacher, tmp_path):
+    r = run_faulty_pair(tmp_path, tiny_teacher, 'signal', '--duration', '0.000512')
+    log = (tmp_path / 'run' / 'log.txt').read_text()
+    assert f'stopped by signal {int(signal.SIGTERM)} at 0.064 kimg; continue with --resume' in log, log[-2000:]
+    assert torch.load(tmp_path / 'run' / 'training-state.pt', weights_only=True)['nimg'] == 64
+
+
+def test_a_run_resumed_on_another_number_of_processes_continues_every_random_stream(tiny_teacher, tmp_path):
+    """Two processes of one round each, then one process of two rounds: the slots' streams go on where they
+    were, as in the uninterrupted one-process run (only another --batch-gpu makes other slots)."""
+    run_sida(tmp_path / 'whole', tiny_teacher, '--duration', '0.000064', '--batch-gpu', '4', '--dropout', '0.2')
+    run_sida(tmp_path / 'split', tiny_teacher, '--duration', '0.000032', '--batch-gpu', '4', '--dropout', '0.2', nproc=2)
+    r = run_sida(tmp_path / 'x', tiny_teacher, '--duration', '0.000064', '--dropout', '0.2',
+                 '--resume', str(tmp_path / 'split'))
+    assert 'restart' not in r.stdout
+    a = torch.load(tmp_path / 'whole' / 'training-state.pt', weights_only=True)
+    b = torch.load(tmp_path / 'split' / 'training-state.pt', weights_only=True)
+    assert a['nimg'] == b['nimg'] == 64
+    assert all(torch.equal(a['rng'][0]['slots'][i], b['rng'][0]['slots'][i]) for i in (0, 1))
+    assert a['rng'][0]['dropout'] == b['rng'][0]['dropout']
+    for net in a['nets']:
+        for k, v in a['nets'][net].items():
+            assert torch.allclose(v, b['nets'][net][k], atol=1e-5, rtol=1e-4), (net, k)   # summed in another order
 
 
 def test_split_run_resumes_bit_identically(tiny_teacher, tmp_path):
