@@ -51,6 +51,7 @@ def build_parser():
     p.description = 'Throughput of full SiDA iterations on random networks (no downloads).'
     arch = next(act for act in p._actions if act.dest == 'arch')     # sida.py's toy flag, here the network's
     arch.help, arch.default = 'time one network of this architecture instead of the targets', None
+    arch.choices = ['ddpmpp', 'ncsnpp', 'adm', 'edm2']
     a = p.add_argument_group('bench', 'what to time').add_argument
     a('--targets', default=','.join(TARGETS), metavar='LIST', help=f'comma list of {", ".join(TARGETS)}')
     a('--modes', default=None, metavar='LIST',

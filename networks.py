@@ -1528,6 +1528,7 @@ VAE_NAME = 'stabilityai/sd-vae-ft-mse'
 LATENT_MEAN = (5.81, 3.25, 0.12, -2.15)     # statistics of the raw VAE latents of ImageNet 512 (EDM2)
 LATENT_STD = (4.17, 4.62, 3.71, 3.28)
 LATENT_FINAL_STD = 0.5                      # the normalised latents have this standard deviation
+VAE_BATCH = 8                               # images per VAE call: a 512x512 decode holds ~1 GB per image in fp32
 
 
 def load_vae(source=VAE_NAME, device='cpu'):
@@ -1567,8 +1568,8 @@ def encode_images(vae, images):
     """uint8 images [N, 3, H, W] -> float32 [N, 8, H/8, W/8]: the VAE posterior's mean and std, as EDM2
     stores them, of the pixels scaled to [0, 1]."""
     x = images.to(next(vae.parameters()).device, torch.float32) / 255
-    posterior = vae.encode(x).latent_dist
-    return torch.cat([posterior.mean, posterior.std], dim=1).float()
+    posteriors = [vae.encode(part).latent_dist for part in x.split(VAE_BATCH)]
+    return torch.cat([torch.cat([p.mean, p.std], dim=1) for p in posteriors]).float()
 
 
 @torch.no_grad()
@@ -1576,7 +1577,7 @@ def decode_latents(vae, x):
     """Normalised latents [N, 4, h, w] -> uint8 images [N, 3, 8h, 8w], as EDM2 converts them:
     clamp(0, 1) * 255, truncated to an integer."""
     raw = denormalize_latents(x.float()).to(next(vae.parameters()).device)
-    images = vae.decode(raw).sample
+    images = torch.cat([vae.decode(part).sample for part in raw.split(VAE_BATCH)])
     return (images.float().clamp(0, 1) * 255).to(torch.uint8)
 
 
@@ -1586,12 +1587,13 @@ class LatentData:
     fit in memory, so they are read from the zip on demand."""
 
     def __init__(self, path):
+        self.path = path
         try:
             self.zip = zipfile.ZipFile(path)
-            self.names = sorted(n for n in self.zip.namelist() if n.endswith('.npy'))
-            first = np.load(io.BytesIO(self.zip.read(self.names[0]))) if self.names else None
-        except (OSError, zipfile.BadZipFile, ValueError) as e:
+        except (OSError, zipfile.BadZipFile) as e:
             raise UserError(f'--data {path}: not an EDM2 latent zip ({type(e).__name__})') from None
+        self.names = sorted(n for n in self.zip.namelist() if n.endswith('.npy'))
+        first = self._read(self.names[0]) if self.names else None
         if first is None or first.ndim != 3 or first.shape[0] % 2:
             raise UserError(f'--data {path}: expected .npy files of the VAE mean and std [2C, H, W]')
         self.shape = (first.shape[0] // 2, *first.shape[1:])
@@ -1606,7 +1608,17 @@ class LatentData:
 
     def __getitem__(self, idx):
         """Mean and std of the latents of the given indices: float32 [n, 2C, H, W]."""
-        return torch.from_numpy(np.stack([np.load(io.BytesIO(self.zip.read(self.names[i]))) for i in idx.tolist()])).float()
+        arrays = [self._read(self.names[i]) for i in idx.tolist()]
+        wrong = next((self.names[i] for i, a in zip(idx.tolist(), arrays) if a.shape != (2 * self.shape[0], *self.shape[1:])), None)
+        if wrong is not None:
+            raise UserError(f'--data {self.path}: {wrong} is not of the shape of the first latents, {list(self.shape)} x 2')
+        return torch.from_numpy(np.stack(arrays)).float()
+
+    def _read(self, name):
+        try:
+            return np.load(io.BytesIO(self.zip.read(name)))       # (no pickles: np.load refuses them)
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+            raise UserError(f'--data {self.path}: {name} is not a readable .npy file ({type(e).__name__})') from None
 
 
 def encode_dataset(src, dest, device='cpu', vae=VAE_NAME):

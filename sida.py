@@ -115,7 +115,7 @@ def build_parser():
     a('--resume',         default=None,  help='continue the run in this folder from its training-state.pt')
     a('--device',         default=None,  metavar='DEV', help='cuda or cpu (default: cuda when available)')
     a('--preset',         default=None, choices=['toy'], help='toy: offline run on procedurally generated images')
-    a('--arch',           default='ddpmpp', choices=['ddpmpp', 'ncsnpp', 'adm', 'edm2'], help="toy: the teacher's architecture")
+    a('--arch',           default='ddpmpp', choices=['ddpmpp', 'edm2'], help="toy: the teacher's architecture (the shipped ones)")
     return p
 
 
@@ -577,9 +577,9 @@ class SiDA:
         self.fake_score.train().requires_grad_(True)
         for slot, sync in self.rounds(self.fake_score_ddp, slots):
             with sync:
-                if self.adversarial or data.labels is not None:
+                if self.adversarial:
                     x_real, c = data.real(slot, n)                # one data batch: images and labels
-                else:
+                else:                                             # SiD: the labels alone (no latents read)
                     x_real, c = None, data.labels_only(slot, n)
                 z = data.noise(slot, n)
                 with torch.no_grad(), self.autocast():
@@ -753,6 +753,8 @@ def parse_metrics(spec):
         if digits and int(digits[:-1]) < 1:
             raise UserError(f'--metrics: {name} measures no images (N is in thousands, at least 1)')
         out.append((name, kind, int(digits[:-1]) * 1000 if digits else 2048))
+    if sum(kind == 'fd' for _, kind, _ in out) > 1:
+        raise UserError(f'--metrics {spec}: one fd metric at most (the toy measures fd once per snapshot)')
     return out
 
 
@@ -998,6 +1000,10 @@ def check_inputs(args, outdir):
         raise UserError('--metrics fid...: pass --ref (reference statistics) or --metrics none')
     if args.data not in (None, 'toy') and not os.path.exists(args.data):
         raise UserError(f'--data {args.data}: no such file or folder')
+    if args.data == 'toy':          # the toy's shipped files, missing only from a partial copy of the project
+        for what, path in (('teacher', args.teacher), ('sid-generator', args.init_generator if args.method == 'sid2a' else None)):
+            if path == toy.shipped(what, args.arch) and not os.path.isfile(path):
+                raise UserError(f'{path} is missing: make it with python toy/make.py {what} --arch {args.arch}')
     nets = {**networks.OFFICIAL_URLS, **networks.RELEASED_URLS}
     for flag, source, names in (('--teacher', args.teacher, nets),
                                 ('--init-generator', args.init_generator if args.method == 'sid2a' else None, nets),
@@ -1005,10 +1011,6 @@ def check_inputs(args, outdir):
                                 ('--detector', args.detector if kinds & {'fid', 'is'} else None, {})):
         if source is not None and not (os.path.exists(source) or source in names or source.startswith(('http://', 'https://', 'file://'))):
             raise UserError(f'{flag} {source}: no such file, nor a known name or URL')
-    if args.data == 'toy':          # the toy's shipped files, missing only from a partial copy of the project
-        for what, path in (('teacher', args.teacher), ('sid-generator', args.init_generator if args.method == 'sid2a' else None)):
-            if path == toy.shipped(what, args.arch) and not os.path.isfile(path):
-                raise UserError(f'{path} is missing: make it with python toy/make.py {what} --arch {args.arch}')
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise UserError(f'{"--resume" if args.resume else "--outdir"} {outdir}: not a folder')
 

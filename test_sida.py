@@ -1144,6 +1144,14 @@ def test_training_iteration_never_reads_tensors_back_to_the_host(arch, precision
     assert len(s.stats['loss_sid'][0].shape) == 0            # statistics stay on the device until a tick
 
 
+def test_sid_reads_only_labels_from_the_data():
+    """SiD has no discriminator: a data batch would be read (for EDM2 from the latent zip) only to be dropped."""
+    s = bench_sida('ddpmpp', '--method', 'sid')
+    assert s.sampler.labels is not None
+    s.sampler.real = lambda *a: pytest.fail('SiD read a batch of real data')
+    s.fake_score_step([sida.Slot(0, 0, torch.device('cpu'))])
+
+
 @pytest.mark.parametrize('arch, flags', [('ddpmpp', ()), ('ddpmpp', ('--method', 'sid')), ('edm2', ()),
                                          ('edm2', ('--no-logvar',))])
 def test_every_trainable_parameter_takes_part_in_its_step(arch, flags):
@@ -1500,6 +1508,7 @@ UNREACHABLE = 'http://127.0.0.1:9/teacher.pkl'     # a teacher that fails only i
     (['--arch', 'edm2'], '--arch chooses the toy teacher: it needs --preset toy'),
     (['--teacher', HERE], f'{HERE}: a folder, not a file'),
     (['--metrics', 'fd0k'], '--metrics: fd0k measures no images'),
+    (['--metrics', 'fd,fd1k'], '--metrics fd,fd1k: one fd metric at most'),
 ])
 def test_bad_inputs_give_one_line_errors_and_write_nothing(tiny_teacher, tmp_path, argv, message):
     base = ['--teacher', tiny_teacher, '--data', 'toy', '--cond', '--metrics', 'none', '--device', 'cpu',
@@ -1966,6 +1975,41 @@ def test_latent_zip_of_the_wrong_size_is_refused(tmp_path):
         f.write(b'not a zip')
     with pytest.raises(networks.UserError, match='not an EDM2 latent zip'):
         sida.load_dataset(str(tmp_path / 'bad.zip'), 8, 4, latent=True)
+
+
+@pytest.mark.parametrize('damage, message', [
+    (b'', 'img00000003.npy is not a readable .npy file (EOFError)'),
+    (np.zeros((8, 4, 4), np.float32), 'img00000003.npy is not of the shape of the first latents, [4, 8, 8] x 2'),
+    (np.zeros((2, 2), object), 'img00000003.npy is not a readable .npy file (ValueError)')])   # a pickle inside
+def test_a_damaged_latent_file_is_named_in_one_line_when_drawn(tmp_path, damage, message):
+    """ImageNet's latents are read on demand: a damaged file deep in the zip fails when drawn, naming itself."""
+    path = write_latent_zip(tmp_path / 'latents.zip')
+    buf = io.BytesIO()
+    if isinstance(damage, np.ndarray):
+        np.save(buf, damage, allow_pickle=True)
+    with zipfile.ZipFile(path) as z:
+        files = {n: z.read(n) for n in z.namelist()}
+    files['00000/img00000003.npy'] = buf.getvalue()
+    with zipfile.ZipFile(path, 'w') as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    images, _ = sida.load_dataset(path, 8, 4, latent=True)
+    assert images[torch.tensor([0, 1])].shape == (2, 8, 8, 8)
+    with pytest.raises(networks.UserError, match=re.escape(message)):
+        images[torch.tensor([2, 3])]
+
+
+def test_the_vae_sees_at_most_vae_batch_images_per_call_and_the_result_is_the_same():
+    """A 512x512 decode of a training run's 64-256 latents at once would not fit on a GPU."""
+    vae, n = LinearVAE(), 2 * networks.VAE_BATCH + 3
+    images = torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8)
+    latents = networks.encode_images(vae, images)
+    decoded = networks.decode_latents(vae, networks.normalize_latents(latents[:, :4]))
+    assert [len(x) for x in vae.inputs] == [len(y) for y in vae.outputs] == [8, 8, 3]
+    whole = LinearVAE()
+    torch.testing.assert_close(latents, torch.cat([whole.encode(images.float() / 255).latent_dist.mean,
+                                                   torch.full((n, 1, 8, 8), 0.1).expand(n, 4, 8, 8)], dim=1))
+    assert (images.int() - decoded.int()).abs().max() <= 1
 
 
 def test_encode_latents_writes_an_edm2_latent_zip_with_labels(tmp_path):
@@ -2886,6 +2930,14 @@ def test_toy_run_logs_fd_and_acc_of_data_teacher_and_generator(tiny_teacher, tmp
     assert 'fd1k' in rows[-1] and 'acc1k' in rows[-1]
     assert rows[0]['acc1k_data'] >= 0.99 and rows[0]['fd1k_data'] < rows[0]['fd1k_teacher35']
     assert 0 <= rows[-1]['acc1k'] <= 1
+
+
+def test_a_missing_shipped_toy_file_says_how_to_make_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(toy, 'HERE', str(tmp_path))                     # a copy of the project without toy/ddpmpp
+    args = sida.parse_args(['--preset', 'toy', '--outdir', str(tmp_path / 'run')])
+    with pytest.raises(UserError, match=re.escape(f'{tmp_path}/ddpmpp/teacher.pt is missing: make it with '
+                                                  f'python toy/make.py teacher --arch ddpmpp')):
+        sida.check_inputs(args, str(tmp_path / 'run'))
 
 
 def test_toy_preset_distils_the_shipped_files_of_its_architecture():

@@ -74,20 +74,16 @@ def images(n, seed):
 # ----------------------------------------------------------------------------------------------------
 # Networks: the toy's denoisers, and the teacher's multi-step sampler.
 
-def arch(name, cond=True):
-    """The network config (networks.build_network) of a small denoiser of each architecture at 16x16."""
-    common = dict(img_resolution=RES, img_channels=3, label_dim=CLASSES if cond else 0)
+def arch(name):
+    """The network config (networks.build_network) of the small class-conditional teacher of an architecture
+    ('ddpmpp' or 'edm2') at 16x16."""
+    common = dict(img_resolution=RES, img_channels=3, label_dim=CLASSES)
     if name == 'edm2':
         return {'class_name': 'EDM2Precond', 'kwargs': dict(common, model_channels=32, channel_mult=[1, 2],
                                                             num_blocks=1, attn_resolutions=[8], logvar_channels=32)}
-    if name == 'adm':
-        return {'class_name': 'EDMPrecond', 'kwargs': dict(common, model_type='DhariwalUNet', model_channels=32,
-                                                           channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])}
-    song = dict(model_type='SongUNet', model_channels=24, channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[8],
-                dropout=0.0)
-    if name == 'ncsnpp':
-        song.update(embedding_type='fourier', channel_mult_noise=2, encoder_type='residual', resample_filter=[1, 3, 3, 1])
-    return {'class_name': 'EDMPrecond', 'kwargs': dict(common, **song)}
+    return {'class_name': 'EDMPrecond', 'kwargs': dict(common, model_type='SongUNet', model_channels=24,
+                                                       channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[8],
+                                                       dropout=0.0)}
 
 
 @torch.no_grad()

@@ -40,7 +40,8 @@ def snapshots(rows, key):
 
 
 def over_seeds(runs, key):
-    """kimg, mean and std over the runs at every kimg that all of them measured."""
+    """kimg, mean and std over the runs at every kimg that all of them measured (the population std, numpy's
+    ddof 0: with 3 seeds about 0.8 of the sample std)."""
     series = [snapshots(rows, key) for rows in runs]
     common = sorted(set.intersection(*(set(s) for s in series)))
     values = np.array([[s[k] for s in series] for k in common])
@@ -119,8 +120,8 @@ def at_time(rows, seconds, key):
 
 
 def table(groups, marks, seconds):
-    """One row per setting: fd and acc (mean ± std over its seeds) at each kimg mark and at the end, then the
-    baselines of the first run."""
+    """One row per setting: fd and acc (mean ± std over its seeds, ddof 0 as in over_seeds) at each kimg mark and
+    at the end, then the baselines of the first run."""
     fmt = lambda v, key: (f'{np.mean(v):,.0f} ± {np.std(v):,.0f}' if key == 'fd' else f'{np.mean(v):.3f} ± {np.std(v):.3f}')
     when = ' / '.join(f'{k:g}' for k in marks) + ' kimg / end'
     head = [f'fd at {when}', f'acc at {when}'] + ([f'fd, acc after {seconds:g} s (kimg)'] if seconds else [])

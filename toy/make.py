@@ -43,7 +43,7 @@ SID_DURATION = 0.3                                  # Mimg
 def train_classifier(steps=2000, batch=128, lr=2e-3, seed=0):
     """toy.Classifier trained with cross-entropy on real toy images only: a fresh batch at every step (seeds
     from toy.CLASSIFIER_SEED on, apart from every set the toy run uses), Adam with a cosine decay.
-    Deterministic: the same weights on every run on one machine."""
+    Deterministic: the same weights on every run on one machine with one thread count (OMP_NUM_THREADS)."""
     torch.manual_seed(seed)
     net = toy.Classifier()
     opt = torch.optim.Adam(net.parameters(), lr=lr)
@@ -62,6 +62,7 @@ def train_teacher(arch, kimg, seed=0, device='cpu', log=print):
     """A small EDM (or EDM2) teacher trained from scratch with EDM's denoising loss on the run's real images:
     Adam at a constant learning rate after a 100-step warm-up; returned is an EMA whose averaging length grows
     with training (beta = (k+1)/(k+10) at step k: about the last 11% of the steps)."""
+    device = torch.device(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = networks.build_network(toy.arch(arch)).to(device).train()

@@ -1,6 +1,6 @@
 """Run many toy distillations side by side (one process each) and print where each stands.
 
-    python toy/sweep.py RUNS.txt OUTDIR [--device cuda] [--jobs N] [--deadline 480] [--kimg 50,100] [-- extra sida.py flags]
+    python toy/sweep.py RUNS.txt OUTDIR [--device cpu|cuda] [--jobs N] [--deadline 480] [--kimg 50,100] [-- extra sida.py flags]
 
 RUNS.txt holds one run per line: a name, then the flags it adds to `python sida.py --preset toy` (lines
 starting with # are skipped). The runs start at once, or --jobs at a time (one per CPU core on a CPU-only
@@ -49,7 +49,7 @@ def main(argv):
     p = argparse.ArgumentParser(description='Run toy distillations side by side and summarise them.')
     p.add_argument('runs', help='file of runs: a name and its flags per line')
     p.add_argument('outdir', help='each run goes to OUTDIR/NAME, its console to OUTDIR/NAME.log')
-    p.add_argument('--device', default='cuda', help='device of every run')
+    p.add_argument('--device', default='cpu', help='device of every run')
     p.add_argument('--deadline', type=float, default=480, help='seconds; runs still going then are stopped')
     p.add_argument('--jobs', type=int, default=0, help='runs at a time (0: all at once)')
     p.add_argument('--kimg', default='50,100', type=lambda v: [float(k) for k in v.split(',')],
