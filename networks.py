@@ -173,7 +173,7 @@ def open_url(source, cache_dir=None):
     except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as e:
         reason = getattr(e, 'reason', None) or e
         raise UserError(one_line(f'could not reach {source} ({reason}); '
-                                  'download it yourself and pass the local file instead')) from None
+                                 'download it yourself and pass the local file instead')) from None
     except OSError as e:
         raise UserError(f'cannot write {path} ({e.strerror or e}); set SIDA_CACHE to a writable folder') from None
     return path
@@ -1281,7 +1281,7 @@ def safe_pickle_load(file, allowed, **unpickler_kwargs):
         raise UserError(one_line(f'cannot read {name}: {e.strerror or e}')) from None
     except Exception as e:  # whatever a truncated or corrupt pickle raises
         raise UserError(one_line(f'{name} is not a readable pickle (truncated or corrupt?): '
-                                  f'{type(e).__name__}: {e}')) from None
+                                 f'{type(e).__name__}: {e}')) from None
 
 
 class _PersistentObject:
@@ -1481,7 +1481,7 @@ def _load_sida_file(path):
         raise UserError(f'refusing to load {path}: it contains {what}, which is not plain data') from None
     except Exception as e:
         raise UserError(one_line(f'{path} is not a readable network file (truncated or corrupt?): '
-                                  f'{type(e).__name__}: {e}')) from None
+                                 f'{type(e).__name__}: {e}')) from None
     if not isinstance(data, dict) or data.get('format') != 'sida-network':
         raise UserError(f'{path}: not a network file written by save_network')
     config = data.get('config') if isinstance(data.get('config'), dict) else {}
@@ -1593,6 +1593,7 @@ class LatentData:
         except (OSError, zipfile.BadZipFile) as e:
             raise UserError(f'--data {path}: not an EDM2 latent zip ({type(e).__name__})') from None
         self.names = sorted(n for n in self.zip.namelist() if n.endswith('.npy'))
+        self.shape = None
         first = self._read(self.names[0]) if self.names else None
         if first is None or first.ndim != 3 or first.shape[0] % 2:
             raise UserError(f'--data {path}: expected .npy files of the VAE mean and std [2C, H, W]')
@@ -1608,17 +1609,17 @@ class LatentData:
 
     def __getitem__(self, idx):
         """Mean and std of the latents of the given indices: float32 [n, 2C, H, W]."""
-        arrays = [self._read(self.names[i]) for i in idx.tolist()]
-        wrong = next((self.names[i] for i, a in zip(idx.tolist(), arrays) if a.shape != (2 * self.shape[0], *self.shape[1:])), None)
-        if wrong is not None:
-            raise UserError(f'--data {self.path}: {wrong} is not of the shape of the first latents, {list(self.shape)} x 2')
-        return torch.from_numpy(np.stack(arrays)).float()
+        return torch.from_numpy(np.stack([self._read(self.names[i]) for i in idx.tolist()])).float()
 
     def _read(self, name):
+        """One file's mean and std, of the shape of the first file's (once that is known)."""
         try:
-            return np.load(io.BytesIO(self.zip.read(name)))       # (no pickles: np.load refuses them)
+            array = np.load(io.BytesIO(self.zip.read(name)))       # (no pickles: np.load refuses them)
         except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
             raise UserError(f'--data {self.path}: {name} is not a readable .npy file ({type(e).__name__})') from None
+        if self.shape is not None and array.shape != (2 * self.shape[0], *self.shape[1:]):
+            raise UserError(f'--data {self.path}: {name} is not of the shape of the first latents, {list(self.shape)} x 2')
+        return array
 
 
 def encode_dataset(src, dest, device='cpu', vae=VAE_NAME):
