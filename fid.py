@@ -30,6 +30,7 @@ generation and sample grids; a run's metrics.png; the command line.
 """
 
 import argparse
+import contextlib
 import io
 import json
 import math
@@ -61,6 +62,8 @@ PROGRESS_SECONDS = 10       # at most one progress line this often in a log file
 PROGRESS_SECONDS_TTY = 0.5  # redraw the progress bar this often on a terminal
 GRID_IMAGES = 64            # sample grids: the first this many seeds (8 x 8)
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
+MAX_IMAGES = 10 ** 8        # gen: at most this many images (2000 x FID-50k); a list of that many --seeds is a few GB
+MAX_WORKERS = 64            # --workers: more image-reading processes than this only exhaust the machine
 
 # Reference statistics of the training sets, by name (EDM's npz files; EDM2's img512.pkl).
 REF_URLS = {
@@ -392,6 +395,10 @@ class ImageDataset(torch.utils.data.Dataset):
             if os.path.isfile(os.path.join(path, 'dataset.json')):
                 with open(os.path.join(path, 'dataset.json'), 'rb') as f:
                     label_json = f.read()
+        elif not os.path.exists(path):
+            raise UserError(f'{path}: no such file or folder')
+        elif not os.path.isfile(path):         # a device or a pipe: reading it for a zip's directory never ends
+            raise UserError(f'{path}: neither a folder nor a regular file')
         elif zipfile.is_zipfile(path):
             self.kind = 'zip'
             with zipfile.ZipFile(path) as z:
@@ -399,15 +406,13 @@ class ImageDataset(torch.utils.data.Dataset):
                 self.names = sorted(n for n in all_names if n.lower().endswith(IMAGE_EXTENSIONS))
                 if 'dataset.json' in all_names:
                     label_json = z.read('dataset.json')
-        elif os.path.isfile(path) and _is_tarball(path):
+        elif _is_tarball(path):
             self.kind = 'cifar10'
             try:
                 self._arrays, self.labels = _read_cifar10(path)
             except (tarfile.TarError, EOFError, zlib.error) as e:
                 raise UserError(f'{path}: damaged tarball ({type(e).__name__})') from None
             self.names = [str(i) for i in range(len(self._arrays))]
-        elif not os.path.exists(path):
-            raise UserError(f'{path}: no such file or folder')
         else:
             raise UserError(f'{path}: not a folder of images, a zip or the CIFAR-10 tarball')
         if not self.names:
@@ -608,6 +613,20 @@ def save_images(images, seeds, outdir):
         networks.atomic_write(os.path.join(outdir, f'{seed:06d}.png'), lambda f: png.save(f, format='PNG'))
 
 
+def generated_pngs(outdir):
+    """The names save_images gives in `outdir` (none if it is not a folder)."""
+    return [f for f in os.listdir(outdir) if re.fullmatch(r'\d{6,}\.png', f)] if os.path.isdir(outdir) else []
+
+
+@contextlib.contextmanager
+def writing(what):
+    """Name the flag and path in the one-line error of a failed write (full or read-only disk), not a temporary file."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f'{what}: cannot write ({e.strerror or type(e).__name__})') from None
+
+
 def _read_png(outdir, seed):
     with open(os.path.join(outdir, f'{seed:06d}.png'), 'rb') as f:
         return _decode_image(f.read(), f'{seed:06d}.png')
@@ -686,17 +705,17 @@ def plot_metrics(rows, path, prefixes=('fid', 'is'), label=str):
 
 
 def parse_seeds(text):
-    """'0-49999' or '1,5,10-19' (ranges include both ends) -> list of ints."""
-    seeds = []
-    try:
-        for part in text.split(','):
-            lo, _, hi = part.strip().partition('-')
-            seeds.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
-    except ValueError:
-        raise UserError(f'--seeds {text}: expected e.g. 0-49999 or 1,5,10-19') from None
-    if not seeds:
-        raise UserError(f'--seeds {text}: no seeds')
-    return seeds
+    """'0-49999' or '1,5,10-19' (ranges include both ends; seeds 0..2**63-1, torch's int64) -> list of ints."""
+    ranges = []
+    for part in text.split(','):
+        m = re.fullmatch(r'\s*(\d{1,19})\s*(?:-\s*(\d{1,19})\s*)?', part)
+        if not m or not int(m[1]) <= int(m[2] or m[1]) < 2 ** 63:
+            raise UserError(f'--seeds {text}: expected e.g. 0-49999 or 1,5,10-19 (ascending ranges of 0 to 2**63-1)')
+        ranges.append(range(int(m[1]), int(m[2] or m[1]) + 1))
+    total = sum(map(len, ranges))                   # counted before the list is made
+    if total > MAX_IMAGES:
+        raise UserError(f'--seeds {text}: {total:,} seeds, more than {MAX_IMAGES:,}')
+    return [seed for r in ranges for seed in r]
 
 # ----------------------------------------------------------------------------------------------------
 # Command line.
@@ -705,7 +724,8 @@ def cmd_ref(args, device):
     result = dataset_metrics(args.data, load_detector(args.detector, device), num=args.num, batch=args.batch,
                              device=device, workers=args.workers)
     if rank() == 0:
-        save_ref(args.dest, result['mu'], result['sigma'])
+        with writing(f'--dest {args.dest}'):
+            save_ref(args.dest, result['mu'], result['sigma'])
         print(f'saved statistics of {result["num"]} images of {args.data} to {args.dest}')
 
 
@@ -729,7 +749,7 @@ def cmd_gen(args, device):
         raise UserError('gen: nothing to do; pass --ref to measure FID, --outdir to save images, or both')
     if args.trials > 1 and (not args.ref or args.outdir or args.seeds):
         raise UserError(f'--trials {args.trials}: FID only, from seeds 0.. on (pass --ref; drop --outdir and --seeds)')
-    seeds = parse_seeds(args.seeds) if args.seeds else list(range(args.num * args.trials))
+    seeds = parse_seeds(args.seeds) if args.seeds else range(args.num * args.trials)
     num = args.num if args.num is not None else len(seeds)
     if len(seeds) < num:
         raise UserError(f'--seeds {args.seeds} gives {len(seeds)} seeds, fewer than --num {num}')
@@ -741,7 +761,8 @@ def cmd_gen(args, device):
     def generate(batch_seeds):
         images = generate_images(G, batch_seeds, args.init_sigma, device, vae=vae)
         if args.outdir:
-            save_images(images, batch_seeds, args.outdir)
+            with writing(f'--outdir {args.outdir}'):
+                save_images(images, batch_seeds, args.outdir)
         return images
 
     if ref is not None:
@@ -766,8 +787,9 @@ def cmd_gen(args, device):
             dist.barrier()                      # every rank has written its PNGs; rank 0 reads the grid's back
         if rank() == 0:
             first = seeds[:min(num, GRID_IMAGES)]
-            grid = grid_path(args.outdir)
-            save_grid(torch.from_numpy(np.stack([_read_png(args.outdir, seed) for seed in first])), grid)
+            grid, images = grid_path(args.outdir), np.stack([_read_png(args.outdir, seed) for seed in first])
+            with writing(f'--outdir {args.outdir} (its grid {grid})'):
+                save_grid(torch.from_numpy(images), grid)
             print(f'wrote {num} images to {args.outdir} and the first {len(first)} as a grid to {grid}', file=sys.stderr)
     if ref is not None and args.trials == 1:
         _report(results[0], num)
@@ -806,6 +828,15 @@ def _report(result, num, prefix=''):
         if 'is' in result:
             print(f'{prefix}is ({num} images): {result["is"]:.4f} +- {result["is_std"]:.4f}')
         print(f'{prefix}fid ({num} images): {result["fid"]:.4f}')
+
+
+def unwritable(folder):
+    """None if files can be made in `folder` (created when missing), else the path that stops it: the nearest
+    one on the way that exists. Checked before the work whose result goes there; a full disk shows only then."""
+    path = os.path.abspath(folder)
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    return None if os.path.isdir(path) and os.access(path, os.R_OK | os.W_OK | os.X_OK) else path
 
 
 class _Parser(argparse.ArgumentParser):
@@ -858,16 +889,31 @@ def parse_args(argv=None):
     for flag in ('num', 'batch', 'trials'):
         if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
             parser.error(f'--{flag} must be at least 1')
-    if getattr(args, 'workers', 0) < 0:
-        parser.error('--workers must be at least 0')
+    if not 0 <= getattr(args, 'workers', 0) <= MAX_WORKERS:
+        parser.error(f'--workers must be 0 to {MAX_WORKERS}')
+    if args.command == 'gen' and (args.num or 0) * args.trials > MAX_IMAGES:
+        trials = f' x --trials {args.trials}' if args.trials > 1 else ''
+        parser.error(f'--num {args.num}{trials}: more than {MAX_IMAGES:,} images')
     if args.command == 'gen' and not (0 < args.init_sigma < math.inf):
         parser.error(f'--init-sigma {args.init_sigma}: must be a positive noise level')
-    if args.command == 'gen' and args.outdir and os.path.exists(args.outdir) and not os.path.isdir(args.outdir):
-        parser.error(f'--outdir {args.outdir}: not a folder')
-    if args.command == 'ref' and os.path.isdir(args.dest):
-        parser.error(f'--dest {args.dest}: a folder, not a file name')
-    if args.command == 'ref' and os.path.exists(args.dest):
-        parser.error(f'--dest {args.dest} exists: remove it or choose another name')
+    if args.command == 'gen' and args.outdir:
+        if os.path.exists(args.outdir) and not os.path.isdir(args.outdir):
+            parser.error(f'--outdir {args.outdir}: not a folder')
+        grid = grid_path(args.outdir)
+        for folder in (args.outdir, os.path.dirname(grid)):                # the grid goes beside the images
+            if blocked := unwritable(folder):
+                parser.error(f'--outdir {args.outdir}: cannot write in {blocked} (not a writable folder)')
+        held = len(generated_pngs(args.outdir))
+        found = ([f'{held} generated images'] if held else []) + ([f'its grid {grid}'] if os.path.exists(grid) else [])
+        if found:               # new images among old ones would be measured together by calc --images
+            parser.error(f'--outdir {args.outdir} has {" and ".join(found)}: remove them or choose another folder')
+    if args.command == 'ref':
+        if os.path.isdir(args.dest):
+            parser.error(f'--dest {args.dest}: a folder, not a file name')
+        if os.path.exists(args.dest):
+            parser.error(f'--dest {args.dest} exists: remove it or choose another name')
+        if blocked := unwritable(os.path.dirname(os.path.abspath(args.dest))):
+            parser.error(f'--dest {args.dest}: cannot write in {blocked} (not a writable folder)')
     return args
 
 
@@ -883,6 +929,11 @@ def main(argv=None):
     except (UserError, OSError) as e:
         print(f'error: {e}'.splitlines()[0], file=sys.stderr)
         return 1
+    except KeyboardInterrupt:       # gen's --outdir held no generated images at the start: all there are this run's
+        outdir = getattr(args, 'outdir', None)
+        print(f'interrupted: {len(generated_pngs(outdir))} images in {outdir}' if outdir else 'interrupted',
+              file=sys.stderr)
+        return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -10,6 +10,8 @@
 #      `parse_arguments "$@"`, which sets mode (train or eval), method, setting, dry_run, extra;
 #   2. sets the run's settings, each one the sida.py flag of the same name:
 #        batch          images per iteration, all GPUs together
+#        batch_gpu      images per GPU and accumulation round (upstream's; BATCH_GPU overrides it, and
+#                       it shrinks to batch / GPUs on more GPUs than the batch needs)
 #        lr             Adam learning rate of the fake score network and of the generator (lr = glr)
 #        precision      arithmetic of the networks (fp32, tf32, bf16, fp16)
 #        dropout        dropout of the trained networks (fake score network, generator)
@@ -266,6 +268,9 @@ launch() {  # after the script's settings: environment, checks, downloads, then 
     check_extra
     download
     local launcher args
+    # torchrun passes a SIGTERM on to the workers and kills them 30 s later (torch's default), before a large
+    # run has finished its iteration and saved its state: give them 10 minutes (torch 2.13 reads this variable).
+    export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}
     if ((nnodes == 1)) && [[ -z ${MASTER_ADDR:-} ]]; then
         launcher=(torchrun --standalone --nproc_per_node="$ngpu")
     else
@@ -285,6 +290,7 @@ launch() {  # after the script's settings: environment, checks, downloads, then 
           --metrics fid50k --ref "$ref" --detector "$detector" "${run_flags[@]}")
     [[ $method != sid ]] && args+=(--lsd "$lsd" --lsg-gan "$lsg_gan")
     [[ $method == sid2a ]] && args+=(--init-generator "$init_generator")
-    [[ -n ${BATCH_GPU:-} ]] && args+=(--batch-gpu "$BATCH_GPU")
+    local per_gpu=${BATCH_GPU:-$((batch_gpu < batch / (ngpu * nnodes) ? batch_gpu : batch / (ngpu * nnodes)))}
+    args+=(--batch-gpu "$per_gpu")
     run "${launcher[@]}" "$here/sida.py" "${args[@]}" "${extra[@]}"
 }

@@ -126,7 +126,12 @@ def atomic_write(path, write):
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
     try:
         with os.fdopen(fd, 'wb') as f:
-            write(f)
+            try:
+                write(f)
+            except RuntimeError as e:   # torch.save reports a failed write (a full disk) as a RuntimeError
+                if isinstance(e.__context__, OSError):
+                    raise e.__context__ from None
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)                  # mkstemp creates 0600; the result is an ordinary file
@@ -1474,7 +1479,9 @@ def _load_official_pickle(path):
 
 def _load_sida_file(path):
     try:
-        data = torch.load(path, map_location='cpu', weights_only=True)
+        with warnings.catch_warnings():       # torch warns of a TorchScript file before refusing it: one line only
+            warnings.simplefilter('ignore')
+            data = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r'(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)', str(e))
         what = f'the global {found.group(1)}' if found else 'objects'

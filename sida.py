@@ -66,8 +66,13 @@ class HelpFormatter(argparse.HelpFormatter):
         return {int: 'N', float: 'X'}.get(action.type, 'PATH')
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):         # an unknown or malformed flag: one line and status 1, as any bad input
+        raise UserError(message)
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description='SiD / SiDA / SiD²A distillation of EDM and EDM2 teachers. '
+    p = Parser(description='SiD / SiDA / SiD²A distillation of EDM and EDM2 teachers. '
                                 'Quick start: python sida.py --preset toy', usage='%(prog)s [flags]',
                                 allow_abbrev=False, formatter_class=HelpFormatter)
     a = p.add_argument_group('run', 'fixed for a run: --resume keeps them (given again, they must agree)').add_argument
@@ -156,8 +161,11 @@ def parse_args(argv=None):
             args.init_generator = toy.shipped('sid-generator', args.arch)
     check_args(args)
     # Flags that contradict each other, or say nothing.
-    if args.resume == '':
-        raise UserError('--resume: an empty folder name')
+    if args.resume == '' or args.outdir == '':
+        raise UserError(f'--{"resume" if args.resume == "" else "outdir"}: an empty folder name')
+    if args.resume and os.path.isfile(args.resume):
+        raise UserError(f'--resume {args.resume}: a file; --resume takes the run\'s folder '
+                        f'({os.path.dirname(args.resume) or "."})')
     if args.resume and 'outdir' in args.explicit and os.path.abspath(args.outdir) != os.path.abspath(args.resume):
         raise UserError(f'--resume {args.resume} and --outdir {args.outdir} name different folders '
                         f'(a run continues in its own)')
@@ -170,19 +178,21 @@ def parse_args(argv=None):
 # flag needs an entry here (a test checks that every one has).
 POSITIVE, AT_LEAST_0, PROBABILITY = (lambda v: v > 0, '> 0'), (lambda v: v >= 0, '>= 0'), (lambda v: 0 <= v <= 1, 'in [0, 1]')
 ANY = (lambda v: True, 'a finite number')
+COUNT = (lambda v: 0 < v <= 2**31, 'in 1..2**31')
 FLAG_RANGES = dict(
-    alpha=ANY, tmax=(lambda v: 0 < v <= 1000, 'in 1..1000'), init_sigma=POSITIVE, batch=POSITIVE, lr=AT_LEAST_0,
+    alpha=ANY, tmax=(lambda v: 0 < v <= 1000, 'in 1..1000'), init_sigma=POSITIVE, batch=COUNT, lr=AT_LEAST_0,
     glr=AT_LEAST_0, ls=AT_LEAST_0, lsg=AT_LEAST_0, lsd=AT_LEAST_0, lsg_gan=AT_LEAST_0, ema=AT_LEAST_0,
     ema_rampup=AT_LEAST_0, dropout=PROBABILITY, augment=PROBABILITY, p_mean=ANY, p_std=POSITIVE,
-    gen_start_kimg=AT_LEAST_0, adv_start_kimg=AT_LEAST_0, seed=AT_LEAST_0, duration=POSITIVE, batch_gpu=POSITIVE,
-    tick=POSITIVE, snap=POSITIVE, dump=POSITIVE, max_nonfinite=POSITIVE)
+    gen_start_kimg=AT_LEAST_0, adv_start_kimg=AT_LEAST_0, seed=(lambda v: 0 <= v < 2**40, 'in 0..2**40'),
+    duration=(lambda v: 1e-6 <= v <= 1e6, 'in 1e-6..1e6 (one image to 10^12)'), batch_gpu=COUNT,
+    tick=POSITIVE, snap=COUNT, dump=COUNT, max_nonfinite=COUNT)
 
 
 def check_args(args):
     """Every flag's value on its own, before anything loads: one line naming the first flag out of range."""
     for k, (ok, what) in FLAG_RANGES.items():
         v = getattr(args, k)
-        if v is not None and not (math.isfinite(v) and ok(v)):
+        if v is not None and not (ok(v) and math.isfinite(v)):       # (ok first: an int past float's range fails it)
             raise UserError(f'--{k.replace("_", "-")} {v}: must be {what}')
     # (A resumed run checks its saved --batch once it is read.)
     if args.batch_gpu and args.batch % args.batch_gpu and (args.resume is None or 'batch' in args.explicit):
@@ -501,6 +511,7 @@ class SiDA:
     def __init__(self, args, teacher, G_init, sampler, world, batch_gpu, device, memory_format=torch.channels_last):
         # memory_format: the networks' layout on a GPU (bench.py --memory-format compares the two).
         self.args, self.sampler, self.device = args, sampler, device
+        self.teacher_sums = teacher_sums(teacher)                   # which teacher: saved with the state
         self.teacher = networks.freeze(teacher)                      # no gradient of its own (loaded ones come frozen)
         self.world, self.batch_gpu = world, batch_gpu
         self.batch_per_gpu = args.batch // world                     # B in "sum * scale / B"
@@ -553,8 +564,9 @@ class SiDA:
             self.compile()
 
     def compile(self, mode=None):
-        """torch.compile the five network calls: one graph per call signature and network class (3 with EDM
-        networks, 4 with EDM2). A graph that fails to compile runs eagerly (dynamo logs why). mode: torch.compile's
+        """torch.compile the five network calls: one graph per call signature and network class (without
+        dropout 3 with EDM networks, 4 with EDM2; the CIFAR-10 runs, with dropout, trace 4). A graph that fails
+        to compile runs eagerly (dynamo logs why). mode: torch.compile's
         (bench.py's cudagraphs mode passes 'reduce-overhead')."""
         import torch._dynamo
         torch._dynamo.config.suppress_errors = True
@@ -677,7 +689,7 @@ def save_state(path, sida, slots, nimg, tick, best, args, rank):
         'format': 'sida-training-state', 'nimg': nimg, 'tick': tick, 'best': best,
         'args': {k: getattr(args, k) for k in RUN_FLAGS},
         'session_args': {k: getattr(args, k) for k in SESSION_FLAGS},
-        'teacher_config': sida.teacher.config,
+        'teacher_config': sida.teacher.config, 'teacher_sums': sida.teacher_sums,
         'nets': {k: v.state_dict() for k, v in nets.items()},
         'opts': {k: v.state_dict() for k, v in opts.items()},
         'scalers': {k: v.state_dict() for k, v in scalers.items()},
@@ -701,6 +713,10 @@ def read_state(path, args):
         raise UserError(f'--resume: {path} is not a readable training state ({type(e).__name__})') from None
     if not isinstance(state, dict) or state.get('format') != 'sida-training-state':
         raise UserError(f'--resume: {path} is not a sida training state')
+    kinds = dict(nimg=int, tick=int, args=dict, session_args=dict, teacher_config=dict, nets=dict, opts=dict,
+                 scalers=dict, rng=list)
+    if any(not isinstance(state.get(k), kind) for k, kind in kinds.items()):
+        raise UserError(f'--resume: {path} is a training state of another version of sida.py, or damaged')
     differ = [f'--{k.replace("_", "-")} {v!r} (now {getattr(args, k)!r})' for k, v in state['args'].items()
               if k in args.explicit and v != getattr(args, k)]
     if differ:
@@ -708,13 +724,28 @@ def read_state(path, args):
     for k, v in {**state['session_args'], **state['args']}.items():
         if k not in args.explicit:
             setattr(args, k, v)
+    try:
+        check_args(args)
+    except TypeError:
+        raise UserError(f'--resume: {path} holds flags of the wrong type (damaged?)') from None
     return state
 
 
-def restore_state(state, path, teacher, sida, slots, rank, world):
-    """Load networks, optimizers and random streams from a state; returns (nimg, tick, best)."""
+def teacher_sums(teacher):
+    """The sum of |w| of each of the teacher's tensors: the state's record of which teacher it distils."""
+    with torch.no_grad():
+        return torch.stack([p.detach().double().abs().sum() for p in teacher.state_dict().values()]).cpu()
+
+
+def restore_state(state, path, teacher, sida, slots, rank, world, metric):
+    """Load networks, optimizers and random streams from a state; returns (nimg, tick, best), best None when
+    the state's best was of another first metric than `metric`."""
     if state['teacher_config'] != teacher.config:
         raise UserError(f'--resume: {path} was written for a teacher of another architecture than --teacher')
+    sums = state.get('teacher_sums')                  # (absent from the states of before 2026-12-07)
+    if sums is not None and not (sums.shape == sida.teacher_sums.shape and
+                                 torch.allclose(sums, sida.teacher_sums, rtol=1e-6, atol=0)):
+        raise UserError(f'--resume: {path} was written with other teacher weights than --teacher {sida.args.teacher}')
     try:
         for objects, key in zip(sida.state(), ('nets', 'opts', 'scalers')):
             for k, v in objects.items():
@@ -734,6 +765,12 @@ def restore_state(state, path, teacher, sida, slots, rank, world):
     elif rank == 0:
         print(f'warning: resumed with another --batch-gpu than {path} was written with: the random streams of the '
               f'micro-batches restart', flush=True)
+    before = [name for name, _, _ in parse_metrics(state['session_args'].get('metrics', 'none'))][:1]
+    if state['best'] is not None and before != [metric]:
+        if rank == 0:
+            print(f'warning: the best generator so far was chosen by {"".join(before) or "none"}; generator-best.pt '
+                  f'is chosen by {metric or "nothing"} from now on', flush=True)
+        return state['nimg'], state['tick'], None
     return state['nimg'], state['tick'], state['best']
 
 # ----------------------------------------------------------------------------------------------------
@@ -941,7 +978,7 @@ def read_log(path):
                     row = json.loads(line)
                 except ValueError:
                     row = None
-                if isinstance(row, dict):
+                if isinstance(row, dict) and type(row.get('tick')) is int and type(row.get('kimg')) in (int, float):
                     rows.append(row)
                 else:
                     bad += bool(line.strip())
@@ -985,11 +1022,40 @@ def max_rank(value, device):
     return t.item()
 
 
+class StopVote:
+    """The ranks agree every iteration on whether to stop, without waiting for the GPU: each iteration's vote
+    (the number of a signal this rank got, or 0) is max-reduced on the device and read an iteration later,
+    when the device has long finished it. A signal to any rank thus stops them all one iteration later."""
+
+    def __init__(self, world, device):
+        self.world, self.device, self.event = world, device, None
+        self.agreed = torch.zeros(1, pin_memory=device.type == 'cuda')
+
+    def __call__(self, vote, now=False):
+        """The signal number the ranks agree on (0: go on); now: agree on this iteration's votes (a host sync)."""
+        if self.world == 1:
+            return vote
+        if now:
+            return int(max_rank(vote, self.device))
+        if self.event is not None:
+            self.event.synchronize()                  # the previous iteration's vote has arrived
+        agreed = int(self.agreed.item())
+        t = torch.full((1,), float(vote), device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        self.agreed.copy_(t, non_blocking=True)
+        if self.device.type == 'cuda':
+            self.event = torch.cuda.Event()
+            self.event.record()
+        return agreed
+
+
 def check_inputs(args, outdir):
     """What the run reads and where it writes, checked before the teacher is loaded or anything downloaded:
     the method's inputs are given, their paths exist (or are known names or URLs), --outdir can be a folder."""
     if args.method == 'sid2a' and args.init_generator is None:
         raise UserError('--method sid2a needs --init-generator (a distilled SiD generator)')
+    if args.method != 'sid2a' and args.init_generator is not None:
+        raise UserError(f'--init-generator is for --method sid2a; {args.method} starts from the teacher')
     if args.method != 'sid' and args.data is None:
         raise UserError(f'--method {args.method} needs real images for its discriminator: pass --data')
     kinds = {kind for _, kind, _ in parse_metrics(args.metrics)}
@@ -1011,17 +1077,30 @@ def check_inputs(args, outdir):
                                 ('--detector', args.detector if kinds & {'fid', 'is'} else None, {})):
         if source is not None and not (os.path.exists(source) or source in names or source.startswith(('http://', 'https://', 'file://'))):
             raise UserError(f'{flag} {source}: no such file, nor a known name or URL')
+    flag = '--resume' if args.resume else '--outdir'
     if os.path.exists(outdir) and not os.path.isdir(outdir):
-        raise UserError(f'{"--resume" if args.resume else "--outdir"} {outdir}: not a folder')
+        raise UserError(f'{flag} {outdir}: not a folder')
+    if blocked := fid.unwritable(outdir):
+        raise UserError(f'{flag} {outdir}: {blocked} is not a writable folder')
+
+
+# The files a run writes into its folder (and, with a dot and a suffix, their temporary files while written).
+RUN_FILES = re.compile(r'args\.json|log\.jsonl|log\.txt|training-state\.pt|metrics\.png|toy-comparison\.png|'
+                       r'samples-[\d.]+\.png|generator-([\d.]+|best)\.pt')
 
 
 def refuse_earlier_run(outdir, state_path):
     """A new run starts only in a folder without another run's results: a training state or generator
-    snapshots past 0 kimg. (A run stopped before its first state and snapshot starts again from scratch.)"""
+    snapshots past 0 kimg, nor files of someone else's. (A run stopped before its first state and snapshot
+    starts again from scratch.)"""
     if os.path.exists(state_path):
         raise UserError(f'--outdir {outdir} already holds a run: continue it with --resume {outdir} '
                         f'or choose another --outdir')
     names = os.listdir(outdir) if os.path.isdir(outdir) else []
+    foreign = sorted(n for n in names if not (RUN_FILES.fullmatch(n) or n.startswith('.')))
+    if foreign:
+        raise UserError(f'--outdir {outdir} holds files that are not a run\'s ({", ".join(foreign[:3])}'
+                        f'{", ..." if len(foreign) > 3 else ""}): choose an empty or new folder')
     initial = os.path.basename(snapshot_path(outdir, 0))
     snapshots = [n for n in names if re.fullmatch(r'generator-\d+\.\d+\.pt', n) and n != initial]
     if snapshots:
@@ -1105,6 +1184,10 @@ def distill_in(args, rank, world, device, outdir, state, state_path, start):
             raise UserError(f'--data {args.data}: labels span {int(labels.min())}..{int(labels.max())} but the '
                             f'teacher has {teacher.label_dim} classes')
     G_init = networks.load_network(args.init_generator, device) if args.method == 'sid2a' else teacher
+    makes = lambda net: (f'{net.img_channels}x{net.img_resolution}x{net.img_resolution} '
+                         f'{"latents" if net.latent else "images"} of {net.label_dim or "no"} classes')
+    if makes(G_init) != makes(teacher):
+        raise UserError(f'--init-generator {args.init_generator} makes {makes(G_init)}, the teacher {makes(teacher)}')
 
     sampler = Sampler(images, labels if teacher.label_dim else None, teacher.label_dim, shape, device)
     sida = SiDA(args, teacher, G_init, sampler, world, batch_gpu, device)
@@ -1112,21 +1195,25 @@ def distill_in(args, rank, world, device, outdir, state, state_path, start):
     evaluator = Evaluator(args, teacher.latent, device)
     nimg, cur_tick, best = 0, 0, None
     if state is not None:
-        nimg, cur_tick, best = restore_state(state, state_path, teacher, sida, slots, rank, world)
+        nimg, cur_tick, best = restore_state(state, state_path, teacher, sida, slots, rank, world,
+                                             evaluator.metrics[0][0] if evaluator.metrics else None)
     lock = claim_folder(outdir, state is None, state_path) if master else None    # held until the run ends
     start()
     log_path, rows = os.path.join(outdir, 'log.jsonl'), []
     if master:
-        for name in os.listdir(outdir):         # temporary files of atomic writes that a kill cut short
-            if name.startswith('.') and name.endswith('.tmp'):
+        for name in os.listdir(outdir):         # temporary files of this program's atomic writes that a kill cut short
+            if re.fullmatch(rf'\.({RUN_FILES.pattern})\.\w+\.tmp', name):
                 os.remove(os.path.join(outdir, name))
         # The log as of the state: rows past it are redone and unreadable lines dropped; a fresh run drops
         # the rows of an attempt stopped before its first state.
         if state is not None:
-            rows = [r for r in read_log(log_path) if r.get('tick', 0) <= cur_tick]
-        else:
-            networks.atomic_write(os.path.join(outdir, 'args.json'), lambda f: f.write(json.dumps(vars(args), indent=2).encode()))
-        networks.atomic_write(log_path, lambda f: f.write(''.join(json.dumps(r) + '\n' for r in rows).encode()))
+            rows = [r for r in read_log(log_path) if r['tick'] <= cur_tick]
+        try:
+            if state is None:
+                networks.atomic_write(os.path.join(outdir, 'args.json'), lambda f: f.write(json.dumps(vars(args), indent=2).encode()))
+            networks.atomic_write(log_path, lambda f: f.write(''.join(json.dumps(r) + '\n' for r in rows).encode()))
+        except OSError as e:
+            raise UserError(f'{outdir}: cannot write the run\'s files ({e.strerror or e})') from None
     if state is not None:
         log(f'resumed from {state_path} at {nimg / 1000:g} kimg')
     log(f'networks: {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M parameters each (teacher, fake score '
@@ -1165,7 +1252,7 @@ def training_loop(args, sida, slots, evaluator, teacher, start, rows, fresh, out
             is_best = best is not None and rows[-1].get(evaluator.metrics[0][0]) == best
             derived('the snapshot', save_snapshot, sida.G_ema, rows[-1], is_best, evaluator, args, outdir, device)
         return nimg, None
-    stop = []
+    stop, vote = [], StopVote(world, device)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.append(signum))
     if device.type == 'cuda':
@@ -1207,7 +1294,9 @@ def training_loop(args, sida, slots, evaluator, teacher, start, rows, fresh, out
             last = f'the last good state is {state_path}' if os.path.isfile(state_path) else 'no state was saved yet'
             raise UserError(f'no finite generated sample in {args.max_nonfinite} iterations in a row; stopped '
                             f'({last}); lower --lr/--glr or check the teacher')
-        if dump:
+        if dump and max_rank(sida.nonfinite_streak, device) > 0:    # the networks are likely broken: keep the last state
+            log(f'warning: no training state saved at {nimg / 1000:g} kimg: the last iteration generated no finite sample')
+        elif dump:
             try:
                 save_state(state_path, sida, slots, nimg, cur_tick, best, args, rank)
             except OSError as e:
@@ -1238,17 +1327,10 @@ def training_loop(args, sida, slots, evaluator, teacher, start, rows, fresh, out
                 uncompiled.discard(step)
                 log(f'--compile: the first iteration with the {step} step took {time.time() - t0:.1f} s')
         done = nimg >= total
-        # Ranks agree on a stop request every few iterations (a host sync; free in one process): a signal to
-        # any rank stops them all.
-        if world == 1:
-            stopping = bool(stop)
-        elif nimg // args.batch % 8 == 0 or done:
-            signum = int(max_rank(stop[0] if stop else 0, device))
-            stopping = signum > 0
-            if stopping and not stop:
-                stop.append(signum)
-        else:
-            stopping = False
+        signum = vote(stop[0] if stop else 0, now=done)    # a signal to any rank stops them all
+        stopping = signum > 0
+        if stopping and not stop:
+            stop.append(signum)
         if not (done or stopping or nimg >= tick_nimg + args.tick * 1000):
             continue
 
@@ -1288,6 +1370,9 @@ def main(argv=None):
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:        # before the loop (which saves and stops on Ctrl-C) or after it: nothing to save
+        print('error: interrupted', file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     if result['stopped_by']:                  # saved, not finished: 128 + the signal, as the shell reports a kill
         sys.exit(128 + result['stopped_by'])
 

@@ -1313,10 +1313,12 @@ def test_non_finite_samples_on_one_rank_stop_every_rank_in_one_line(tiny_teacher
 
 
 def test_a_signal_to_one_rank_stops_every_rank_and_is_reported(tiny_teacher, tmp_path):
+    # Rank 1 gets the signal in the 5th iteration (its 2nd generator step); every rank stops after the next one.
     r = run_faulty_pair(tmp_path, tiny_teacher, 'signal', '--duration', '0.000512')
+    assert r.returncode != 0, r.stderr[-2000:]                       # (torchrun's, for a worker's 143)
     log = (tmp_path / 'run' / 'log.txt').read_text()
-    assert f'stopped by signal {int(signal.SIGTERM)} at 0.064 kimg; continue with --resume' in log, log[-2000:]
-    assert torch.load(tmp_path / 'run' / 'training-state.pt', weights_only=True)['nimg'] == 64
+    assert f'stopped by signal {int(signal.SIGTERM)} at 0.048 kimg; continue with --resume' in log, log[-2000:]
+    assert torch.load(tmp_path / 'run' / 'training-state.pt', weights_only=True)['nimg'] == 48
 
 
 def test_a_run_resumed_on_another_number_of_processes_continues_every_random_stream(tiny_teacher, tmp_path):
@@ -1359,9 +1361,9 @@ def test_resume_repairs_a_cut_log_and_drops_rows_past_the_state(tiny_teacher, tm
     with open(log, 'a') as f:                        # tick 3 logged, then a kill while writing tick 4
         f.write(json.dumps(dict(rows[-1], tick=3, kimg=0.048)) + '\n' + '{"tick": 4, "kimg": 0.0')
     with open(log, 'ab') as f:                       # and lines no log has: bytes that are no UTF-8, a bare number
-        f.write(b'\n\xff\xfe\n3\n')
+        f.write(b'\n\xff\xfe\n3\n{"tick": "5"}\n')             # and a row of the wrong shape
     r = run_sida(tmp_path / 'x', tiny_teacher, '--duration', '0.000064', '--resume', str(tmp_path))
-    assert 'skipped 3 unreadable line(s)' in r.stdout
+    assert 'skipped 4 unreadable line(s)' in r.stdout
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r['tick'] for r in rows] == [0, 1, 2, 3, 4]
     assert torch.load(tmp_path / 'training-state.pt', weights_only=True)['nimg'] == 64
@@ -1471,10 +1473,9 @@ def test_preset_keeps_flags_given_on_the_command_line():
     assert (edm2.lr, edm2.glr, edm2.lsd, edm2.lsg_gan, edm2.batch) == (1e-3, 2e-4, 100., 0.01, sida.TOY_PRESET['batch'])
 
 
-def test_abbreviated_flags_are_refused(capsys):
-    with pytest.raises(SystemExit):
+def test_abbreviated_flags_are_refused():
+    with pytest.raises(UserError, match='--dur'):
         sida.parse_args(['--dur', '5'])
-    assert '--dur' in capsys.readouterr().err
 
 
 def test_fractional_ticks_give_one_snapshot_file_each(tiny_teacher, tmp_path):
@@ -1493,7 +1494,7 @@ UNREACHABLE = 'http://127.0.0.1:9/teacher.pkl'     # a teacher that fails only i
     (['--batch', '10', '--batch-gpu', '4'], '--batch 10 is not a multiple of --batch-gpu 4'),
     (['--method', 'sida', '--data', None], '--data'),
     (['--metrics', 'fid50k'], '--ref'),
-    (['--duration', '-1'], '--duration -1.0: must be > 0'),              # out of range: refused at parse time
+    (['--duration', '-1'], '--duration -1.0: must be in 1e-6..1e6'),              # out of range: refused at parse time
     # Inputs checked before the teacher is loaded (an unreachable one: it is never tried).
     (['--teacher', UNREACHABLE, '--data', '/nonexistent/images.zip'], '--data /nonexistent/images.zip: no such file'),
     (['--teacher', UNREACHABLE, '--metrics', 'fid50k', '--ref', '/nonexistent/ref.npz'], '--ref /nonexistent/ref.npz'),
@@ -1528,28 +1529,36 @@ def test_bad_inputs_give_one_line_errors_and_write_nothing(tiny_teacher, tmp_pat
 
 @pytest.mark.parametrize('argv, message', [
     (['--batch', '10', '--batch-gpu', '4'], '--batch 10 is not a multiple of --batch-gpu 4'),
-    (['--duration', 'nan'], '--duration nan: must be > 0'),
-    (['--batch', '-4'], '--batch -4: must be > 0'),
-    (['--batch-gpu', '0'], '--batch-gpu 0: must be > 0'),
+    (['--duration', 'nan'], '--duration nan: must be in 1e-6..1e6'),
+    (['--duration', '1e-300'], '--duration 1e-300: must be in 1e-6..1e6'),     # (no image at all)
+    (['--batch', '-4'], '--batch -4: must be in 1..2**31'),
+    (['--batch', '99999999999999999999'], '--batch 99999999999999999999: must be in 1..2**31'),
+    (['--batch-gpu', '0'], '--batch-gpu 0: must be in 1..2**31'),
     (['--tick', '0'], '--tick 0.0: must be > 0'),
-    (['--snap', '0'], '--snap 0: must be > 0'),
-    (['--dump', '-1'], '--dump -1: must be > 0'),
+    (['--snap', '0'], '--snap 0: must be in 1..2**31'),
+    (['--dump', '-1'], '--dump -1: must be in 1..2**31'),
     (['--lr', '-0.5'], '--lr -0.5: must be >= 0'),
     (['--glr', 'inf'], '--glr inf: must be >= 0'),
     (['--augment', '1.5'], '--augment 1.5: must be in [0, 1]'),
     (['--dropout', '-0.1'], '--dropout -0.1: must be in [0, 1]'),
     (['--tmax', '0'], '--tmax 0: must be in 1..1000'),
     (['--init-sigma', '0'], '--init-sigma 0.0: must be > 0'),
-    (['--seed', '-1'], '--seed -1: must be >= 0'),
-    (['--max-nonfinite', '0'], '--max-nonfinite 0: must be > 0'),
+    (['--seed', '-1'], '--seed -1: must be in 0..2**40'),
+    (['--seed', '18446744073709'], '--seed 18446744073709: must be in 0..2**40'),   # (its streams' seeds overflow)
+    (['--max-nonfinite', '0'], '--max-nonfinite 0: must be in 1..2**31'),
     (['--p-std', '0'], '--p-std 0.0: must be > 0'),
     (['--alpha', 'nan'], '--alpha nan: must be a finite number'),
     (['--metrics', 'fid50'], '--metrics: unknown metric "fid50"'),
     (['--ema', '-1'], '--ema -1.0: must be >= 0'),
     (['--lsg-gan', '-1'], '--lsg-gan -1.0: must be >= 0'),
     (['--gen-start-kimg', '-1'], '--gen-start-kimg -1.0: must be >= 0'),
+    (['--outdir', ''], '--outdir: an empty folder name'),
+    (['--resume', 'FILE'], '--resume FILE: a file; --resume takes the run\'s folder'),
+    (['--bogus'], 'unrecognized arguments: --bogus'),
 ])
-def test_flags_out_of_range_are_refused_at_parse_time(argv, message):
+def test_flags_out_of_range_are_refused_at_parse_time(argv, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'FILE').write_text('')
     with pytest.raises(UserError) as error:
         sida.parse_args(['--data', 'toy', *argv])
     assert str(error.value).startswith(message), str(error.value)
@@ -1597,19 +1606,21 @@ def test_failed_start_in_an_existing_folder_leaves_it_as_it_was(tiny_teacher, tm
     """A failure after the teacher, the data and the networks are loaded writes nothing either: log.txt
     is not appended to and no args.json appears."""
     (tmp_path / 'out').mkdir()
-    (tmp_path / 'out' / 'notes.txt').write_text('mine')
+    (tmp_path / 'out' / 'log.txt').write_text('an attempt stopped before its first state\n')
     write_dataset(tmp_path / 'd', 4, 16)              # unlabelled, for a conditional teacher: found once loaded
     r = subprocess.run([sys.executable, os.path.join(HERE, 'sida.py'), '--teacher', tiny_teacher, '--data',
                         str(tmp_path / 'd'), '--cond', '--metrics', 'none', '--device', 'cpu', '--outdir',
                         str(tmp_path / 'out')], capture_output=True, text=True)
     assert r.returncode == 1 and 'class labels' in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert os.listdir(tmp_path / 'out') == ['notes.txt']
+    assert os.listdir(tmp_path / 'out') == ['log.txt']
+    assert (tmp_path / 'out' / 'log.txt').read_text() == 'an attempt stopped before its first state\n'
 
 
 @pytest.mark.parametrize('argv, message', [
     (['--duration', '-1'], '--duration'),
     (['--data', '/nonexistent/images'], '--data'),
     (['--teacher', 'OTHER'], 'another architecture'),        # found once both are loaded
+    (['--teacher', 'MOVED'], 'other teacher weights'),       # the same architecture, one weight moved
 ])
 def test_a_bad_resume_changes_nothing_in_the_run(tiny_teacher, tmp_path, argv, message):
     run_sida(tmp_path / 'run', tiny_teacher, '--duration', '0.000016')
@@ -1617,7 +1628,11 @@ def test_a_bad_resume_changes_nothing_in_the_run(tiny_teacher, tmp_path, argv, m
     torch.manual_seed(0)
     networks.save_network(networks.build_network({**TINY, 'kwargs': {**TINY['kwargs'], 'model_channels': 16}}),
                           str(tmp_path / 'other.pt'))
-    argv = [str(tmp_path / 'other.pt') if a == 'OTHER' else a for a in argv]
+    moved = networks.load_network(tiny_teacher, 'cpu')
+    with torch.no_grad():
+        next(moved.parameters()).view(-1)[0] += 0.1
+    networks.save_network(moved, str(tmp_path / 'moved.pt'))
+    argv = [str(tmp_path / {'OTHER': 'other.pt', 'MOVED': 'moved.pt'}[a]) if a in ('OTHER', 'MOVED') else a for a in argv]
     r = subprocess.run([sys.executable, os.path.join(HERE, 'sida.py'), '--resume', str(tmp_path / 'run'), *argv],
                        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=60)
     assert r.returncode == 1 and 'Traceback' not in r.stderr
@@ -1664,6 +1679,94 @@ def test_a_new_run_refuses_a_folder_with_an_earlier_runs_results(tiny_teacher, t
     assert {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)} == before
 
 
+def test_a_new_run_refuses_a_folder_of_other_files_and_removes_only_its_own_temporary_files(tiny_teacher, tmp_path):
+    (tmp_path / 'mine').mkdir()
+    (tmp_path / 'mine' / 'args.json').write_text('{"my": "settings"}')
+    (tmp_path / 'mine' / 'notes.txt').write_text('mine')
+    r = run_sida(tmp_path / 'mine', tiny_teacher, '--duration', '0.000008', check=False)
+    assert r.returncode == 1 and 'holds files that are not a run\'s (notes.txt)' in r.stderr, r.stderr
+    assert sorted(os.listdir(tmp_path / 'mine')) == ['args.json', 'notes.txt']
+    assert (tmp_path / 'mine' / 'args.json').read_text() == '{"my": "settings"}'
+    (tmp_path / 'run').mkdir()                       # a kill's leftovers: this program's temporary file, and another's
+    (tmp_path / 'run' / '.log.jsonl.k3j_x9a2.tmp').write_text('')
+    (tmp_path / 'run' / '.editor-swap.tmp').write_text('')
+    run_sida(tmp_path / 'run', tiny_teacher, '--duration', '0.000008')
+    assert '.editor-swap.tmp' in os.listdir(tmp_path / 'run') and '.log.jsonl.k3j_x9a2.tmp' not in os.listdir(tmp_path / 'run')
+
+
+@pytest.mark.parametrize('case', ['outdir under a file', 'init-generator without sid2a', 'init-generator of other images'])
+def test_inputs_that_do_not_fit_are_refused_before_the_folder_is_written(tiny_teacher, tmp_path, capsys, case):
+    other = networks.build_network({**TINY, 'kwargs': {**TINY['kwargs'], 'img_channels': 1}})
+    networks.save_network(other, str(tmp_path / 'gray.pt'))
+    (tmp_path / 'file').write_text('')
+    argv, message = {
+        'outdir under a file': (['--outdir', str(tmp_path / 'file' / 'run')], 'is not a writable folder'),
+        'init-generator without sid2a': (['--init-generator', str(tmp_path / 'gray.pt')], 'is for --method sid2a'),
+        'init-generator of other images': (['--method', 'sid2a', '--init-generator', str(tmp_path / 'gray.pt')],
+                                           'makes 1x16x16 images of 4 classes, the teacher 3x16x16 images of 4 classes'),
+    }[case]
+    with pytest.raises(SystemExit) as e:
+        sida.main(tiny_run_argv(tmp_path / 'out', tiny_teacher, *argv))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_ctrl_c_before_the_loop_is_one_line(tiny_teacher, tmp_path, capsys, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(networks, 'load_network', interrupted)
+    with pytest.raises(SystemExit) as e:
+        sida.main(tiny_run_argv(tmp_path, tiny_teacher))
+    assert e.value.code == 130 and capsys.readouterr().err == 'error: interrupted\n'
+
+
+def test_no_state_is_saved_while_no_sample_is_finite(tiny_teacher, tmp_path, capsys, monkeypatch):
+    """A state saved in a non-finite streak would hold the broken networks: the state before it is kept,
+    and it is the one the stop message names."""
+    step, calls = sida.SiDA.generator_step, []
+
+    def failing_from_the_3rd(self, *a, **k):
+        step(self, *a, **k)
+        calls.append(1)
+        if len(calls) >= 3:                       # (the counters as generator_step keeps them when it drops all)
+            self.nonfinite_streak = torch.tensor(len(calls) - 2.)
+            self.worst_streak = torch.maximum(self.worst_streak, self.nonfinite_streak)
+    monkeypatch.setattr(sida.SiDA, 'generator_step', failing_from_the_3rd)
+    with pytest.raises(SystemExit):               # generator steps from iteration 4: states at 16 and 32 images
+        sida.main(tiny_run_argv(tmp_path, tiny_teacher, '--duration', '0.000096', '--dump', '1', '--max-nonfinite', '4'))
+    out, err = capsys.readouterr()
+    assert 'warning: no training state saved at 0.048 kimg' in out and 'no finite generated sample in 4' in err, out
+    assert torch.load(tmp_path / 'training-state.pt', weights_only=True)['nimg'] == 32
+
+
+def test_a_resume_with_another_first_metric_starts_the_best_generator_afresh(tiny_teacher, tmp_path):
+    run_sida(tmp_path, tiny_teacher, '--duration', '0.000008', '--metrics', 'fd', '--snap', '1')
+    assert 'fd' in networks.load_network(str(tmp_path / 'generator-best.pt'), 'cpu').meta
+    r = run_sida(tmp_path / 'x', tiny_teacher, '--duration', '0.000016', '--metrics', 'fd1k', '--resume', str(tmp_path))
+    assert 'chosen by fd; generator-best.pt is chosen by fd1k from now on' in r.stdout
+    assert 'fd1k' in networks.load_network(str(tmp_path / 'generator-best.pt'), 'cpu').meta
+
+
+def test_a_state_of_another_version_is_refused_in_one_line(tiny_teacher, tmp_path):
+    run_sida(tmp_path / 'run', tiny_teacher, '--duration', '0.000008')
+    path = tmp_path / 'run' / 'training-state.pt'
+    state = torch.load(path, weights_only=True)
+    del state['rng']
+    torch.save(state, path)
+    r = run_sida(tmp_path / 'x', tiny_teacher, '--resume', str(tmp_path / 'run'), check=False)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
+    assert 'is a training state of another version of sida.py, or damaged' in r.stderr, r.stderr
+
+
+def test_a_full_disk_when_a_run_starts_is_one_line(tiny_teacher, tmp_path, capsys, monkeypatch):
+    full_disk_at(monkeypatch, networks, 'atomic_write', 1)            # args.json
+    with pytest.raises(SystemExit) as e:
+        sida.main(tiny_run_argv(tmp_path, tiny_teacher))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and 'cannot write the run\'s files (No space left on device)' in err and len(err.splitlines()) == 1
+
+
 def test_outdir_that_is_a_file_is_refused(tiny_teacher, tmp_path):
     (tmp_path / 'out').write_text('mine')
     r = run_sida(tmp_path / 'out', tiny_teacher, '--duration', '0.000008', check=False)
@@ -1690,6 +1793,9 @@ def test_run_that_stays_nonfinite_stops_and_keeps_the_last_good_state(tmp_path):
         net.model.dec['16x16_aux_conv'].bias.fill_(float('nan'))     # every denoised output is NaN
     networks.save_network(net, str(tmp_path / 'nan.pt'))
     run_sida(tmp_path / 'run', str(tmp_path / 'good.pt'), '--duration', '0.000016')
+    state = torch.load(tmp_path / 'run' / 'training-state.pt', weights_only=True)
+    del state['teacher_sums']           # (as states written before it was recorded: the NaN teacher is let in)
+    torch.save(state, tmp_path / 'run' / 'training-state.pt')
     good = (tmp_path / 'run' / 'training-state.pt').read_bytes()
     r = run_sida(tmp_path / 'run', str(tmp_path / 'nan.pt'), '--duration', '0.0001', '--resume', str(tmp_path / 'run'),
                  '--max-nonfinite', '2', '--tick', '0.024', '--dump', '1', check=False)
@@ -1815,9 +1921,25 @@ def test_a_run_killed_before_its_first_state_starts_again_from_scratch(tiny_teac
     assert training_rows(tmp_path) == training_rows(uninterrupted)
 
 
+class FillingFile:
+    """A file that fills the disk after `room` bytes: its writes then fail as a full disk's do."""
+
+    def __init__(self, file, room):
+        self.file, self.room = file, room
+
+    def write(self, data):
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def flush(self):
+        self.file.flush()
+
+
 def full_disk_at(monkeypatch, owner, name, nth, applies=lambda *a: True):
-    """Make the nth call of owner.name (among those `applies` to) fail as a full disk does, after writing a
-    partial file when it is a torch.save."""
+    """Make the nth call of owner.name (among those `applies` to) fail as a full disk does: torch.save
+    writes into a file that fills up (it then raises what torch raises), anything else raises ENOSPC."""
     original, calls = getattr(owner, name), []
 
     def fail(*a, **k):
@@ -1825,7 +1947,7 @@ def full_disk_at(monkeypatch, owner, name, nth, applies=lambda *a: True):
             calls.append(1)
             if len(calls) == nth:
                 if name == 'save':
-                    a[1].write(b'PK\x03\x04partial')
+                    return original(a[0], FillingFile(a[1], room=1000), *a[2:], **k)
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return original(*a, **k)
     monkeypatch.setattr(owner, name, fail)
@@ -3199,7 +3321,7 @@ def test_cifar_dry_run_carries_published_settings(env, method, cond):
     assert ('--cond' in flags) == (cond == 'cond')
     assert ('--init-generator' in flags) == (method == 'sid2a')
     assert flags['--outdir'] == f'runs/cifar10-{cond}-{method}'
-    assert '--batch-gpu' not in flags
+    assert flags['--batch-gpu'] == '32'                # upstream's per-GPU batch (on 8 GPUs, the whole share)
     assert '--nproc_per_node=8' in launcher
 
 
@@ -3479,13 +3601,15 @@ def test_extra_arguments_pass_through_verbatim(env, data512, script, setting):
     assert sida_args[-len(extra):] == extra
 
 
-@pytest.mark.parametrize('script, setting', [(CIFAR, 'cond'), (IMAGENET, '64')])
-def test_batch_gpu_is_passed_only_when_set(env, data64, script, setting):
-    _, flags, _ = split_command(run(script, 'sida', setting, '--dry-run', env=env, DATA=str(data64)).stdout)
-    assert '--batch-gpu' not in flags
-    r = run(script, 'sida', setting, '--dry-run', env=env, DATA=str(data64), BATCH_GPU='16')
-    _, flags, _ = split_command(r.stdout)
-    assert flags['--batch-gpu'] == '16'
+@pytest.mark.parametrize('script, setting, official', [(CIFAR, 'cond', 32), (IMAGENET, '64', 32), (IMAGENET, '512-xs', 64),
+                                                       (IMAGENET, '512-xl', 16), (IMAGENET, '512-xxl', 2)])
+def test_batch_gpu_is_upstreams_unless_set(env, data64, data512, script, setting, official):
+    """Upstream's per-GPU batch: it fits a GPU, and SiDA's adversarial loss averages over it."""
+    data = data512 if setting.startswith('512') else data64
+    flags = lambda **k: split_command(run(script, 'sida', setting, '--dry-run', env=dict(env, **k), DATA=str(data)).stdout)[1]
+    assert flags()['--batch-gpu'] == str(official)
+    assert flags(BATCH_GPU='1')['--batch-gpu'] == '1'
+    assert flags(NGPU='16')['--batch-gpu'] == str(min(official, int(flags()['--batch']) // 16))
 
 
 @pytest.mark.parametrize('script, setting', [(CIFAR, 'uncond'), (IMAGENET, '512-xxl')])
@@ -3763,3 +3887,117 @@ def test_the_shell_files_repeat_no_block_of_six_lines():
     rows = [line.split() for line in r.stdout.splitlines() if line.startswith('D') and ' ~ ' in line]
     between = [' '.join(row) for row in rows if {row[1].split(':')[0], row[3].split(':')[0]} <= shell]
     assert between == [], r.stdout
+
+# ----------------------------------------------------------------------------------------------------
+# fid.py: inputs that would overwrite earlier images, exhaust memory, hang or fail only at the end; Ctrl-C.
+
+def test_gen_refuses_an_outdir_holding_generated_images_or_their_grid_and_accepts_an_empty_one(tmp_path, capsys):
+    """Images of another generator (or a smaller --num) written among old ones would be measured together."""
+    networks.save_network(small_generator(), str(tmp_path / 'G.pt'))
+    out, grid = tmp_path / 'out', tmp_path / 'out-grid.png'
+    out.mkdir()
+    argv = ['gen', '--network', tmp_path / 'G.pt', '--outdir', out, '--seeds']
+    assert run_cli(argv + ['0-3'], capsys)[0] == 0
+    images, grid_png = {p.name: p.read_bytes() for p in out.iterdir()}, grid.read_bytes()
+    for remove in ([], [grid], list(out.iterdir())):        # images and grid, the images alone, the grid alone
+        for p in remove:
+            p.unlink()
+        with pytest.raises(SystemExit) as e:
+            run_cli(argv + ['10-11'], capsys)
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and len(err.splitlines()) == 1
+        assert err.startswith(f'error: --outdir {out} has ')
+        assert err.endswith(': remove them or choose another folder\n')
+        if not remove:
+            assert {p.name: p.read_bytes() for p in out.iterdir()} == images and grid.read_bytes() == grid_png
+        grid.write_bytes(grid_png)
+
+
+def test_seeds_beyond_int64_malformed_ranges_and_too_many_seeds_are_refused(monkeypatch):
+    monkeypatch.setattr(fid, 'MAX_IMAGES', 11)          # counted from the ranges, before a list of them is made
+    assert fid.parse_seeds('0-5, 6-10') == list(range(11)) and fid.parse_seeds(str(2 ** 63 - 1)) == [2 ** 63 - 1]
+    for seeds in ['1-', '-1', '5-3', '1,,2', '', str(2 ** 63), '99999999999999999999', '0-5,6-11']:
+        with pytest.raises(UserError) as e:
+            fid.parse_seeds(seeds)
+        assert str(e.value).startswith(f'--seeds {seeds}: ')
+
+
+def test_gen_refuses_more_images_than_max_images_before_making_their_seeds(capsys):
+    for extra in (['--num', '99999999999999999999'], ['--num', '50000000', '--trials', '10']):
+        with pytest.raises(SystemExit) as e:
+            fid.parse_args(['gen', '--network', 'G.pt', '--ref', 'ref.npz', *extra])
+        assert e.value.code == 1 and capsys.readouterr().err.endswith(f': more than {fid.MAX_IMAGES:,} images\n')
+
+
+@pytest.mark.skipif(not hasattr(os, 'mkfifo'), reason='no named pipes here')
+def test_calc_of_a_pipe_or_device_is_refused_in_one_line_instead_of_read_forever(tmp_path):
+    """A pipe stands for /dev/zero too: looking for a zip's directory in either never ends."""
+    os.mkfifo(tmp_path / 'pipe')
+    np.savez(tmp_path / 'ref.npz', mu=np.zeros(4), sigma=np.eye(4))
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'fid.py'), 'calc', '--images', str(tmp_path / 'pipe'),
+                        '--ref', str(tmp_path / 'ref.npz')], capture_output=True, text=True, cwd=HERE, timeout=60)
+    assert r.returncode == 1 and r.stderr == f'error: {tmp_path / "pipe"}: neither a folder nor a regular file\n'
+
+
+def test_workers_beyond_max_workers_are_refused_at_parse_time(capsys):
+    with pytest.raises(SystemExit) as e:
+        fid.parse_args(['calc', '--images', 'x', '--ref', 'r', '--workers', '99999999999999999999'])
+    assert e.value.code == 1 and capsys.readouterr().err == f'error: --workers must be 0 to {fid.MAX_WORKERS}\n'
+
+
+@pytest.mark.parametrize('argv', [['ref', '--data', 'd', '--dest', 'a-file/x.npz'],
+                                  ['gen', '--network', 'G.pt', '--outdir', 'a-file/out'],
+                                  ['ref', '--data', 'd', '--dest', 'read-only/x.npz'],
+                                  ['gen', '--network', 'G.pt', '--outdir', 'read-only/out']])
+def test_a_destination_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch, capsys, argv):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'a-file').write_text('mine')
+    (tmp_path / 'read-only').mkdir(mode=0o555)
+    if argv[-1].startswith('read-only') and os.access(tmp_path / 'read-only', os.W_OK):
+        pytest.skip('permissions do not stop this user (root) from writing')
+    with pytest.raises(SystemExit) as e:
+        fid.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith(f'error: {argv[-2]} {argv[-1]}: cannot write in ')
+    assert err.endswith(f'{os.sep}{argv[-1].split("/")[0]} (not a writable folder)\n')
+
+
+@pytest.mark.parametrize('command, failing', [('ref', '.npz'), ('gen', '.png'), ('gen', '-grid.png')])
+def test_a_full_disk_when_saving_is_named_by_flag_and_path_in_one_line(tmp_path, detectors, capsys, monkeypatch,
+                                                                        command, failing):
+    write = networks.atomic_write
+
+    def full(path, f):                  # as a full disk fails: on the temporary file, which is all the OSError names
+        if path.endswith(failing):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path + '.tmp')
+        write(path, f)
+    if command == 'ref':
+        write_pngs(tmp_path / 'data', random_images(12, seed=3))
+        argv = ['ref', '--data', tmp_path / 'data', '--dest', tmp_path / 'ref.npz', '--detector', detectors[64]]
+        named = f'--dest {tmp_path / "ref.npz"}'
+    else:
+        networks.save_network(small_generator(), str(tmp_path / 'G.pt'))
+        argv = ['gen', '--network', tmp_path / 'G.pt', '--seeds', '0-3', '--outdir', tmp_path / 'out']
+        grid = f' (its grid {tmp_path / "out-grid.png"})' if failing == '-grid.png' else ''
+        named = f'--outdir {tmp_path / "out"}{grid}'
+    monkeypatch.setattr(networks, 'atomic_write', full)
+    code, _, err = run_cli(argv, capsys)
+    assert code == 1 and err == f'error: {named}: cannot write ({os.strerror(errno.ENOSPC)})\n'
+
+
+def test_ctrl_c_during_gen_prints_one_line_with_the_images_written_and_exits_130(tmp_path):
+    networks.save_network(small_generator(), str(tmp_path / 'G.pt'))
+    driver = ('import os, signal, sys, fid\n'
+              'save, calls = fid.save_images, []\n'
+              'def save_then_interrupt(*args):\n'
+              '    save(*args)\n'
+              '    calls.append(1)\n'
+              '    if len(calls) == 2:\n'
+              '        os.kill(os.getpid(), signal.SIGINT)\n'
+              'fid.save_images = save_then_interrupt\n'
+              'sys.exit(fid.main(sys.argv[1:]))\n')
+    argv = ['gen', '--network', tmp_path / 'G.pt', '--seeds', '0-99', '--batch', '4', '--outdir', tmp_path / 'out']
+    r = subprocess.run([sys.executable, '-c', driver, *map(str, argv)], capture_output=True, text=True, cwd=HERE,
+                       timeout=120)
+    assert r.returncode == 130 and r.stderr == f'interrupted: 8 images in {tmp_path / "out"}\n'     # two batches of 4
+    assert len(os.listdir(tmp_path / 'out')) == 8

@@ -20,7 +20,7 @@
 #
 # Environment (all optional):
 #   NGPU            GPUs per node (default: counted with nvidia-smi, else 1)
-#   BATCH_GPU       per-GPU micro-batch, passed as --batch-gpu (default: sida.py's choice)
+#   BATCH_GPU       per-GPU micro-batch, passed as --batch-gpu (default: the official run's, 32)
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   multi-node rendezvous (default: one node)
 #   SIDA_CACHE      download cache (default: ~/.cache/sida)
 #   OUTDIR          run directory (default: runs/cifar10-<cond>-<method>)
@@ -29,6 +29,8 @@
 #                   (default: the released SiD generator for the same teacher)
 #   NETWORK         eval: the generator to score, local file or URL (default: the released one)
 #   PYTHON          interpreter that checks the extra arguments (default: python3)
+#   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  seconds torchrun gives the workers to save and stop after it passes
+#                   on a SIGTERM (default here: 600; torch's: 30)
 
 # shellcheck source-path=SCRIPTDIR source=launch.sh
 . "$(dirname "$0")/launch.sh"   # first: refuses bash < 4.4, sets -euo pipefail, brings the mechanics
@@ -42,7 +44,7 @@ cond=$setting
 
 # ---- Settings of the official runs (upstream's launch scripts) --------------------------------
 # SiDA's; SiD and SiD²A change what `case $method` below says. launch.sh says what each one means.
-batch=256 lr=1e-5 precision=fp32 dropout=0.13 augment=0.12 ema=0.5
+batch=256 batch_gpu=32 lr=1e-5 precision=fp32 dropout=0.13 augment=0.12 ema=0.5
 alpha=1.0 tmax=800 init_sigma=2.5 p_mean=-1.2 p_std=1.2    # p_mean, p_std: EDM's training values
 lsg=100 lsd=1 lsg_gan=0.01
 duration=300 tick=50 snap=20 dump=20   # Mimg; a line every 50 kimg (195 iterations), FID-50k every 1 Mimg

@@ -18,7 +18,7 @@
 # Environment (all optional):
 #   DATA            dataset zip, SiDA and SiD²A (default: datasets/ffhq-64x64.zip or datasets/afhqv2-64x64.zip)
 #   NGPU            GPUs per node (default: counted with nvidia-smi, else 1)
-#   BATCH_GPU       per-GPU micro-batch, passed as --batch-gpu (default: sida.py's choice)
+#   BATCH_GPU       per-GPU micro-batch, passed as --batch-gpu (default: the official run's, 64)
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   multi-node rendezvous (default: one node)
 #   SIDA_CACHE      download cache (default: ~/.cache/sida)
 #   OUTDIR          run directory (default: runs/ffhq64-<method> or runs/afhq64-<method>)
@@ -27,6 +27,8 @@
 #                   (default: the released SiD generator for the same teacher)
 #   NETWORK         eval: the generator to score, local file or URL (default: the released one)
 #   PYTHON          interpreter that checks DATA and the extra arguments (default: python3)
+#   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  seconds torchrun gives the workers to save and stop after it passes
+#                   on a SIGTERM (default here: 600; torch's: 30)
 
 # shellcheck source-path=SCRIPTDIR source=launch.sh
 . "$(dirname "$0")/launch.sh"   # first: refuses bash < 4.4, sets -euo pipefail, brings the mechanics
@@ -41,7 +43,7 @@ dataset=$setting
 
 # ---- Settings of the official runs ------------------------------------------------------------
 # SiDA's; SiD and SiD²A change what `case $method` below says. launch.sh says what each one means.
-batch=512 lr=1e-5 precision=fp16 dropout=0.05 augment=0.15 ema=0.5    # AFHQv2: lr 5e-6 (below)
+batch=512 batch_gpu=64 lr=1e-5 precision=fp16 dropout=0.05 augment=0.15 ema=0.5    # AFHQv2: lr 5e-6 (below)
 alpha=1.0 tmax=800 init_sigma=2.5 p_mean=-1.2 p_std=1.2    # p_mean, p_std: EDM's training values
 lsg=100 lsd=1 lsg_gan=0.01
 duration=200 tick=100 snap=50 dump=50   # Mimg; a line every 100 kimg (195 iterations), FID-50k every 5 Mimg

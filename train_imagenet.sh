@@ -21,7 +21,8 @@
 # Environment (all optional):
 #   DATA            dataset zip (default: datasets/imagenet-64x64.zip or datasets/img512-sd.zip)
 #   NGPU            GPUs per node (default: counted with nvidia-smi, else 1)
-#   BATCH_GPU       per-GPU micro-batch, passed as --batch-gpu (default: sida.py's choice)
+#   BATCH_GPU       per-GPU micro-batch, passed as --batch-gpu (default: the official run's: 32 at 64x64;
+#                   64 for EDM2 XS and S, 32 for M and L, 16 for XL, 2 for XXL)
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   multi-node rendezvous (default: one node)
 #   SIDA_CACHE      download cache (default: ~/.cache/sida)
 #   OUTDIR          run directory (default: runs/imagenet64-<method> or runs/img512-<size>-<method>)
@@ -30,6 +31,8 @@
 #                   (default: the released SiD generator for the same teacher)
 #   NETWORK         eval: the generator to score, local file or URL (default: the released one)
 #   PYTHON          interpreter that checks DATA and the extra arguments (default: python3)
+#   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  seconds torchrun gives the workers to save and stop after it passes
+#                   on a SIGTERM (default here: 600; torch's: 30)
 
 # shellcheck source-path=SCRIPTDIR source=launch.sh
 . "$(dirname "$0")/launch.sh"   # first: refuses bash < 4.4, sets -euo pipefail, brings the mechanics
@@ -43,7 +46,7 @@ res=$setting
 
 # ---- Settings of the official runs (upstream's launch scripts) --------------------------------
 # SiDA's; SiD and SiD²A change what `case $method` below says. launch.sh says what each one means.
-# Per resolution below: batch, lr, dropout, p_mean, p_std, lsd, duration, tick, snap, dump.
+# Per resolution below: batch, batch_gpu, lr, dropout, p_mean, p_std, lsd, duration, tick, snap, dump.
 precision=fp16 augment=0 ema=2         # no augmentation on ImageNet
 alpha=1.0 tmax=800 init_sigma=2.5 lsg=100 lsg_gan=0.01
 edm2_flags=()     # EDM2 only: log-variance weighting and forced weight normalisation
@@ -62,7 +65,7 @@ if [[ $res == 64 ]]; then
               [sid2a]=$hub/EDM_distillation/imgnet64_sid2a_alpha1-029499.pkl)
     data=${DATA:-datasets/imagenet-64x64.zip}
     data_check=(png labels)   # what DATA must hold: PNG images and the class labels
-    batch=8192 lr=4e-6 dropout=0.1
+    batch=8192 batch_gpu=32 lr=4e-6 dropout=0.1
     p_mean=-1.2 p_std=1.2 lsd=1          # p_mean, p_std: EDM's training values
     duration=300 tick=500 snap=10 dump=10   # Mimg; a line every 500 kimg (61 iterations), FID-50k every 5 Mimg
 else
@@ -71,19 +74,19 @@ else
     # EDM2's post-hoc EMA reconstructions with the best FID without guidance (EDM2 README), the
     # released SiD, SiDA and SiD²A generators, and the SiD²A duration of upstream's run scripts.
     case $size in
-        xs)  teacher_file=edm2-img512-xs-2147483-0.135.pkl;  sid2a_duration=30
+        xs)  teacher_file=edm2-img512-xs-2147483-0.135.pkl;  sid2a_duration=30 batch_gpu=64
              files=(sid_alpha1-249360 sida_alpha1-166410 sid2a_alpha1-028674) ;;
-        s)   teacher_file=edm2-img512-s-2147483-0.130.pkl;   sid2a_duration=80
+        s)   teacher_file=edm2-img512-s-2147483-0.130.pkl;   sid2a_duration=80 batch_gpu=64
              files=(sid_alpha1-192010 sida_alpha1-117764 sid2a_alpha1-075268) ;;
-        m)   teacher_file=edm2-img512-m-2147483-0.100.pkl;   sid2a_duration=200
+        m)   teacher_file=edm2-img512-m-2147483-0.100.pkl;   sid2a_duration=200 batch_gpu=32
              files=(sid_alpha1-226830 sida_alpha1-115716 sid2a_alpha1-044036) ;;
-        l)   teacher_file=edm2-img512-l-1879048-0.085.pkl;   sid2a_duration=55
+        l)   teacher_file=edm2-img512-l-1879048-0.085.pkl;   sid2a_duration=55 batch_gpu=32
              files=(sid_alpha1-203788 sida_alpha1-166918 sid2a_alpha1-050182) ;;
         # The official README lists XL's SiDA generator under a file name that says sid2a,
-        xl)  teacher_file=edm2-img512-xl-1342177-0.085.pkl;  sid2a_duration=50
+        xl)  teacher_file=edm2-img512-xl-1342177-0.085.pkl;  sid2a_duration=50 batch_gpu=16
              files=(sid_alpha1-234004 sid2a_alpha1-024578 sid2a_alpha1-079495) ;;
         # and XXL's SiD generator under one that says sida; it lists no XXL SiD²A generator.
-        xxl) teacher_file=edm2-img512-xxl-0939524-0.070.pkl; sid2a_duration=30
+        xxl) teacher_file=edm2-img512-xxl-0939524-0.070.pkl; sid2a_duration=30 batch_gpu=2
              files=(sida_alpha1-077932 sida_alpha1-089816 '') ;;
     esac
     teacher_url=https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/$teacher_file
