@@ -115,6 +115,15 @@ def rank():
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def broadcast_object(obj):
+    """Rank 0's obj on every rank (a plain process: obj)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
 
@@ -753,6 +762,12 @@ def cmd_gen(args, device):
     num = args.num if args.num is not None else len(seeds)
     if len(seeds) < num:
         raise UserError(f'--seeds {args.seeds} gives {len(seeds)} seeds, fewer than --num {num}')
+    if args.outdir:     # rank 0 looks before any rank writes: new images among old ones would be measured together
+        grid = grid_path(args.outdir)
+        held, gridded = broadcast_object((len(generated_pngs(args.outdir)), os.path.exists(grid)) if rank() == 0 else None)
+        found = ([f'{held} generated images'] if held else []) + ([f'its grid {grid}'] if gridded else [])
+        if found:
+            raise UserError(f'--outdir {args.outdir} has {" and ".join(found)}: remove them or choose another folder')
     networks.check_network_source(args.network, '--network')     # a mistyped name, before --ref downloads
     ref = load_ref(args.ref) if args.ref else None
     G = networks.load_network(args.network, device)
@@ -903,10 +918,6 @@ def parse_args(argv=None):
         for folder in (args.outdir, os.path.dirname(grid)):                # the grid goes beside the images
             if blocked := unwritable(folder):
                 parser.error(f'--outdir {args.outdir}: cannot write in {blocked} (not a writable folder)')
-        held = len(generated_pngs(args.outdir))
-        found = ([f'{held} generated images'] if held else []) + ([f'its grid {grid}'] if os.path.exists(grid) else [])
-        if found:               # new images among old ones would be measured together by calc --images
-            parser.error(f'--outdir {args.outdir} has {" and ".join(found)}: remove them or choose another folder')
     if args.command == 'ref':
         if os.path.isdir(args.dest):
             parser.error(f'--dest {args.dest}: a folder, not a file name')

@@ -11,7 +11,7 @@
 #   2. sets the run's settings, each one the sida.py flag of the same name:
 #        batch          images per iteration, all GPUs together
 #        batch_gpu      images per GPU and accumulation round (upstream's; BATCH_GPU overrides it, and
-#                       it shrinks to batch / GPUs on more GPUs than the batch needs)
+#                       it shrinks to the batch's share of a GPU on more GPUs than the batch needs)
 #        lr             Adam learning rate of the fake score network and of the generator (lr = glr)
 #        precision      arithmetic of the networks (fp32, tf32, bf16, fp16)
 #        dropout        dropout of the trained networks (fake score network, generator)
@@ -239,9 +239,23 @@ download() {  # -> teacher, ref, detector, data (CIFAR-10), network (eval), init
 # ---- Launch ------------------------------------------------------------------------------------
 run() { show "$@"; ((dry_run)) || "$@"; }
 
+per_gpu_batch() {  # BATCH_GPU, else upstream's per-GPU batch or the largest divisor of a GPU's share below it
+    local b=$batch prev='' arg           # (the batch: the last --batch among the extra arguments, else the run's)
+    for arg in "${extra[@]}"; do
+        if [[ $prev == --batch ]]; then b=$arg; elif [[ $arg == --batch=* ]]; then b=${arg#--batch=}; fi
+        prev=$arg
+    done
+    [[ $b =~ ^[1-9][0-9]*$ ]] || b=$batch          # not a number: sida.py's check says so
+    local share=$((b / (ngpu * nnodes))) per=$batch_gpu
+    while ((per > 1 && share % per)); do per=$((per - 1)); done
+    echo "${BATCH_GPU:-$per}"
+}
+
 check_extra() {  # a real launch: the extra arguments through sida.py's (eval: fid.py's) checks, before downloads
     ((dry_run)) && return 0
-    "${PYTHON:-python3}" - "$here" "$mode" "$outdir" "${extra[@]}" <<'EOF' || exit 1
+    local given=()
+    [[ $mode == train ]] && given=(--batch "$batch" --batch-gpu "$per_gpu")
+    "${PYTHON:-python3}" - "$here" "$mode" "$outdir" "${given[@]}" "${extra[@]}" <<'EOF' || exit 1
 import sys
 here, mode, outdir, extra = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 sys.path.insert(0, here)
@@ -264,6 +278,7 @@ launch() {  # after the script's settings: environment, checks, downloads, then 
     duration=${DURATION:-$duration}
     outdir=${OUTDIR:-runs/$name-$method}
     check_machines
+    [[ $mode == train ]] && per_gpu=$(per_gpu_batch)
     check_data
     check_extra
     download
@@ -290,7 +305,6 @@ launch() {  # after the script's settings: environment, checks, downloads, then 
           --metrics fid50k --ref "$ref" --detector "$detector" "${run_flags[@]}")
     [[ $method != sid ]] && args+=(--lsd "$lsd" --lsg-gan "$lsg_gan")
     [[ $method == sid2a ]] && args+=(--init-generator "$init_generator")
-    local per_gpu=${BATCH_GPU:-$((batch_gpu < batch / (ngpu * nnodes) ? batch_gpu : batch / (ngpu * nnodes)))}
     args+=(--batch-gpu "$per_gpu")
     run "${launcher[@]}" "$here/sida.py" "${args[@]}" "${extra[@]}"
 }

@@ -183,7 +183,7 @@ FLAG_RANGES = dict(
     alpha=ANY, tmax=(lambda v: 0 < v <= 1000, 'in 1..1000'), init_sigma=POSITIVE, batch=COUNT, lr=AT_LEAST_0,
     glr=AT_LEAST_0, ls=AT_LEAST_0, lsg=AT_LEAST_0, lsd=AT_LEAST_0, lsg_gan=AT_LEAST_0, ema=AT_LEAST_0,
     ema_rampup=AT_LEAST_0, dropout=PROBABILITY, augment=PROBABILITY, p_mean=ANY, p_std=POSITIVE,
-    gen_start_kimg=AT_LEAST_0, adv_start_kimg=AT_LEAST_0, seed=(lambda v: 0 <= v < 2**40, 'in 0..2**40'),
+    gen_start_kimg=AT_LEAST_0, adv_start_kimg=AT_LEAST_0, seed=(lambda v: 0 <= v < 2**40, 'in 0..2**40-1'),
     duration=(lambda v: 1e-6 <= v <= 1e6, 'in 1e-6..1e6 (one image to 10^12)'), batch_gpu=COUNT,
     tick=POSITIVE, snap=COUNT, dump=COUNT, max_nonfinite=COUNT)
 
@@ -744,7 +744,7 @@ def restore_state(state, path, teacher, sida, slots, rank, world, metric):
         raise UserError(f'--resume: {path} was written for a teacher of another architecture than --teacher')
     sums = state.get('teacher_sums')                  # (absent from the states of before 2026-12-07)
     if sums is not None and not (sums.shape == sida.teacher_sums.shape and
-                                 torch.allclose(sums, sida.teacher_sums, rtol=1e-6, atol=0)):
+                                 torch.allclose(sums, sida.teacher_sums, rtol=1e-6, atol=0, equal_nan=True)):
         raise UserError(f'--resume: {path} was written with other teacher weights than --teacher {sida.args.teacher}')
     try:
         for objects, key in zip(sida.state(), ('nets', 'opts', 'scalers')):
@@ -811,6 +811,11 @@ class Evaluator:
             self.ref = fid.load_ref(args.ref)
         if kinds & {'fid', 'is'}:
             self.detector = fid.load_detector(args.detector, device)
+        if self.ref is not None:            # statistics of other features fail the first measurement, minutes later
+            dim = fid.run_detector(self.detector, torch.zeros(1, 3, 32, 32, dtype=torch.uint8), device,
+                                   return_features=True).shape[1]
+            if dim != len(self.ref[0]):
+                raise UserError(f'--ref {args.ref}: statistics of {len(self.ref[0])} features, but the detector gives {dim}')
 
     def baselines(self, teacher):
         """Toy run, tick 0: fd (and acc) of held-out real data and of the teacher's multi-step samplers, named
@@ -1004,14 +1009,6 @@ def summary(rows, method):
 
 # ----------------------------------------------------------------------------------------------------
 # The distillation: set-up, the loop, the summary.
-
-def broadcast_object(obj):
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
 
 def max_rank(value, device):
     """The largest of the ranks' values, on every rank (a host sync)."""
@@ -1266,7 +1263,7 @@ def training_loop(args, sida, slots, evaluator, teacher, start, rows, fresh, out
         the state and the rows up to it whole; a failed derived output costs only itself."""
         nonlocal best
         key = networks.version_key(sida.G_ema.parameters()) if snap and evaluator.metrics else None
-        if key is not None and broadcast_object(key == measured[0]):   # (rank 0 decides: ranks measure together)
+        if key is not None and fid.broadcast_object(key == measured[0]):   # (rank 0 decides: ranks measure together)
             row.update(measured[1])           # unchanged since (the discriminator warm-up): the same numbers
         elif key is not None:
             log(f'measuring {args.metrics} of the EMA generator...')
@@ -1282,7 +1279,7 @@ def training_loop(args, sida, slots, evaluator, teacher, start, rows, fresh, out
                                     f'saved state (if any) is intact: continue with --resume {outdir}') from None
                 log(f'warning: {failure}; the run goes on')
         is_best = snap and improves(row, best, evaluator.metrics)
-        best = broadcast_object(row[evaluator.metrics[0][0]] if is_best else best)
+        best = fid.broadcast_object(row[evaluator.metrics[0][0]] if is_best else best)
         if master:
             try:
                 append_row(log_path, row)
@@ -1348,7 +1345,8 @@ def training_loop(args, sida, slots, evaluator, teacher, start, rows, fresh, out
         row['img_per_s'] = round((nimg - tick_nimg) / max(elapsed, 1e-9), 2)
         row['peak_gb'] = round((torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else peak_rss()) / 2**30, 3)
         row['time_s'] = round(time.time() - start_time, 1)
-        finish_tick(row, snap=cur_tick % args.snap == 0 or done or stopping,
+        # A stop saves the state without measuring first (a FID-50k takes minutes: a scheduler's grace may not).
+        finish_tick(row, snap=done or (cur_tick % args.snap == 0 and not stopping),
                     dump=cur_tick % args.dump == 0 or done or stopping)
         if done or stopping:
             break

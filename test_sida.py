@@ -1748,6 +1748,27 @@ def test_a_resume_with_another_first_metric_starts_the_best_generator_afresh(tin
     assert 'fd1k' in networks.load_network(str(tmp_path / 'generator-best.pt'), 'cpu').meta
 
 
+def test_a_stop_saves_the_state_without_measuring_first(tiny_teacher, tmp_path, monkeypatch):
+    """A FID-50k takes minutes, more than a scheduler's grace after its SIGTERM: the stop does not measure."""
+    measured, steps = [], []
+    monkeypatch.setattr(sida.Evaluator, 'baselines', lambda self, teacher: {})
+    monkeypatch.setattr(sida.Evaluator, '__call__', lambda self, G: measured.append(1) or {'fd': 1.0 * len(measured)})
+    step = sida.SiDA.generator_step
+
+    def signalled_at_the_3rd(self, *a, **k):
+        step(self, *a, **k)
+        steps.append(1)
+        if len(steps) == 3:          # the 6th iteration (nimg 40 before it): mid-tick, the tick ends at once
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(sida.SiDA, 'generator_step', signalled_at_the_3rd)
+    with pytest.raises(SystemExit) as e:
+        sida.main(tiny_run_argv(tmp_path, tiny_teacher, '--metrics', 'fd', '--snap', '1', '--duration', '0.000096'))
+    assert e.value.code == 128 + signal.SIGTERM
+    rows = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
+    assert [r['kimg'] for r in rows] == [0.0, 0.016, 0.032, 0.048] and 'fd' not in rows[-1] and len(measured) == 2
+    assert torch.load(tmp_path / 'training-state.pt', weights_only=True)['nimg'] == 48
+
+
 def test_a_state_of_another_version_is_refused_in_one_line(tiny_teacher, tmp_path):
     run_sida(tmp_path / 'run', tiny_teacher, '--duration', '0.000008')
     path = tmp_path / 'run' / 'training-state.pt'
@@ -2250,6 +2271,16 @@ def detectors(tmp_path_factory):
             warnings.simplefilter('ignore', DeprecationWarning)
             torch.jit.save(torch.jit.script(StandInDetector(dim)), paths[dim])
     return paths
+
+
+def test_reference_statistics_of_other_features_are_refused_before_the_run_starts(tiny_teacher, detectors, tmp_path, capsys):
+    np.savez(tmp_path / 'ref.npz', mu=np.zeros(64), sigma=np.eye(64))
+    with pytest.raises(SystemExit) as e:
+        sida.main(tiny_run_argv(tmp_path / 'out', tiny_teacher, '--metrics', 'fid1k', '--ref', str(tmp_path / 'ref.npz'),
+                                '--detector', detectors[2048]))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and 'statistics of 64 features, but the detector gives 2048' in err and len(err.splitlines()) == 1
+    assert not (tmp_path / 'out').exists()
 
 
 def random_images(n, seed, channels=3, size=8):
@@ -3606,10 +3637,12 @@ def test_extra_arguments_pass_through_verbatim(env, data512, script, setting):
 def test_batch_gpu_is_upstreams_unless_set(env, data64, data512, script, setting, official):
     """Upstream's per-GPU batch: it fits a GPU, and SiDA's adversarial loss averages over it."""
     data = data512 if setting.startswith('512') else data64
-    flags = lambda **k: split_command(run(script, 'sida', setting, '--dry-run', env=dict(env, **k), DATA=str(data)).stdout)[1]
+    flags = lambda *a, **k: split_command(run(script, 'sida', setting, '--dry-run', *a, env=dict(env, **k),
+                                              DATA=str(data)).stdout)[1]
     assert flags()['--batch-gpu'] == str(official)
     assert flags(BATCH_GPU='1')['--batch-gpu'] == '1'
     assert flags(NGPU='16')['--batch-gpu'] == str(min(official, int(flags()['--batch']) // 16))
+    assert flags('--batch', '48', NGPU='1')['--batch-gpu'] == str(max(d for d in range(1, official + 1) if 48 % d == 0))
 
 
 @pytest.mark.parametrize('script, setting', [(CIFAR, 'uncond'), (IMAGENET, '512-xxl')])
@@ -3902,15 +3935,27 @@ def test_gen_refuses_an_outdir_holding_generated_images_or_their_grid_and_accept
     for remove in ([], [grid], list(out.iterdir())):        # images and grid, the images alone, the grid alone
         for p in remove:
             p.unlink()
-        with pytest.raises(SystemExit) as e:
-            run_cli(argv + ['10-11'], capsys)
-        err = capsys.readouterr().err
-        assert e.value.code == 1 and len(err.splitlines()) == 1
+        code, _, err = run_cli(argv + ['10-11'], capsys)
+        assert code == 1 and len(err.splitlines()) == 1
         assert err.startswith(f'error: --outdir {out} has ')
         assert err.endswith(': remove them or choose another folder\n')
         if not remove:
             assert {p.name: p.read_bytes() for p in out.iterdir()} == images and grid.read_bytes() == grid_png
         grid.write_bytes(grid_png)
+
+
+def test_gen_on_two_ranks_writes_every_image_once_and_then_refuses_the_folder(tmp_path):
+    """Rank 0 looks for earlier images and tells the others (under NCCL a fast rank could write before a slow
+    one looked); the second command is refused by every rank."""
+    networks.save_network(small_generator(), str(tmp_path / 'G.pt'))
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', os.path.join(HERE, 'fid.py'),
+           'gen', '--network', str(tmp_path / 'G.pt'), '--outdir', str(tmp_path / 'out'), '--seeds', '0-6', '--device', 'cpu']
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path / 'out')) == [f'{i:06d}.png' for i in range(7)] and (tmp_path / 'out-grid.png').exists()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode != 0 and r.stderr.count('error: --outdir') == 2, r.stderr[-2000:]
 
 
 def test_seeds_beyond_int64_malformed_ranges_and_too_many_seeds_are_refused(monkeypatch):
