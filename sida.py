@@ -733,8 +733,7 @@ def read_state(path, args):
 
 def teacher_sums(teacher):
     """The sum of |w| of each of the teacher's tensors: the state's record of which teacher it distils."""
-    with torch.no_grad():
-        return torch.stack([p.detach().double().abs().sum() for p in teacher.state_dict().values()]).cpu()
+    return torch.stack([t.double().abs().sum() for t in teacher.state_dict().values()]).cpu()
 
 
 def restore_state(state, path, teacher, sida, slots, rank, world, metric):
@@ -765,13 +764,13 @@ def restore_state(state, path, teacher, sida, slots, rank, world, metric):
     elif rank == 0:
         print(f'warning: resumed with another --batch-gpu than {path} was written with: the random streams of the '
               f'micro-batches restart', flush=True)
-    before = [name for name, _, _ in parse_metrics(state['session_args'].get('metrics', 'none'))][:1]
-    if state['best'] is not None and before != [metric]:
-        if rank == 0:
-            print(f'warning: the best generator so far was chosen by {"".join(before) or "none"}; generator-best.pt '
-                  f'is chosen by {metric or "nothing"} from now on', flush=True)
-        return state['nimg'], state['tick'], None
-    return state['nimg'], state['tick'], state['best']
+    saved_metrics = parse_metrics(state['session_args'].get('metrics', 'none'))
+    chosen_by = saved_metrics[0][0] if saved_metrics else None
+    best = state['best'] if chosen_by == metric else None
+    if state['best'] is not None and best is None and rank == 0:
+        print(f'warning: the best generator so far was chosen by {chosen_by}; generator-best.pt is chosen by '
+              f'{metric or "nothing"} from now on', flush=True)
+    return state['nimg'], state['tick'], best
 
 # ----------------------------------------------------------------------------------------------------
 # Evaluation and the console: metrics of the EMA generator, the status line, log.txt (metrics.png: fid.py).
