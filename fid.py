@@ -160,6 +160,7 @@ def format_duration(seconds):
 class Progress:
     """A progress bar on stderr (rank 0): images done / total, throughput and time left (ETA). Redrawn
     in place on a terminal; in a log file, one line every PROGRESS_SECONDS and one at the end."""
+    line_open = False     # a bar is drawn on the terminal's last line: a message must start a new one
 
     def __init__(self, what, total, enabled=True, width=30):
         self.what, self.total, self.done, self.width = what, total, 0, width
@@ -185,6 +186,7 @@ class Progress:
         end = '\n' if finished or not self.tty else ''
         print(f'\r{line}' if self.tty else line, end=end, file=sys.stderr, flush=True)
         self.last, self.shown = now, True
+        Progress.line_open = not end
 
 # ----------------------------------------------------------------------------------------------------
 # Feature extractors: the Inception detector.
@@ -401,6 +403,9 @@ class ImageDataset(torch.utils.data.Dataset):
             self.names = sorted(os.path.relpath(os.path.join(root, f), path).replace(os.sep, '/')
                                 for root, _, files in os.walk(path, followlinks=True) for f in files
                                 if f.lower().endswith(IMAGE_EXTENSIONS))
+            odd = next((n for n in self.names if not os.path.isfile(os.path.join(path, n))), None)
+            if odd is not None:                # a pipe named *.png: reading it never ends
+                raise UserError(f'{os.path.join(path, odd)}: not a regular file')
             if os.path.isfile(os.path.join(path, 'dataset.json')):
                 with open(os.path.join(path, 'dataset.json'), 'rb') as f:
                     label_json = f.read()
@@ -938,12 +943,12 @@ def main(argv=None):
         commands = {'ref': cmd_ref, 'calc': cmd_calc, 'gen': cmd_gen}
         commands[args.command](args, device)
     except (UserError, OSError) as e:
-        print(f'error: {e}'.splitlines()[0], file=sys.stderr)
+        print('\n' * Progress.line_open + f'error: {e}'.splitlines()[0], file=sys.stderr)
         return 1
     except KeyboardInterrupt:       # gen's --outdir held no generated images at the start: all there are this run's
         outdir = getattr(args, 'outdir', None)
-        print(f'interrupted: {len(generated_pngs(outdir))} images in {outdir}' if outdir else 'interrupted',
-              file=sys.stderr)
+        print('\n' * Progress.line_open + (f'interrupted: {len(generated_pngs(outdir))} images in {outdir}'
+                                            if outdir else 'interrupted'), file=sys.stderr)
         return 130
     finally:
         if dist.is_initialized():

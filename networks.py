@@ -1000,7 +1000,7 @@ class EDM2Precond(nn.Module):
             # The uncertainty u(sigma) of EDM2's loss weighting (Karras et al. 2024, the learned log-variance).
             self.logvar_fourier = MPFourier(logvar_channels)
             self.logvar_linear = MPConv(logvar_channels, 1, [])
-        self.frozen, self._kept = False, None       # freeze(): keep the normalised weights between passes
+        self.keeps_weights, self._kept = False, None   # keep_weights(): keep the normalised weights between passes
         self.config = {'class_name': 'EDM2Precond', 'kwargs': _plain(dict(
             img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, sigma_data=sigma_data,
             logvar_channels=logvar_channels, use_logvar=use_logvar, force_normalization=force_normalization, **unet_kwargs))}
@@ -1034,11 +1034,11 @@ class EDM2Precond(nn.Module):
         return _logits(self.unet.encode(c_in * x, self.unet.embed(c_noise, class_labels, w), w)[-1])
 
     def weights(self, dtype):
-        """unit_weights() of this network for a pass in `dtype`. A frozen network (freeze()) keeps them while
-        its stored weights (an in-place change bumps their _version) stay, outside passes that train them."""
+        """unit_weights() of this network for a pass in `dtype`. After keep_weights() it keeps them while its
+        stored weights (an in-place change bumps their _version) stay, outside passes that train them."""
         params = [p for name, p in self.named_parameters() if name.endswith('.weight')]
         trained = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        if torch.compiler.is_compiling() or not self.frozen or trained:   # (compiling first: no guard on frozen)
+        if torch.compiler.is_compiling() or not self.keeps_weights or trained:   # (compiling first: no guard on the flag)
             return unit_weights(self, dtype)
         key = (dtype, version_key(params))
         if self._kept is None or self._kept[0] != key:
@@ -1211,13 +1211,20 @@ def cast_parameters(net, dtype):
             for (name, p), order, piece in zip(named, orders, pieces)}
 
 
-def freeze(net):
-    """net in eval mode without gradients, its EDM2 layers normalising each weight once instead of in every
-    pass (again after any change to it); costs a copy of the weights. Loaded networks come frozen."""
+def keep_weights(net, keep=True):
+    """An EDM2 network normalises its weights once for all the passes that do not train them, not in each
+    (again after any change to a weight); costs a copy of the weights. keep=False: per pass again, and the
+    copy is let go. No effect on EDM networks."""
     for module in net.modules():
         if isinstance(module, EDM2Precond):
-            module.frozen = True
-    return net.eval().requires_grad_(False)
+            module.keeps_weights, module._kept = keep, module._kept if keep else None
+    return net
+
+
+def freeze(net):
+    """net in eval mode without gradients, normalising its EDM2 weights once (keep_weights). Loaded networks
+    come frozen."""
+    return keep_weights(net).eval().requires_grad_(False)
 
 
 def build_network(config):

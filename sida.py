@@ -420,7 +420,7 @@ def cast_once(call, net, dtype, keep=False):
     """call(...) (net, or net under DDP) with net's parameters cast to dtype by one operation for the whole
     network (networks.cast_parameters) instead of one per parameter by autocast. The same outputs: EDM
     networks use every parameter in autocast's dtype. keep: reuse the cast while the parameters are unchanged
-    (the frozen teacher)."""
+    (the frozen teacher, a network in the other's step); run.drop() lets a kept cast go."""
     prefix = '' if call is net else 'module.'
     cast = lambda: {prefix + name: t for name, t in networks.cast_parameters(net, dtype).items()}
     kept = [None]
@@ -432,6 +432,7 @@ def cast_once(call, net, dtype, keep=False):
         if kept[0] is None or kept[0][0] != key:
             kept[0] = (key, cast())
         return torch.func.functional_call(call, kept[0][1], args, kwargs)
+    run.drop = lambda: kept.__setitem__(0, None)
     return run
 
 
@@ -557,9 +558,10 @@ class SiDA:
         self.fake_train_fn, self.fake_fn = self.fake_score_ddp, self.fake_score
         if dtype is not None and not teacher.magnitude_preserving and not args.compile:     # (compiled kernels fuse the casts)
             self.teacher_fn = cast_once(teacher, teacher, dtype, keep=True)
-            self.G_fn, self.G_eval_fn = cast_once(self.G_ddp, self.G, dtype), cast_once(self.G, self.G, dtype)
+            self.G_fn = cast_once(self.G_ddp, self.G, dtype)
+            self.G_eval_fn = cast_once(self.G, self.G, dtype, keep=True)
             self.fake_train_fn = cast_once(self.fake_score_ddp, self.fake_score, dtype)
-            self.fake_fn = cast_once(self.fake_score, self.fake_score, dtype)
+            self.fake_fn = cast_once(self.fake_score, self.fake_score, dtype, keep=True)
         if args.compile and can_compile(device):
             self.compile()
 
@@ -575,6 +577,19 @@ class SiDA:
         for k in ('teacher_fn', 'G_fn', 'G_eval_fn', 'fake_train_fn', 'fake_fn'):
             setattr(self, k, torch.compile(getattr(self, k), mode=mode))
 
+    @contextlib.contextmanager
+    def unchanged(self, net, fn):
+        """Within: `net` does not change (G in the fake score step, f_psi in the generator step), so what depends
+        on its weights alone, their cast to the compute dtype (fn, from cast_once) and EDM2's normalised weights,
+        is made once for all the step's accumulation rounds, not in each. Let go at the end: no copy of the
+        weights outlives the step."""
+        networks.keep_weights(net)
+        try:
+            yield
+        finally:
+            networks.keep_weights(net, False)
+            getattr(fn, 'drop', lambda: None)()
+
     def rounds(self, ddp_net, slots):
         """Yield (slot, context) per accumulation round; gradients sync across ranks on the last one."""
         for r, slot in enumerate(slots):
@@ -587,32 +602,33 @@ class SiDA:
         encoder to tell noisy real images from noisy generated ones, in one backward."""
         a, data, n, dev = self.args, self.sampler, self.batch_gpu, self.device
         self.fake_score.train().requires_grad_(True)
-        for slot, sync in self.rounds(self.fake_score_ddp, slots):
-            with sync:
-                if self.adversarial:
-                    x_real, c = data.real(slot, n)                # one data batch: images and labels
-                else:                                             # SiD: the labels alone (no latents read)
-                    x_real, c = None, data.labels_only(slot, n)
-                z = data.noise(slot, n)
-                with torch.no_grad(), self.autocast():
-                    x_g = denoise(self.G_eval_fn, self.sigma_init * z, self.sigma_init, c, self.no_aug).denoised
-                ok, (x_g,) = drop_nonfinite(torch.ones(n, dtype=torch.bool, device=dev), x_g)
-                sigma = (torch.randn(n, 1, 1, 1, generator=slot.gen, device=dev) * self.p_std + self.p_mean).exp()
-                noise = data.noise(slot, n)
-                aug_g = aug_real = self.no_aug
-                if self.use_aug:
-                    x_g, aug_g = networks.augment(x_g, a.augment, slot.gen)
+        with self.unchanged(self.G, self.G_eval_fn):
+            for slot, sync in self.rounds(self.fake_score_ddp, slots):
+                with sync:
                     if self.adversarial:
-                        x_real, aug_real = networks.augment(x_real, a.augment, slot.gen)
-                # SiDA: the encoder also sees the real images at the same sigma and noise (one pass for both)
-                x_real_t = x_real + sigma * noise if self.adversarial else None
-                with self.autocast():
-                    fake, logit_real = denoise_and_discriminate(self.fake_train_fn, x_g + sigma * noise, x_real_t, sigma,
-                                                                c, aug_g, aug_real, self.use_logvar)
-                loss, ok, stats = fake_score_objective(fake, x_g, sigma, self.teacher.sigma_data, ok, logit_real,
-                                                       a.ls, a.lsd, self.batch_per_gpu)
-                self.record(stats)
-                self.scaler_f.scale(loss).backward()
+                        x_real, c = data.real(slot, n)                # one data batch: images and labels
+                    else:                                             # SiD: the labels alone (no latents read)
+                        x_real, c = None, data.labels_only(slot, n)
+                    z = data.noise(slot, n)
+                    with torch.no_grad(), self.autocast():
+                        x_g = denoise(self.G_eval_fn, self.sigma_init * z, self.sigma_init, c, self.no_aug).denoised
+                    ok, (x_g,) = drop_nonfinite(torch.ones(n, dtype=torch.bool, device=dev), x_g)
+                    sigma = (torch.randn(n, 1, 1, 1, generator=slot.gen, device=dev) * self.p_std + self.p_mean).exp()
+                    noise = data.noise(slot, n)
+                    aug_g = aug_real = self.no_aug
+                    if self.use_aug:
+                        x_g, aug_g = networks.augment(x_g, a.augment, slot.gen)
+                        if self.adversarial:
+                            x_real, aug_real = networks.augment(x_real, a.augment, slot.gen)
+                    # SiDA: the encoder also sees the real images at the same sigma and noise (one pass for both)
+                    x_real_t = x_real + sigma * noise if self.adversarial else None
+                    with self.autocast():
+                        fake, logit_real = denoise_and_discriminate(self.fake_train_fn, x_g + sigma * noise, x_real_t,
+                                                                    sigma, c, aug_g, aug_real, self.use_logvar)
+                    loss, ok, stats = fake_score_objective(fake, x_g, sigma, self.teacher.sigma_data, ok, logit_real,
+                                                           a.ls, a.lsd, self.batch_per_gpu)
+                    self.record(stats)
+                    self.scaler_f.scale(loss).backward()
         self.optimizer_step(self.opt_f, self.scaler_f, self.fake_score, self.clip_fake_grads)
 
     def generator_step(self, slots, use_adv):
@@ -624,24 +640,25 @@ class SiDA:
         if self.renormalize_G:
             self.G.normalize_weights_()
         all_bad = torch.ones((), dtype=torch.bool, device=dev)
-        for slot, sync in self.rounds(self.G_ddp, slots):
-            with sync:
-                c = data.labels_only(slot, n)
-                z = data.noise(slot, n)
-                t = torch.rand(n, 1, 1, 1, generator=slot.gen, device=dev) * (a.tmax / 1000)
-                sigma = sid_sigma(t)
-                eps = data.noise(slot, n)
-                with self.autocast():
-                    x_g = denoise(self.G_fn, self.sigma_init * z, self.sigma_init, c, self.no_aug).denoised
-                    ok, (x_g,) = drop_nonfinite(torch.ones(n, dtype=torch.bool, device=dev), x_g)
-                    x_t = x_g + sigma * eps
-                    real = denoise(self.teacher_fn, x_t, sigma, c, self.no_aug, self.use_logvar)
-                    fake = denoise(self.fake_fn, x_t, sigma, c, self.no_aug, self.use_logvar)
-                loss, ok, stats = generator_objective(x_g, real, fake, ok, a.alpha, a.lsg,
-                                                      a.lsg_gan if use_adv else None, self.batch_per_gpu)
-                all_bad &= ~ok.any()
-                self.record(stats)
-                self.scaler_g.scale(loss).backward()
+        with self.unchanged(self.fake_score, self.fake_fn):
+            for slot, sync in self.rounds(self.G_ddp, slots):
+                with sync:
+                    c = data.labels_only(slot, n)
+                    z = data.noise(slot, n)
+                    t = torch.rand(n, 1, 1, 1, generator=slot.gen, device=dev) * (a.tmax / 1000)
+                    sigma = sid_sigma(t)
+                    eps = data.noise(slot, n)
+                    with self.autocast():
+                        x_g = denoise(self.G_fn, self.sigma_init * z, self.sigma_init, c, self.no_aug).denoised
+                        ok, (x_g,) = drop_nonfinite(torch.ones(n, dtype=torch.bool, device=dev), x_g)
+                        x_t = x_g + sigma * eps
+                        real = denoise(self.teacher_fn, x_t, sigma, c, self.no_aug, self.use_logvar)
+                        fake = denoise(self.fake_fn, x_t, sigma, c, self.no_aug, self.use_logvar)
+                    loss, ok, stats = generator_objective(x_g, real, fake, ok, a.alpha, a.lsg,
+                                                          a.lsg_gan if use_adv else None, self.batch_per_gpu)
+                    all_bad &= ~ok.any()
+                    self.record(stats)
+                    self.scaler_g.scale(loss).backward()
         self.optimizer_step(self.opt_g, self.scaler_g, self.G, clip=False)
         self.G.eval()
         self.nonfinite_streak = torch.where(all_bad, self.nonfinite_streak + 1, torch.zeros_like(self.nonfinite_streak))

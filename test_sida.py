@@ -10,6 +10,7 @@ The real Inception detector, official checkpoints and datasets are replaced by s
 """
 
 import argparse
+import contextlib
 import errno
 import functools
 import importlib.util
@@ -52,6 +53,7 @@ import fid
 import networks
 import sida
 import toy
+from toy import curves
 from networks import UserError  # noqa: E402
 from toy import make
 
@@ -288,7 +290,10 @@ def test_bf16_autocast_runs_and_stays_close_to_fp32(name):
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
         denoised, logits = net(*inputs, return_logits=True)
         disc = net.discriminate(*inputs)
+    with torch.no_grad():
+        fp32 = net(*inputs)
     assert denoised.dtype == torch.float32 and torch.isfinite(denoised).all() and torch.isfinite(disc).all()
+    assert max_diff(denoised, fp32) > 1e-4 * fp32.abs().max().item()        # it ran in bf16, not in fp32
     reference = golden(name)
     assert max_diff(denoised, reference['denoised']) <= 0.05 * reference['denoised'].abs().max().item()
     assert max_diff(logits, reference['logits']) <= 0.05 * reference['logits'].abs().max().item() + 0.05
@@ -816,6 +821,7 @@ def test_edm2_discriminator_loss_is_divided_by_exp_u_per_sample(draws):
 
 
 def test_adversarial_loss_is_batch_mean_bce_divided_by_each_w(draws):
+    draws['logit_a'][0, 0, 0, 0], draws['logit_a'][2, 0, 1, 1] = 25.0, -25.0     # clamped to +-10
     x, dr, logit = _np(draws['x_g']), _np(draws['d_real']), _np(draws['logit_a'])
     w = np.maximum(np.abs(x - dr).mean(axis=(1, 2, 3), keepdims=True), 1e-5)
     expect = np.broadcast_to(_bce(np.clip(logit, -10, 10), 1).mean() / w, x.shape)
@@ -840,6 +846,23 @@ def test_generator_objective_combines_the_terms_half_and_half(draws):
     adv = per(sida.adversarial_loss(draws['logit_a'], draws['x_g'], draws['d_real'], ALL)).sum() / 4
     loss, _, _ = sida.generator_objective(draws['x_g'], real, fake, ALL, 1.0, 100.0, 0.01, batch=4)
     assert torch.allclose(loss, 0.5 * sid * 100.0 + 0.5 * adv * 0.01)
+
+
+def test_fake_score_objective_weighs_its_two_terms_by_ls_and_lsd(draws):
+    """sum(L_psi) ls / B + sum(L_D) lsd / B, EDM2's e^u in both terms; SiD (no real logits): L_psi alone."""
+    u = torch.tensor([-1.0, 0.0, 0.5, 2.0]).view(4, 1, 1, 1)
+    fake = sida.Denoised(draws['d_fake'], draws['logit_b'], u)
+    x, d, s, lr, lf, uu = map(_np, (draws['x_g'], draws['d_fake'], draws['sigma'], draws['logit_a'], draws['logit_b'], u))
+    weight = (s ** 2 + 0.25) / (s * 0.5) ** 2
+    psi = (weight * (d - x) ** 2 / np.exp(uu) + uu).sum()
+    disc = (weight * (_bce(lr, 1).mean() + _bce(lf, 0).mean()) / 2 / np.exp(uu)).sum()
+    loss, ok, stats = sida.fake_score_objective(fake, draws['x_g'], draws['sigma'], 0.5, ALL, draws['logit_a'],
+                                                3.0, 7.0, batch=4)
+    np.testing.assert_allclose(loss.item(), (3 * psi + 7 * disc) / 4, rtol=1e-5)
+    assert ok.all() and {'loss_fake_score', 'loss_disc'} <= set(stats)
+    loss, _, stats = sida.fake_score_objective(fake, draws['x_g'], draws['sigma'], 0.5, ALL, None, 3.0, 7.0, batch=4)
+    np.testing.assert_allclose(loss.item(), 3 * psi / 4, rtol=1e-5)
+    assert 'loss_disc' not in stats
 
 
 def test_nonfinite_samples_are_dropped_before_the_losses(draws):
@@ -1115,10 +1138,137 @@ def bench_sida(arch, *flags):
     return bench.random_sida(args, 1, torch.device('cpu'))
 
 
+@pytest.mark.parametrize('arch, precision', [('ddpmpp', 'bf16'), ('edm2', 'fp32')])
+def test_a_network_unchanged_through_the_others_step_is_prepared_once_per_step(monkeypatch, arch, precision):
+    """Over three accumulation rounds, G in the fake score step and f_psi in the generator step are cast to
+    bf16 (EDM) or weight-normalised (EDM2) once, not in every round, and let go after the step; the networks
+    after the iteration equal those of preparing them in every round."""
+    prepare = 'unit_weights' if arch == 'edm2' else 'cast_parameters'
+    calls, original = [], getattr(networks, prepare)
+    monkeypatch.setattr(networks, prepare, lambda net, *a: calls.append(net) or original(net, *a))
+    results = []
+    for once in (True, False):
+        s = bench_sida(arch, '--precision', precision)
+        slots = [sida.Slot(i, 0, torch.device('cpu')) for i in range(3)]
+        if not once:                                     # in every round
+            s.unchanged = lambda net, fn: contextlib.nullcontext()
+            if arch != 'edm2':
+                s.G_eval_fn = sida.cast_once(s.G, s.G, torch.bfloat16)
+                s.fake_fn = sida.cast_once(s.fake_score, s.fake_score, torch.bfloat16)
+        calls.clear()
+        s.fake_score_step(slots)
+        assert (calls.count(s.G), calls.count(s.fake_score)) == ((1 if once else 3), 3)
+        calls.clear()
+        s.generator_step(slots, use_adv=True)
+        assert (calls.count(s.G), calls.count(s.fake_score)) == (3, (1 if once else 3))
+        results.append([t.clone() for net in (s.G, s.fake_score) for t in net.state_dict().values()])
+        if once:                                         # let go: the next pass prepares anew
+            assert not any(net.keeps_weights or net._kept for net in (s.G, s.fake_score) if arch == 'edm2')
+            calls.clear()
+            x = torch.zeros(2, s.G.img_channels, 16, 16)
+            with torch.no_grad(), s.autocast():
+                s.G_eval_fn(x, torch.ones(2), torch.eye(10)[:2])
+                s.fake_fn(x, torch.ones(2), torch.eye(10)[:2])
+            assert (calls.count(s.G), calls.count(s.fake_score)) == (1, 1)
+    assert len(results[0]) > 40 and all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_noise_levels_of_the_two_steps_follow_p_mean_p_std_and_tmax():
+    """The fake score step draws ln sigma ~ N(p_mean, p_std^2); the generator step sigma = sid_sigma(t) with
+    t ~ U(0, tmax / 1000). Checked on 256 draws of each, against the flags, not against the code's formulas."""
+    s = bench_sida('ddpmpp', '--batch-gpu', '256', '--tmax', '400', '--p-mean', '-0.5', '--p-std', '0.6')
+    seen = {}
+
+    def recording(name, fn):
+        def call(x, sigma, *args, **kwargs):
+            seen[name] = sigma.flatten()[:256]
+            return fn(x, sigma, *args, **kwargs)
+        return call
+    s.fake_train_fn, s.teacher_fn = recording('fake', s.fake_train_fn), recording('teacher', s.teacher_fn)
+    slots = [sida.Slot(0, 0, torch.device('cpu'))]
+    s.fake_score_step(slots)
+    s.generator_step(slots, use_adv=True)
+    log_sigma = seen['fake'].log()
+    assert abs(log_sigma.mean() + 0.5) < 0.12 and abs(log_sigma.std() - 0.6) < 0.08
+    a, b = 80 ** (1 / 7), 0.002 ** (1 / 7)                # sigma^(1/7) = a + (1 - t)(b - a): Karras's schedule
+    t = 1 - (seen['teacher'] ** (1 / 7) - a) / (b - a)
+    assert t.min() >= -1e-4 and 0.38 < t.max() <= 0.4 + 1e-4 and abs(t.mean() - 0.2) < 0.03
+
+
+def test_the_generator_loss_gets_the_alpha_of_the_flag(monkeypatch):
+    seen, objective = [], sida.generator_objective
+    monkeypatch.setattr(sida, 'generator_objective', lambda x_g, real, fake, ok, alpha, *a, **k:
+                        seen.append(alpha) or objective(x_g, real, fake, ok, alpha, *a, **k))
+    s = bench_sida('ddpmpp', '--alpha', '1.2')
+    s.generator_step([sida.Slot(0, 0, torch.device('cpu'))], use_adv=True)
+    assert seen == [1.2]
+
+
+def test_the_fake_score_step_augments_generated_and_real_images_alike(monkeypatch):
+    """With --augment > 0 both halves of the discriminator's batch are augmented, each with its own draws, and
+    f_psi gets their augmentation labels (not zeros)."""
+    calls, augment = [], networks.augment
+    monkeypatch.setattr(networks, 'augment', lambda x, p, gen: calls.append((x, p)) or augment(x, p, gen))
+    s = bench_sida('ddpmpp', '--augment', '0.5')
+    labels = []
+    train = s.fake_train_fn
+    s.fake_train_fn = lambda *args, **kwargs: labels.append(args[3]) or train(*args, **kwargs)
+    s.fake_score_step([sida.Slot(0, 0, torch.device('cpu'))])
+    assert [p for _, p in calls] == [0.5, 0.5] and not torch.equal(calls[0][0], calls[1][0])   # generated, then real
+    [aug] = labels                                            # generated and real, in one pass
+    assert aug.shape == (4, 9) and aug[:2].abs().sum() > 0 and aug[2:].abs().sum() > 0
+
+
+@pytest.mark.parametrize('arch, method, clip', [('ddpmpp', 'sida', True), ('ddpmpp', 'sid', False), ('edm2', 'sida', False)])
+def test_fake_score_gradients_are_clipped_only_in_adversarial_edm_runs(monkeypatch, arch, method, clip):
+    """SPEC: clipped to [-1, 1] when the adversarial loss is on, with EDM teachers (the EDM2 runs do not
+    clip); the generator's never."""
+    seen, guard = [], sida.sanitize_grads
+    monkeypatch.setattr(sida, 'sanitize_grads', lambda params, clip_: seen.append(clip_) or guard(params, clip_))
+    s = bench_sida(arch, '--method', method)
+    slots = [sida.Slot(0, 0, torch.device('cpu'))]
+    s.fake_score_step(slots)
+    s.generator_step(slots, use_adv=method != 'sid')
+    assert seen == [clip, False]
+
+
+@pytest.mark.parametrize('precision, eps', [('fp32', 1e-8), ('bf16', 1e-8), ('fp16', 1e-6)])
+def test_optimizers_are_adams_of_the_paper_each_on_its_network_and_learning_rate(precision, eps):
+    s = bench_sida('ddpmpp', '--lr', '1e-4', '--glr', '3e-5', '--precision', precision)
+    for opt, net, lr in ((s.opt_f, s.fake_score, 1e-4), (s.opt_g, s.G, 3e-5)):
+        [group] = opt.param_groups
+        assert isinstance(opt, torch.optim.Adam) and group['betas'] == (0.0, 0.999) and group['eps'] == eps
+        assert group['lr'] == lr and [id(p) for p in group['params']] == [id(p) for p in net.parameters()]
+
+
+def test_metric_names_and_which_value_is_better():
+    assert sida.parse_metrics('fid50k,is10k,fd2k') == [('fid50k', 'fid', 50000), ('is10k', 'is', 10000), ('fd2k', 'fd', 2000)]
+    assert sida.parse_metrics('fd') == [('fd', 'fd', 2048)] and sida.parse_metrics('none') == []
+    for metric, better, worse in (('fid50k', 2.0, 3.0), ('fd', 2.0, 3.0), ('is50k', 9.0, 7.0)):
+        m = sida.parse_metrics(metric)
+        assert sida.improves({metric: better}, 8.0 if metric == 'is50k' else 2.5, m)
+        assert not sida.improves({metric: worse}, 8.0 if metric == 'is50k' else 2.5, m)
+        assert sida.improves({metric: worse}, None, m) and not sida.improves({}, None, m)
+
+
+def test_summary_gives_the_baselines_the_initial_and_the_last_measurement():
+    rows = [{'tick': 0, 'kimg': 0.0, 'fd': 5000.0, 'acc': 0.5, 'fd_data': 50.0, 'acc_data': 0.99},
+            {'tick': 1, 'kimg': 1.0, 'fd': 900.0, 'acc': 0.8},
+            {'tick': 2, 'kimg': 2.0},
+            {'tick': 3, 'kimg': 3.0, 'fd': 400.0, 'acc': 0.9}]
+    lines = sida.summary(rows, 'sida')
+    cells = {line[:42].strip(): line[42:].split() for line in lines}
+    assert cells['result'] == ['fd', 'acc'] and cells['real data'] == ['50', '0.99']
+    assert cells['initial generator (1 NFE)'] == ['5,000', '0.5']
+    assert cells['sida generator (1 NFE), final EMA'] == ['400', '0.9']
+
+
 class HostReads(TorchDispatchMode):
     """Records the ops that read tensor values back to the host: each is a device synchronisation on a GPU."""
     OPS = {'aten._local_scalar_dense', 'aten.nonzero', 'aten.masked_select', 'aten.is_nonzero', 'aten.equal',
            'aten._unique2', 'aten.unique_consecutive', 'aten.repeat_interleave', 'aten.masked_scatter_'}
+
+    READS = ('tolist', 'numpy')        # these read CPU tensors without an ATen operation
 
     def __init__(self):
         super().__init__()
@@ -1128,6 +1278,17 @@ class HostReads(TorchDispatchMode):
         if str(func.overloadpacket) in self.OPS:
             self.seen.append(str(func.overloadpacket))
         return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        self.originals = {name: getattr(torch.Tensor, name) for name in self.READS}
+        for name, original in self.originals.items():
+            setattr(torch.Tensor, name, lambda t, *a, _n=name, _f=original, **k: self.seen.append(_n) or _f(t, *a, **k))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, original in self.originals.items():
+            setattr(torch.Tensor, name, original)
+        return super().__exit__(*exc)
 
 
 @pytest.mark.parametrize('arch, precision', [('ddpmpp', 'fp32'), ('edm2', 'fp16')])
@@ -1252,6 +1413,20 @@ def test_compiled_run_logs_each_steps_first_iteration(tiny_teacher, monkeypatch,
     assert compiled == [True]
     assert [line.split(' step took')[0].split('with the ')[1] for line in lines] == \
         ['fake score', 'generator', 'adversarial generator']
+
+
+def test_sid2a_distils_from_the_init_generator_not_from_the_teacher(tiny_teacher, tmp_path):
+    """SiD²A: G, and so its EMA (the snapshot), starts as --init-generator, not as the teacher: before the
+    generator starts (16 images here) the snapshot is the init generator itself."""
+    init = networks.load_network(tiny_teacher)
+    with torch.no_grad():
+        for p in init.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    networks.save_network(init, str(tmp_path / 'sid-generator.pt'))
+    run_sida(tmp_path / 'run', tiny_teacher, '--method', 'sid2a', '--init-generator', str(tmp_path / 'sid-generator.pt'),
+             '--duration', '0.000008')
+    snapshot = networks.load_network(str(tmp_path / 'run' / 'generator-000000.008.pt')).state_dict()
+    assert all(torch.equal(snapshot[k], v) for k, v in init.state_dict().items())
 
 
 @pytest.mark.parametrize('precision, dropout', [('fp32', '0'), ('bf16', '0'), ('fp32', '0.2')])  # bf16: sida.cast_once
@@ -2061,12 +2236,13 @@ def test_new_run_refuses_to_overwrite_an_existing_one(tiny_teacher, tmp_path):
     assert (tmp_path / 'training-state.pt').read_bytes() == before
 
 
-def write_latent_zip(path, n=6, channels=4, res=8, labels=True):
+def write_latent_zip(path, n=6, channels=4, res=8, labels=True, std=0):
     rng = np.random.default_rng(0)
     with zipfile.ZipFile(path, 'w') as z:
         names = []
         for i in range(n):
-            mean_std = np.concatenate([rng.normal(5, 4, (channels, res, res)), np.zeros((channels, res, res))])
+            spread = rng.uniform(0.5, 1.5, (channels, res, res)) * std if std else np.zeros((channels, res, res))
+            mean_std = np.concatenate([rng.normal(5, 4, (channels, res, res)), spread])
             buf = io.BytesIO()
             np.save(buf, mean_std.astype(np.float32))
             names.append(f'00000/img{i:08d}.npy')
@@ -2095,19 +2271,28 @@ def test_a_cut_dataset_json_is_reported_as_cut_not_as_having_no_labels(tmp_path,
 
 
 def test_latent_zip_reads_and_normalises_like_edm2(tmp_path):
-    path = write_latent_zip(tmp_path / 'latents.zip')
+    path = write_latent_zip(tmp_path / 'latents.zip', std=2)
     images, labels = sida.load_dataset(path, 8, 4, latent=True)
     assert isinstance(images, networks.LatentData) and len(images) == 6 and labels.tolist() == [0, 1, 2, 0, 1, 2]
     sampler = sida.Sampler(images, labels, 3, (4, 8, 8), torch.device('cpu'))
     slot = sida.Slot(0, 0, torch.device('cpu'))
     x, c = sampler.real(slot, 5)
     slot = sida.Slot(0, 0, torch.device('cpu'))
-    idx = sampler.draw(slot, 5)
-    mean = images[idx][:, :4]                      # std is 0 here, so the latent is the mean itself
-    expect = (mean - torch.tensor(networks.LATENT_MEAN).view(1, 4, 1, 1)) * (0.5 / torch.tensor(networks.LATENT_STD).view(1, 4, 1, 1))
-    assert torch.allclose(x, expect, atol=1e-5)
+    idx = sampler.draw(slot, 5)                    # the same draws: the index, then eps
+    mean, std = images[idx][:, :4], images[idx][:, 4:]
+    raw = mean + std * torch.randn(mean.shape, generator=slot.gen)
+    stats = lambda v: torch.tensor(v).view(1, 4, 1, 1)
+    expect = (raw - stats(networks.LATENT_MEAN)) * (0.5 / stats(networks.LATENT_STD))
+    assert std.min() >= 1 and torch.allclose(x, expect, atol=1e-5)
+    assert (raw - mean).abs().mean() > 1                  # the sample is not the mean
     assert torch.equal(c.argmax(1), labels[idx])
-    assert torch.allclose(networks.denormalize_latents(x), mean, atol=1e-4)
+    assert torch.allclose(networks.denormalize_latents(x), raw, atol=1e-4)
+
+
+def test_latent_statistics_are_edm2s():
+    """The published raw-latent statistics of EDM2's ImageNet 512 VAE latents (SPEC), written out here."""
+    assert networks.LATENT_MEAN == (5.81, 3.25, 0.12, -2.15) and networks.LATENT_STD == (4.17, 4.62, 3.71, 3.28)
+    assert networks.LATENT_FINAL_STD == 0.5
 
 
 def test_latent_zip_of_the_wrong_size_is_refused(tmp_path):
@@ -2366,6 +2551,18 @@ def test_inception_score_of_confident_balanced_predictions_is_number_of_classes(
     assert mean == pytest.approx(5, rel=1e-4) and std == pytest.approx(0, abs=1e-4)
 
 
+def test_inception_score_is_the_mean_and_std_over_ten_consecutive_splits():
+    """Split k of 10 confidently predicts m_k balanced classes, so its score is m_k."""
+    m = [1, 2, 3, 4, 5, 6, 7, 8, 10, 12]
+    probs = np.full([8400, 20], 1e-9)
+    for k, classes in enumerate(m):
+        rows = np.arange(840 * k, 840 * (k + 1))
+        probs[rows, rows % classes] = 1
+    probs /= probs.sum(axis=1, keepdims=True)
+    mean, std = fid.inception_score(probs)
+    assert mean == pytest.approx(5.8, rel=1e-4) and std == pytest.approx(np.std(m), rel=1e-4)
+
+
 def test_inception_score_applies_softmax_to_logits():
     logits = np.random.default_rng(2).standard_normal([50, 20]) * 3
     probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
@@ -2423,7 +2620,7 @@ def test_load_ref_refuses_pickle_that_names_other_globals(tmp_path):
     path = tmp_path / 'evil.pkl'
     with open(path, 'wb') as f:
         pickle.dump({'fid': {'mu': os.getcwd, 'sigma': None}}, f)
-    with pytest.raises(networks.UserError):
+    with pytest.raises(networks.UserError, match=rf'refusing to load .*{os.getcwd.__module__}.getcwd'):
         fid.load_ref(str(path))
 
 def test_a_pickle_cannot_change_the_globals_it_is_handed(tmp_path):
@@ -2909,6 +3106,23 @@ def test_vae_round_trip_of_an_exact_stand_in_returns_the_uint8_images():
 # ----------------------------------------------------------------------------------------------------
 # Generation and distributed evaluation.
 
+def test_generated_image_is_g_of_2_5_times_the_seeds_noise_in_bytes():
+    """fid.py gen's images: G(2.5 z, 2.5, c), z ~ N(0, I) and then the class drawn from the seed's generator,
+    and [-1, 1] mapped to 0..255 as EDM saves images."""
+    G = small_generator(label_dim=10)
+    seen, forward = [], G.forward
+    G.forward = lambda x, sigma, labels=None, *args, **kwargs: seen.append((x, sigma, labels)) or forward(x, sigma, labels)
+    images = fid.generate_images(G, torch.tensor([7, 3]))
+    [(x, sigma, labels)] = seen
+    for i, seed in enumerate([7, 3]):
+        g = torch.Generator().manual_seed(seed)
+        assert torch.equal(x[i], 2.5 * torch.randn(3, 8, 8, generator=g))
+        assert labels[i].tolist() == F.one_hot(torch.randint(10, [], generator=g), 10).float().tolist()
+    assert float(sigma) == 2.5
+    out = forward(x, sigma, labels).detach()
+    assert torch.equal(images, (out * 127.5 + 128).clip(0, 255).to(torch.uint8))
+
+
 def test_generated_image_and_class_depend_on_seed_only():
     G = small_generator(label_dim=10)
     calls = []
@@ -3188,6 +3402,22 @@ def test_toy_curves_tabulate_mean_and_std_over_seeds(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.strip() == 'curves.py: X: nowhere: no log.jsonl' and not (tmp_path / 'd.png').exists()
 
+
+
+def test_toy_curves_band_is_the_population_std():
+    runs = [[{'tick': 0, 'kimg': 0.0}, {'tick': 1, 'kimg': 12.0, 'fd': fd}] for fd in (1000.0, 3000.0)]
+    kimg, mean, std = curves.over_seeds(runs, 'fd')
+    assert kimg.tolist() == [12.0] and mean.tolist() == [2000.0] and std.tolist() == [1000.0]
+
+
+def test_toy_fd_reference_is_its_own_real_images_not_the_held_out_ones(monkeypatch):
+    """fd compares with REF_IMAGES real images of their own seed; the held-out images (the `real data`
+    baseline) must not be among them, or that baseline would measure the reference against itself."""
+    calls, images = [], toy.images
+    monkeypatch.setattr(toy, 'images', lambda n, seed: calls.append((n, seed)) or images(64, seed))
+    toy.Metrics('cpu', num=64)
+    assert calls == [(10000, 2)]
+    assert len({toy.TRAIN_SEED, toy.REF_SEED, toy.HELD_OUT_SEED, toy.TEST_SEED}) == 4
 
 
 def test_toy_fd_needs_toy_data(tiny_teacher, tmp_path):
@@ -3982,6 +4212,12 @@ def test_calc_of_a_pipe_or_device_is_refused_in_one_line_instead_of_read_forever
     r = subprocess.run([sys.executable, os.path.join(HERE, 'fid.py'), 'calc', '--images', str(tmp_path / 'pipe'),
                         '--ref', str(tmp_path / 'ref.npz')], capture_output=True, text=True, cwd=HERE, timeout=60)
     assert r.returncode == 1 and r.stderr == f'error: {tmp_path / "pipe"}: neither a folder nor a regular file\n'
+    (tmp_path / 'images').mkdir()                        # a pipe among the images of a folder
+    PIL.Image.new('RGB', (8, 8)).save(tmp_path / 'images' / 'a.png')
+    os.mkfifo(tmp_path / 'images' / 'b.png')
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'fid.py'), 'calc', '--images', str(tmp_path / 'images'),
+                        '--ref', str(tmp_path / 'ref.npz')], capture_output=True, text=True, cwd=HERE, timeout=60)
+    assert r.returncode == 1 and r.stderr == f'error: {tmp_path / "images" / "b.png"}: not a regular file\n'
 
 
 def test_workers_beyond_max_workers_are_refused_at_parse_time(capsys):
@@ -4028,6 +4264,24 @@ def test_a_full_disk_when_saving_is_named_by_flag_and_path_in_one_line(tmp_path,
     monkeypatch.setattr(networks, 'atomic_write', full)
     code, _, err = run_cli(argv, capsys)
     assert code == 1 and err == f'error: {named}: cannot write ({os.strerror(errno.ENOSPC)})\n'
+
+
+@pytest.mark.parametrize('fault, line', [(KeyboardInterrupt, 'interrupted'), (OSError('disk gone'), 'error: disk gone')])
+def test_a_message_after_a_progress_bar_on_a_terminal_starts_a_line_of_its_own(monkeypatch, fault, line):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    monkeypatch.setattr(sys, 'stderr', Terminal())
+    monkeypatch.setattr(fid, 'PROGRESS_SECONDS_TTY', 0)
+    monkeypatch.setattr(fid.Progress, 'line_open', False)      # restored after the test
+
+    def calc_then_fail(args, device):
+        fid.Progress('measuring', 10).update(4)
+        raise fault
+    monkeypatch.setattr(fid, 'cmd_calc', calc_then_fail)
+    assert fid.main(['calc', '--images', 'x', '--ref', 'r.npz', '--device', 'cpu']) == (130 if fault is KeyboardInterrupt else 1)
+    bar, message = sys.stderr.getvalue().split('\n')[:2]
+    assert bar.startswith('\rmeasuring [') and '4/10 images' in bar and message == line
 
 
 def test_ctrl_c_during_gen_prints_one_line_with_the_images_written_and_exits_130(tmp_path):
