@@ -577,58 +577,51 @@ class SiDA:
         for k in ('teacher_fn', 'G_fn', 'G_eval_fn', 'fake_train_fn', 'fake_fn'):
             setattr(self, k, torch.compile(getattr(self, k), mode=mode))
 
-    @contextlib.contextmanager
-    def unchanged(self, net, fn):
-        """Within: `net` does not change (G in the fake score step, f_psi in the generator step), so what depends
-        on its weights alone, their cast to the compute dtype (fn, from cast_once) and EDM2's normalised weights,
-        is made once for all the step's accumulation rounds, not in each. Let go at the end: no copy of the
-        weights outlives the step."""
+    def rounds(self, ddp_net, slots, unchanged):
+        """Yield (slot, context) per accumulation round; gradients sync across ranks on the last one.
+        unchanged: (net, fn), the network the step uses but does not change (G in the fake score step, f_psi in
+        the generator step): what depends on its weights alone, their cast to the compute dtype (fn, from
+        cast_once) and EDM2's normalised weights, is made once for all the rounds and let go after them."""
+        net, fn = unchanged
         networks.keep_weights(net)
-        try:
-            yield
-        finally:
-            networks.keep_weights(net, False)
-            getattr(fn, 'drop', lambda: None)()
-
-    def rounds(self, ddp_net, slots):
-        """Yield (slot, context) per accumulation round; gradients sync across ranks on the last one."""
         for r, slot in enumerate(slots):
             torch.manual_seed(slot.dropout_seeds.getrandbits(63))        # this round's dropout masks
             last = r == len(slots) - 1
             yield slot, contextlib.nullcontext() if last or self.world == 1 else ddp_net.no_sync()
+        networks.keep_weights(net, False)
+        getattr(fn, 'drop', lambda: None)()
 
     def fake_score_step(self, slots):
         """Fit f_psi to the generator's current output with the denoising loss, and (SiDA) train its
         encoder to tell noisy real images from noisy generated ones, in one backward."""
         a, data, n, dev = self.args, self.sampler, self.batch_gpu, self.device
         self.fake_score.train().requires_grad_(True)
-        with self.unchanged(self.G, self.G_eval_fn):
-            for slot, sync in self.rounds(self.fake_score_ddp, slots):
-                with sync:
+        for slot, sync in self.rounds(self.fake_score_ddp, slots, unchanged=(self.G, self.G_eval_fn)):
+            with sync:
+                if self.adversarial:
+                    x_real, c = data.real(slot, n)                # one data batch: images and labels
+                else:                                             # SiD: the labels alone (no latents read)
+                    x_real, c = None, data.labels_only(slot, n)
+                z = data.noise(slot, n)
+                with torch.no_grad(), self.autocast():
+                    x_g = denoise(self.G_eval_fn, self.sigma_init * z, self.sigma_init, c, self.no_aug).denoised
+                ok, (x_g,) = drop_nonfinite(torch.ones(n, dtype=torch.bool, device=dev), x_g)
+                sigma = (torch.randn(n, 1, 1, 1, generator=slot.gen, device=dev) * self.p_std + self.p_mean).exp()
+                noise = data.noise(slot, n)
+                aug_g = aug_real = self.no_aug
+                if self.use_aug:
+                    x_g, aug_g = networks.augment(x_g, a.augment, slot.gen)
                     if self.adversarial:
-                        x_real, c = data.real(slot, n)                # one data batch: images and labels
-                    else:                                             # SiD: the labels alone (no latents read)
-                        x_real, c = None, data.labels_only(slot, n)
-                    z = data.noise(slot, n)
-                    with torch.no_grad(), self.autocast():
-                        x_g = denoise(self.G_eval_fn, self.sigma_init * z, self.sigma_init, c, self.no_aug).denoised
-                    ok, (x_g,) = drop_nonfinite(torch.ones(n, dtype=torch.bool, device=dev), x_g)
-                    sigma = (torch.randn(n, 1, 1, 1, generator=slot.gen, device=dev) * self.p_std + self.p_mean).exp()
-                    noise = data.noise(slot, n)
-                    aug_g = aug_real = self.no_aug
-                    if self.use_aug:
-                        x_g, aug_g = networks.augment(x_g, a.augment, slot.gen)
-                        if self.adversarial:
-                            x_real, aug_real = networks.augment(x_real, a.augment, slot.gen)
-                    # SiDA: the encoder also sees the real images at the same sigma and noise (one pass for both)
-                    x_real_t = x_real + sigma * noise if self.adversarial else None
-                    with self.autocast():
-                        fake, logit_real = denoise_and_discriminate(self.fake_train_fn, x_g + sigma * noise, x_real_t,
-                                                                    sigma, c, aug_g, aug_real, self.use_logvar)
-                    loss, ok, stats = fake_score_objective(fake, x_g, sigma, self.teacher.sigma_data, ok, logit_real,
-                                                           a.ls, a.lsd, self.batch_per_gpu)
-                    self.record(stats)
-                    self.scaler_f.scale(loss).backward()
+                        x_real, aug_real = networks.augment(x_real, a.augment, slot.gen)
+                # SiDA: the encoder also sees the real images at the same sigma and noise (one pass for both)
+                x_real_t = x_real + sigma * noise if self.adversarial else None
+                with self.autocast():
+                    fake, logit_real = denoise_and_discriminate(self.fake_train_fn, x_g + sigma * noise, x_real_t, sigma,
+                                                                c, aug_g, aug_real, self.use_logvar)
+                loss, ok, stats = fake_score_objective(fake, x_g, sigma, self.teacher.sigma_data, ok, logit_real,
+                                                       a.ls, a.lsd, self.batch_per_gpu)
+                self.record(stats)
+                self.scaler_f.scale(loss).backward()
         self.optimizer_step(self.opt_f, self.scaler_f, self.fake_score, self.clip_fake_grads)
 
     def generator_step(self, slots, use_adv):
@@ -640,25 +633,24 @@ class SiDA:
         if self.renormalize_G:
             self.G.normalize_weights_()
         all_bad = torch.ones((), dtype=torch.bool, device=dev)
-        with self.unchanged(self.fake_score, self.fake_fn):
-            for slot, sync in self.rounds(self.G_ddp, slots):
-                with sync:
-                    c = data.labels_only(slot, n)
-                    z = data.noise(slot, n)
-                    t = torch.rand(n, 1, 1, 1, generator=slot.gen, device=dev) * (a.tmax / 1000)
-                    sigma = sid_sigma(t)
-                    eps = data.noise(slot, n)
-                    with self.autocast():
-                        x_g = denoise(self.G_fn, self.sigma_init * z, self.sigma_init, c, self.no_aug).denoised
-                        ok, (x_g,) = drop_nonfinite(torch.ones(n, dtype=torch.bool, device=dev), x_g)
-                        x_t = x_g + sigma * eps
-                        real = denoise(self.teacher_fn, x_t, sigma, c, self.no_aug, self.use_logvar)
-                        fake = denoise(self.fake_fn, x_t, sigma, c, self.no_aug, self.use_logvar)
-                    loss, ok, stats = generator_objective(x_g, real, fake, ok, a.alpha, a.lsg,
-                                                          a.lsg_gan if use_adv else None, self.batch_per_gpu)
-                    all_bad &= ~ok.any()
-                    self.record(stats)
-                    self.scaler_g.scale(loss).backward()
+        for slot, sync in self.rounds(self.G_ddp, slots, unchanged=(self.fake_score, self.fake_fn)):
+            with sync:
+                c = data.labels_only(slot, n)
+                z = data.noise(slot, n)
+                t = torch.rand(n, 1, 1, 1, generator=slot.gen, device=dev) * (a.tmax / 1000)
+                sigma = sid_sigma(t)
+                eps = data.noise(slot, n)
+                with self.autocast():
+                    x_g = denoise(self.G_fn, self.sigma_init * z, self.sigma_init, c, self.no_aug).denoised
+                    ok, (x_g,) = drop_nonfinite(torch.ones(n, dtype=torch.bool, device=dev), x_g)
+                    x_t = x_g + sigma * eps
+                    real = denoise(self.teacher_fn, x_t, sigma, c, self.no_aug, self.use_logvar)
+                    fake = denoise(self.fake_fn, x_t, sigma, c, self.no_aug, self.use_logvar)
+                loss, ok, stats = generator_objective(x_g, real, fake, ok, a.alpha, a.lsg,
+                                                      a.lsg_gan if use_adv else None, self.batch_per_gpu)
+                all_bad &= ~ok.any()
+                self.record(stats)
+                self.scaler_g.scale(loss).backward()
         self.optimizer_step(self.opt_g, self.scaler_g, self.G, clip=False)
         self.G.eval()
         self.nonfinite_streak = torch.where(all_bad, self.nonfinite_streak + 1, torch.zeros_like(self.nonfinite_streak))

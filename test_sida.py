@@ -10,7 +10,6 @@ The real Inception detector, official checkpoints and datasets are replaced by s
 """
 
 import argparse
-import contextlib
 import errno
 import functools
 import importlib.util
@@ -1151,7 +1150,7 @@ def test_a_network_unchanged_through_the_others_step_is_prepared_once_per_step(m
         s = bench_sida(arch, '--precision', precision)
         slots = [sida.Slot(i, 0, torch.device('cpu')) for i in range(3)]
         if not once:                                     # in every round
-            s.unchanged = lambda net, fn: contextlib.nullcontext()
+            monkeypatch.setattr(networks, 'keep_weights', lambda net, keep=True: net)
             if arch != 'edm2':
                 s.G_eval_fn = sida.cast_once(s.G, s.G, torch.bfloat16)
                 s.fake_fn = sida.cast_once(s.fake_score, s.fake_score, torch.bfloat16)
@@ -1379,7 +1378,8 @@ def test_warmup_schedule_switches_at_the_right_image_counts(tiny_teacher, monkey
 def test_each_slot_has_dropout_masks_of_its_own_that_depend_on_the_seed_and_the_slot_only():
     def masks(index, seed):                                  # two rounds of one slot in one process
         slot, one_process = sida.Slot(index, seed, torch.device('cpu')), types.SimpleNamespace(world=1)
-        return [F.dropout(torch.ones(1000), 0.5) for _ in sida.SiDA.rounds(one_process, None, [slot, slot])]
+        return [F.dropout(torch.ones(1000), 0.5)
+                for _ in sida.SiDA.rounds(one_process, None, [slot, slot], unchanged=(torch.nn.Module(), None))]
     first = masks(0, 3)
     assert torch.equal(first[0], masks(0, 3)[0]) and torch.equal(first[1], masks(0, 3)[1])
     assert not torch.equal(first[0], first[1])                                  # each round draws anew
