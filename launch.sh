@@ -237,7 +237,55 @@ download() {  # -> teacher, ref, detector, data (CIFAR-10), network (eval), init
 }
 
 # ---- Launch ------------------------------------------------------------------------------------
-run() { show "$@"; ((dry_run)) || "$@"; }
+# torchrun, but when a worker fails, one line says which rank and how (the worker has printed why) instead of
+# torchrun's traceback of its own; the exit status is the worker's (128 + N for a signal N), so that a scheduler
+# sees a stop by SIGTERM as 143. Run as `PYTHON -c "$quiet_torchrun" TORCHRUN ARGS...` with TORCHRUN's Python.
+quiet_torchrun=$(cat <<'EOF'
+import logging, os, runpy, signal, sys
+path, sys.argv = sys.argv[1], sys.argv[1:]
+logging.getLogger('torch.distributed.elastic.multiprocessing.api').addFilter(   # the line said below instead
+    lambda record: not str(record.msg).startswith('failed (exitcode'))
+
+
+def how(status):
+    if status < 0:
+        return f'was killed by signal {-status} ({signal.Signals(-status).name})', 128 - status
+    return f'exited with status {status}', status
+
+
+try:
+    runpy.run_path(path, run_name='__main__')
+except KeyboardInterrupt:
+    sys.exit(128 + signal.SIGINT)
+except Exception as e:
+    if hasattr(e, 'get_first_failure'):              # ChildFailedError: a worker failed
+        rank, failure = e.get_first_failure()
+        what, status = how(failure.exitcode)
+        others = f' ({len(e.failures)} ranks failed)' if len(e.failures) > 1 else ''
+        print(f'torchrun: {os.path.basename(e.name)} {what} on rank {rank}{others}', file=sys.stderr)
+    elif hasattr(e, 'sigval'):                       # SignalException: torchrun itself got a signal
+        status = 128 + int(e.sigval)
+        print(f'torchrun: stopped by signal {int(e.sigval)} ({signal.Signals(e.sigval).name})', file=sys.stderr)
+    else:
+        raise
+    sys.exit(status if 0 < status < 256 else 1)
+EOF
+)
+
+run() {  # run COMMAND...: shown, then run unless --dry-run; torchrun (a Python script, as pip makes it) quietly
+    show "$@"
+    ((dry_run)) && return
+    local path first python=()
+    if [[ $1 == torchrun ]]; then
+        path=$(command -v torchrun) || die "torchrun is not on PATH: install PyTorch (pip install -r requirements.txt)"
+        if read -r first < "$path" && [[ $first == '#!'*python* ]]; then
+            read -ra python <<< "${first#\#!}"
+            "${python[@]}" -c "$quiet_torchrun" "$path" "${@:2}"
+            return
+        fi
+    fi
+    "$@"
+}
 
 per_gpu_batch() {  # BATCH_GPU, else upstream's per-GPU batch or the largest divisor of a GPU's share below it
     local b=$batch prev='' arg           # (the batch: the last --batch among the extra arguments, else the run's)

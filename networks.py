@@ -918,6 +918,12 @@ def _coefficients(sigma, sigma_data):
     return c_skip, c_out, c_in, c_noise
 
 
+def _head(t, n):
+    # t[:n], but in eager mode t itself when that is all of it: a slice's backward writes its gradient into a
+    # zeroed copy. (Compiled, the slice: one graph then serves the calls with and without encoder_only.)
+    return t if not torch.compiler.is_compiling() and n == t.shape[0] else t[:n]
+
+
 def _logits(features):
     # SiDA discriminator: the channel mean of the encoder's lowest-resolution feature map, [B,1,h,w].
     return features.to(torch.float32).mean(dim=1, keepdim=True)
@@ -962,8 +968,8 @@ class EDMPrecond(nn.Module):
         emb = self.model.embed(c_noise, class_labels, augment_labels)
         features = self.model.encode(c_in * x, emb)
         n = x.shape[0] - encoder_only
-        F_x = self.model.decode([f[:n] for f in features], emb[:n])
-        D_x = c_skip[:n] * x[:n] + c_out[:n] * F_x.to(torch.float32)
+        F_x = self.model.decode([_head(f, n) for f in features], _head(emb, n))
+        D_x = _head(c_skip, n) * _head(x, n) + _head(c_out, n) * F_x.to(torch.float32)
         return (D_x, _logits(features[-1])) if return_logits else D_x
 
     def discriminate(self, x, sigma, class_labels=None, augment_labels=None):
@@ -1015,15 +1021,15 @@ class EDM2Precond(nn.Module):
         emb = self.unet.embed(c_noise, class_labels, w)
         features = self.unet.encode(c_in * x, emb, w)
         n = x.shape[0] - encoder_only
-        F_x = self.unet.decode([f[:n] for f in features], emb[:n], w)
-        D_x = c_skip[:n] * x[:n] + c_out[:n] * F_x.to(torch.float32)
+        F_x = self.unet.decode([_head(f, n) for f in features], _head(emb, n), w)
+        D_x = _head(c_skip, n) * _head(x, n) + _head(c_out, n) * F_x.to(torch.float32)
         outputs = [D_x]
         if return_logits:
             outputs.append(_logits(features[-1]))
         if return_logvar:
             if not self.use_logvar:
                 raise ValueError('this network has no log-variance head (use_logvar=False)')
-            outputs.append(self.logvar_linear(self.logvar_fourier(c_noise[:n]), w).to(torch.float32).reshape(-1, 1, 1, 1))
+            outputs.append(self.logvar_linear(self.logvar_fourier(_head(c_noise, n)), w).to(torch.float32).reshape(-1, 1, 1, 1))
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def discriminate(self, x, sigma, class_labels=None, augment_labels=None):

@@ -12,7 +12,6 @@ The real Inception detector, official checkpoints and datasets are replaced by s
 import argparse
 import errno
 import functools
-import importlib.util
 import http.server
 import io
 import json
@@ -55,6 +54,7 @@ import toy
 from toy import curves
 from networks import UserError  # noqa: E402
 from toy import make
+from toy import sweep
 
 
 # ===================================================================================================
@@ -146,6 +146,21 @@ def test_one_pass_denoises_some_samples_and_discriminates_all(name):
     assert denoised.shape[0] == n and logits.shape[0] == n + k
     assert max_diff(denoised, golden(name)['denoised'][:n]) <= 1e-5
     assert max_diff(logits, golden(name)['logits']) <= 1e-5
+
+
+@pytest.mark.parametrize('name', FIXTURES)
+def test_a_full_pass_slices_nothing_that_its_backward_would_copy(name):
+    """D(x) of the whole batch (every pass but the fake score step's SiDA pass) takes the encoder's features as
+    they are: a slice of all of them would cost a zeroed copy of their gradient in every backward pass."""
+    net, (x, sigma, labels, aug) = golden_net(name), golden_inputs(name)
+    denoised, _ = net(x.requires_grad_(True), sigma, labels, aug, return_logits=True)
+    nodes, seen = [denoised.grad_fn], set()
+    while nodes:
+        node = nodes.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            nodes += [child for child, _ in node.next_functions]
+    assert not [type(node).__name__ for node in seen if 'Slice' in type(node).__name__]
 
 
 def test_frozen_edm2_layers_normalise_once_and_follow_weight_changes(monkeypatch):
@@ -3361,9 +3376,6 @@ def toy_config(arch):
 
 
 def test_toy_sweep_summary_reads_each_run_against_its_teacher(tmp_path):
-    spec = importlib.util.spec_from_file_location('sweep', os.path.join(HERE, 'toy', 'sweep.py'))
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
     rows = [{'tick': 0, 'kimg': 0.0, 'fd_teacher35': 100.0, 'acc_teacher35': 0.9, 'fd': 1000.0, 'acc': 0.5},
             {'kimg': 2.0, 'fd': 90.0, 'acc': 0.8}, {'kimg': 4.0, 'fd': 120.0, 'acc': 0.95},
             {'kimg': 6.0, 'fd': 95.0, 'acc': 0.91, 'sec_per_kimg': 3.0}]
@@ -3924,6 +3936,64 @@ def test_a_real_launch_checks_the_extra_arguments_before_any_download(env, fake_
     assert not Path(env['SIDA_CACHE']).exists() and not record.exists()
 
 
+def python_torchrun(bindir, body):
+    """A torchrun on PATH that is a Python script, as pip installs it (launch.sh runs it in its own process)."""
+    return make_tool(bindir, 'torchrun', '').write_text(f'#!{sys.executable}\nimport sys\n{body}\n')
+
+
+def test_a_worker_failing_in_a_real_launch_ends_in_its_message_and_one_line(env, tmp_path):
+    """sida.py's one-line error, then which rank failed and how, with sida.py's exit status: not torchrun's
+    traceback of its own (30 lines). The real torchrun and sida.py, failing on the cached (bad) teacher."""
+    cache = Path(env['SIDA_CACHE'])
+    cache.mkdir()
+    for name in ['edm-cifar10-32x32-uncond-vp.pkl', 'cifar-10-python.tar.gz', 'cifar10-32x32.npz',
+                 'inception-2015-12-05.pt']:
+        (cache / name).write_bytes(b'not a network')
+    python_torchrun(tmp_path / 'bin', 'from torch.distributed.run import main\nsys.exit(main())')
+    r = run(CIFAR, 'sida', 'uncond', env=env, PATH=f'{tmp_path / "bin"}:{env["PATH"]}', NGPU='1',
+            PYTHON=sys.executable)
+    assert r.returncode == 1, r.stderr
+    errors = [line for line in r.stderr.splitlines() if not line.startswith('W')]    # (torchrun's warnings)
+    assert len(errors) == 2 and errors[0].startswith('error: ') and 'edm-cifar10-32x32-uncond-vp.pkl' in errors[0], r.stderr
+    assert errors[1] == 'torchrun: sida.py exited with status 1 on rank 0'
+
+
+@pytest.mark.parametrize('raised, line, status', [
+    ('ChildFailedError("sida.py", {3: ProcessFailure(0, 1, -9, "-"), 5: ProcessFailure(1, 2, 1, "-")})',
+     'torchrun: sida.py was killed by signal 9 (SIGKILL) on rank 3 (2 ranks failed)', 137),
+    ('ChildFailedError("fid.py", {0: ProcessFailure(0, 1, 143, "-")})', 'torchrun: fid.py exited with status 143 on rank 0', 143),
+    ('SignalException("got signal 15", signal.SIGTERM)', 'torchrun: stopped by signal 15 (SIGTERM)', 143),
+])
+def test_a_launch_reports_a_failed_worker_or_a_signal_in_one_line_with_its_status(env, tmp_path, raised, line, status):
+    """A worker killed (the out-of-memory killer's SIGKILL), a worker's own status, torchrun stopped by a
+    scheduler's SIGTERM: one line and the shell's status for it (128 + N for signal N), so a requeue script can
+    tell a preemption (143) from a failure."""
+    cache = Path(env['SIDA_CACHE'])
+    cache.mkdir()
+    for name in ['edm-cifar10-32x32-uncond-vp.pkl', 'cifar-10-python.tar.gz', 'cifar10-32x32.npz',
+                 'inception-2015-12-05.pt']:
+        (cache / name).write_bytes(b'cached')
+    python_torchrun(tmp_path / 'bin', 'import signal\nfrom torch.distributed.elastic.multiprocessing.api import SignalException\n'
+                    'from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure\n'
+                    f'raise {raised}')
+    r = run(CIFAR, 'sida', 'uncond', env=env, PATH=f'{tmp_path / "bin"}:{env["PATH"]}', PYTHON=sys.executable)
+    assert r.stderr.splitlines() == [line] and r.returncode == status, r.stderr
+
+
+def test_a_launch_without_torchrun_says_so_in_one_line(env, tmp_path):
+    system = '/usr/bin:/bin'
+    if shutil.which('torchrun', path=system):
+        pytest.skip('this system has a torchrun of its own')
+    cache = Path(env['SIDA_CACHE'])
+    cache.mkdir()
+    for name in ['edm-cifar10-32x32-uncond-vp.pkl', 'cifar-10-python.tar.gz', 'cifar10-32x32.npz',
+                 'inception-2015-12-05.pt']:
+        (cache / name).write_bytes(b'cached')
+    r = run(CIFAR, 'sida', 'uncond', env=env, PATH=system, PYTHON=sys.executable)
+    assert r.returncode == 1 and r.stderr.splitlines() == [
+        'error: torchrun is not on PATH: install PyTorch (pip install -r requirements.txt)'], r.stderr
+
+
 @pytest.mark.parametrize('smi, ngpu', [('printf "GPU 0: H100\\nGPU 1: H100\\nGPU 2: H100\\n"', 3),
                                        ('exit 9', 1)])
 def test_gpu_count_comes_from_nvidia_smi(env, tmp_path, smi, ngpu):
@@ -4300,3 +4370,404 @@ def test_ctrl_c_during_gen_prints_one_line_with_the_images_written_and_exits_130
                        timeout=120)
     assert r.returncode == 130 and r.stderr == f'interrupted: 8 images in {tmp_path / "out"}\n'     # two batches of 4
     assert len(os.listdir(tmp_path / 'out')) == 8
+
+
+# ---- Mutation tests: toy/ and bench.py (eighth session)
+
+def test_toy_heun_sampler_evaluates_2_steps_minus_1_times_down_the_karras_schedule():
+    """EDM's Alg. 1: an Euler step at each t_k, Heun's correction at t_k+1 except on the last step (to 0); with
+    a constant denoiser D = c the ODE dx/dt = (x - c) / t is linear in t, so the sampler ends at c exactly."""
+    seen = []
+
+    class Constant(nn.Module):
+        def forward(self, x, sigma, labels):
+            seen.append(sigma[0].item())
+            return torch.full_like(x, 0.25)
+    out = toy.heun_sampler(Constant(), torch.randn(3, 3, 4, 4), None, steps=5)
+    t = [(80 ** (1 / 7) + i / 4 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7 for i in range(5)]   # Karras Eq. 5
+    assert seen == pytest.approx([t[0], t[1], t[1], t[2], t[2], t[3], t[3], t[4], t[4]], rel=1e-6)
+    assert torch.allclose(out, torch.full_like(out, 0.25), atol=1e-5)
+
+
+class PaintedClassStandIn(nn.Module):
+    """A stand-in toy classifier: the class it sees is the image's first red value (images painted with a class)."""
+
+    def forward(self, images, return_features: bool = False, no_output_bias: bool = False):
+        return F.one_hot(images[:, 0, 0, 0].long(), toy.CLASSES).float()
+
+
+def test_toy_accuracy_is_the_share_of_all_images_classified_as_their_label_over_batches():
+    painted = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0, 1]).view(-1, 1, 1, 1).expand(-1, 3, 2, 2).to(torch.uint8)
+    labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 3, 3])                      # 8 of 10 right
+    assert toy.accuracy(PaintedClassStandIn(), painted, labels, batch=4) == 0.8
+
+
+def test_toy_baseline_of_real_data_measures_the_held_out_images(monkeypatch):
+    calls, images = [], toy.images
+    monkeypatch.setattr(toy, 'images', lambda n, seed: calls.append((n, seed)) or images(64, seed))
+    metrics = toy.Metrics('cpu', num=64)
+    calls.clear()
+    marks = metrics.baselines(types.SimpleNamespace(label_dim=4), steps=())
+    assert calls == [(64, toy.HELD_OUT_SEED)] and set(marks) == {'fd_data', 'acc_data'} and marks['acc_data'] >= 0.95
+    assert set(metrics.baselines(types.SimpleNamespace(label_dim=0), steps=())) == {'fd_data'}
+
+
+def test_toy_baseline_labels_name_the_teachers_evaluations():
+    assert [toy.baseline_label(w) for w in ('data', 'teacher35', 'teacher17')] == [
+        'real data', 'teacher (35 NFE)', 'teacher (17 NFE)']
+
+
+def test_toy_classifier_file_holds_fp16_plain_tensors_and_loads_as_the_rounded_classifier(tmp_path):
+    torch.manual_seed(0)
+    net = toy.Classifier(width=4)
+    toy.save_classifier(net, str(tmp_path / 'c.pt'), steps=3)
+    data = torch.load(tmp_path / 'c.pt', weights_only=True)
+    assert data['format'] == 'sida-toy-classifier' and data['meta'] == {'steps': 3} and data['kwargs']['width'] == 4
+    assert all(v.dtype == torch.float16 for v in data['state_dict'].values())
+    loaded = toy.load_classifier(str(tmp_path / 'c.pt'))
+    for (name, v), w in zip(net.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(w, v.half().float()), name
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_toy_classifier_trains_on_fresh_images_of_its_own_seeds_with_a_cosine_decay(monkeypatch):
+    calls, images, lrs, Adam = [], toy.images, [], torch.optim.Adam
+
+    class RecordingAdam(Adam):
+        def step(self, *args, **kwargs):
+            lrs.append(self.param_groups[0]['lr'])
+            return super().step(*args, **kwargs)
+    monkeypatch.setattr(toy, 'images', lambda n, seed: calls.append((n, seed)) or images(n, seed))
+    monkeypatch.setattr(torch.optim, 'Adam', RecordingAdam)
+    make.train_classifier(steps=4, batch=8, lr=2e-3)
+    assert calls == [(8, 1_000_000 + step) for step in range(4)]          # apart from the run's sets 1, 2, 3, 4
+    # lr * (1 + cos(pi * step / steps)) / 2 at steps 0..3 of 4: 1, (2 + sqrt 2) / 4, 1/2, (2 - sqrt 2) / 4 of 2e-3
+    assert lrs == pytest.approx([2e-3, 1.7071068e-3, 1e-3, 0.2928932e-3], rel=1e-6)
+
+
+def test_toy_teacher_trains_on_the_runs_images_with_a_warm_up_and_a_growing_ema(monkeypatch):
+    """Adam (0.9, 0.99) at 1e-3 after a 100-step linear warm-up; EMA beta = (k+1)/(k+10) at step k. An optimizer
+    that zeroes the weights at each step leaves the EMA at init * 1/10 * 2/11 = init / 55 after two steps."""
+    calls, images, made, lrs = [], toy.images, [], []
+
+    class ZeroingAdam:
+        def __init__(self, params, lr, betas):
+            self.params, self.param_groups = list(params), [{'lr': None}]
+            made.append((lr, betas))
+
+        def zero_grad(self, set_to_none=True):
+            pass
+
+        def step(self):
+            lrs.append(self.param_groups[0]['lr'])
+            with torch.no_grad():
+                for p in self.params:
+                    p.zero_()
+    monkeypatch.setattr(toy, 'images', lambda n, seed: calls.append((n, seed)) or images(64, seed))
+    monkeypatch.setattr(torch.optim, 'Adam', ZeroingAdam)
+    monkeypatch.setattr(make, 'TEACHER_BATCH', 8)
+    ema = make.train_teacher('ddpmpp', kimg=0.016, seed=0, log=lambda *_: None)       # 16 images: 2 steps of 8
+    assert calls == [(4096, 1)] and made == [(1e-3, (0.9, 0.99))] and lrs == pytest.approx([1e-5, 2e-5])
+    torch.manual_seed(0)
+    init = networks.build_network(toy.arch('ddpmpp'))
+    for (name, p), q in zip(init.named_parameters(), ema.parameters()):
+        assert torch.allclose(q, p / 55, rtol=1e-5, atol=1e-12), name
+
+
+def test_toy_make_writes_each_file_to_the_shipped_place_of_its_architecture(monkeypatch):
+    seen = []
+    monkeypatch.setattr(make, 'cmd_teacher', seen.append)
+    monkeypatch.setattr(make, 'cmd_sid_generator', seen.append)
+    make.main(['teacher', '--arch', 'edm2'])
+    make.main(['sid-generator', '--arch', 'edm2', '--', '--device', 'cuda'])
+    make.main(['teacher'])
+    assert [a.dest for a in seen] == [os.path.join(HERE, 'toy', 'edm2', 'teacher.pt'),
+                                      os.path.join(HERE, 'toy', 'edm2', 'sid-generator.pt'),
+                                      os.path.join(HERE, 'toy', 'ddpmpp', 'teacher.pt')]
+    assert seen[1].outdir == 'runs/toy-sid-edm2' and seen[1].extra == ['--device', 'cuda'] and seen[1].duration == 0.3
+
+
+def test_toy_make_sid_generator_resumes_its_run_and_saves_its_final_ema_with_the_flags(monkeypatch, tmp_path):
+    runs, loaded, saved = [], [], []
+    monkeypatch.setattr(sida, 'distill', lambda args: runs.append(args) or {'nimg': 1024})
+    monkeypatch.setattr(networks, 'load_network', lambda path: loaded.append(path) or types.SimpleNamespace(meta={'kimg': 1.024}))
+    monkeypatch.setattr(networks, 'save_network', lambda G, dest, **meta: saved.append((dest, meta)))
+    run = tmp_path / 'run'
+    args = argparse.Namespace(dest=str(tmp_path / 'G.pt'), outdir=str(run), arch='edm2', duration=0.001, extra=['--metrics', 'none'])
+    make.cmd_sid_generator(args)
+    run.mkdir()
+    (run / 'training-state.pt').write_bytes(b'')
+    make.cmd_sid_generator(args)
+    assert (runs[0].outdir, runs[0].resume) == (str(run), None) and runs[1].resume == str(run)
+    assert loaded == [str(run / 'generator-000001.024.pt')] * 2
+    flags = ' '.join(['--preset', 'toy', '--arch', 'edm2', *make.SID_FLAGS, '--duration', '0.001', '--metrics', 'none'])
+    assert saved[0] == (str(tmp_path / 'G.pt'), {'kimg': 1.024, 'teacher': 'toy/edm2/teacher.pt', 'flags': flags})
+
+
+def test_toy_curves_read_a_kimg_mark_only_from_a_snapshot_near_it():
+    rows = [{'kimg': 0.0, 'fd': 9.0}, {'kimg': 4.096, 'fd': 1.0}, {'kimg': 24.576, 'fd': 2.0}]
+    assert [curves.near(rows, 'fd', k) for k in (0, 4, 25)] == [9.0, 1.0, 2.0]
+    assert curves.near(rows, 'fd', 12) is None and curves.near(rows, 'fd', 50) is None and curves.near(rows, 'acc', 4) is None
+
+
+def test_toy_curves_baselines_are_tick_0s_suffixed_keys_not_the_initial_generators():
+    row = {'tick': 0, 'kimg': 0.0, 'fd': 21488.0, 'acc': 0.643, 'fd_data': 58.8, 'acc_data': 0.998,
+           'fd_teacher35': 842.7, 'acc_teacher35': 0.976, 'fd_teacher17': 183.8}
+    assert curves.baselines([row], 'fd') == {'data': 58.8, 'teacher35': 842.7, 'teacher17': 183.8}
+    assert curves.baselines([row], 'acc') == {'data': 0.998, 'teacher35': 0.976}
+
+
+def test_toy_curves_until_keeps_the_snapshot_at_that_kimg(tmp_path):
+    rows = [{'tick': 0, 'kimg': 0.0}, {'tick': 1, 'kimg': 50.0, 'fd': 1.0}, {'tick': 2, 'kimg': 50.1, 'fd': 2.0}]
+    (tmp_path / 'log.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    assert [r['kimg'] for r in curves.read_run(str(tmp_path), until=50.0)] == [0.0, 50.0]
+
+
+def test_toy_curves_a_title_without_runs_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match='curves.py: every TITLE needs at least one NAME=RUN after it'):
+        curves.main([str(tmp_path / 'c.png'), 'a title alone'])
+    assert not (tmp_path / 'c.png').exists()
+
+
+def test_toy_sweep_starts_each_run_on_one_thread_with_its_own_flags_last(monkeypatch, tmp_path, capsys):
+    started = []
+
+    class Finished:
+        returncode = 0
+
+        def __init__(self, cmd, stdout, stderr, env):
+            started.append((cmd, env['OMP_NUM_THREADS']))
+
+        def poll(self):
+            return 0
+
+        def wait(self, timeout=None):
+            return 0
+    monkeypatch.setattr(sweep.subprocess, 'Popen', Finished)
+    monkeypatch.setattr(sweep.time, 'sleep', lambda s: None)
+    (tmp_path / 'runs.txt').write_text('a --seed 1\n# b --seed 9\nc --lr 1e-3 --seed 2\n')
+    out = tmp_path / 'out'
+    sweep.main([str(tmp_path / 'runs.txt'), str(out), '--device', 'cuda', '--', '--duration', '0.001', '--seed', '7'])
+    head = [sys.executable, os.path.join(HERE, 'sida.py'), '--preset', 'toy', '--device', 'cuda', '--outdir']
+    assert started == [(head + [str(out / 'a'), '--duration', '0.001', '--seed', '7', '--seed', '1'], '1'),
+                       (head + [str(out / 'c'), '--duration', '0.001', '--seed', '7', '--lr', '1e-3', '--seed', '2'], '1')]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith('sweep: 2 runs') and lines[1].startswith('a              no snapshot | --seed 1 (exit 0)')
+
+
+def test_bench_refuses_non_positive_sizes_and_counts(capsys):
+    for argv, message in [(['--iters', '0'], '--iters 0: must be > 0'), (['--resolution', '0'], '--resolution 0: must be > 0'),
+                          (['--cbase', '-8'], '--cbase -8: must be > 0'), (['--label-dim', '-1'], '--label-dim -1: must be >= 0'),
+                          (['--cres', '2,0,2'], '--cres 2,0,2: expected positive channel multipliers')]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            bench.parse_runs(argv, torch.device('cpu'))
+    assert bench.parse_runs(['--arch', 'ddpmpp', '--label-dim', '0'], torch.device('cpu'))[0][2].label_dim == 0
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(['--device', 'cpu', '--iters', '0'])
+    assert exit_.value.code == 1 and capsys.readouterr().err == 'error: --iters 0: must be > 0\n'
+
+
+def test_bench_compile_flag_times_the_compiled_run_and_a_configuration_keeps_its_batch():
+    runs = bench.parse_runs(['--compile', '--targets', 'cifar10'], torch.device('cpu'))
+    assert [(name, mode, args.compile) for name, mode, args in runs] == [('cifar10', 'compile', True)]
+    [(name, mode, args)] = bench.parse_runs(['--arch', 'ddpmpp', '--batch-gpu', '2'], torch.device('cpu'))
+    assert (name, mode, args.batch_gpu, args.batch, args.iters, args.metrics) == ('custom', 'eager', 2, 2, 1, 'none')
+
+
+def test_bench_a_failed_run_is_a_json_line_with_its_error_and_the_others_still_run(monkeypatch, capsys):
+    def fake_bench(args, world, device):
+        if args.arch == 'adm':
+            raise RuntimeError('out of memory')
+        return {'arch': args.arch}
+    monkeypatch.setattr(bench, 'bench', fake_bench)
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(['--device', 'cpu'])
+    assert exit_.value.code == 1
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == [
+        {'target': 'cifar10', 'mode': 'eager', 'arch': 'ddpmpp'},
+        {'target': 'imagenet64', 'mode': 'eager', 'error': 'RuntimeError: out of memory'},
+        {'target': 'edm2-xs', 'mode': 'eager', 'arch': 'edm2'}]
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(['--device', 'cpu', '--targets', 'cifar10'])
+    assert exit_.value.code == 0
+
+
+@pytest.mark.parametrize('arch, fixture, keys', [
+    ('ncsnpp', 'edm_ncsnpp_cond', ()), ('ddpmpp', 'edm_ddpmpp_uncond', ('augment_dim',))])   # CIFAR-10's DDPM++: augment_dim 9
+def test_bench_song_unets_have_the_official_embedding_encoder_and_filter(arch, fixture, keys):
+    import inspect
+    [(_, _, args)] = bench.parse_runs(['--arch', arch], torch.device('cpu'))
+    defaults = {k: v.default for k, v in inspect.signature(networks.SongUNet).parameters.items()}
+    ours, official = {**defaults, **bench.network_config(args)['kwargs']}, golden(fixture)['kwargs']
+    for key in ('embedding_type', 'encoder_type', 'channel_mult_noise', 'resample_filter', *keys):
+        assert ours[key] == official[key], key
+
+
+def test_toy_sweep_a_snapshot_equal_to_the_teacher_on_both_measures_reaches_it():
+    rows = [{'tick': 0, 'kimg': 0.0, 'fd_teacher35': 100.0, 'acc_teacher35': 0.9, 'fd': 1000.0, 'acc': 0.5},
+            {'kimg': 2.0, 'fd': 100.0, 'acc': 0.9}]
+    assert 'both @2' in sweep.summarise('x', rows, [2])
+
+
+def test_bench_result_counts_one_steady_iteration_and_images_per_second(monkeypatch):
+    """A stand-in SiDA whose first iteration (creating the optimizer state) dispatches 5 + 1 operations and each
+    later one 2 + 1 (views not counted), and whose generator step takes 10 ms."""
+    class StandIn:
+        adversarial, steps, x = True, 0, torch.zeros(3)
+
+        def fake_score_step(self, slots):
+            self.steps += 1
+            for _ in range(5 if self.steps == 1 else 2):
+                self.x.add_(1).view(3, 1)
+
+        def generator_step(self, slots, use_adv):
+            time.sleep(0.01)
+            self.x.mul_(2)
+    monkeypatch.setattr(bench, 'random_sida', lambda args, world, device: StandIn())
+    [(_, _, args)] = bench.parse_runs(['--device', 'cpu', '--arch', 'ddpmpp', '--batch-gpu', '2'], torch.device('cpu'))
+    result = bench.bench(args, 1, torch.device('cpu'))
+    assert result['eager_ops_per_iter'] == 3 and result['batch_gpu'] == 2 and result['sec_per_iter'] >= 0.01
+    assert result['img_per_s'] == pytest.approx(2 / result['sec_per_iter'], rel=0.01)
+    assert {'img_per_s', 'sec_per_iter', 'peak_gb', 'gflop_per_iter', 'mfu', 'eager_ops_per_iter'} <= set(result)
+    assert 'compile_s' not in result and result['mfu'] is None and result['device'] == 'cpu'
+
+
+# ---- Mutation tests: resume, run folder and fid.py files (eighth session)
+
+def test_a_row_appended_after_a_cut_line_is_a_line_of_its_own(tmp_path, capsys):
+    """A write cut short (a full disk, a kill) left half a row without its newline: the next row starts a line
+    of its own instead of being swallowed into the broken one."""
+    log = tmp_path / 'log.jsonl'
+    log.write_text('{"tick": 0, "kimg": 0.0}\n{"tick": 1, "ki')
+    sida.append_row(str(log), {'tick': 2, 'kimg': 0.032})
+    assert log.read_text().splitlines() == ['{"tick": 0, "kimg": 0.0}', '{"tick": 1, "ki', '{"tick": 2, "kimg": 0.032}']
+    assert [r['tick'] for r in sida.read_log(str(log))] == [0, 2]
+    assert 'skipped 1 unreadable line(s)' in capsys.readouterr().out
+
+
+def test_the_console_of_a_resumed_run_is_appended_to_log_txt(tmp_path, capsys):
+    """log.txt is the run's console, all sessions of it: a resume adds to it, and what was printed before the
+    folder was claimed (the options) comes first."""
+    path = tmp_path / 'log.txt'
+    path.write_text('the first session\n')
+    with sida.tee_console(str(path)) as start:
+        print('options')
+        start()
+        print('tick 1')
+    assert path.read_text() == 'the first session\noptions\ntick 1\n'
+    assert capsys.readouterr().out == 'options\ntick 1\n'
+
+
+def test_claiming_a_fresh_folder_looks_again_for_a_run_written_since_the_first_look(tmp_path):
+    """Between distill's first look and the claim another run may have saved its state there."""
+    state_path = str(tmp_path / 'training-state.pt')
+    (tmp_path / 'training-state.pt').write_bytes(b'another run')
+    with pytest.raises(UserError, match='already holds a run: continue it with --resume'):
+        sida.claim_folder(str(tmp_path), True, state_path)
+    sida.claim_folder(str(tmp_path), False, state_path).close()       # a resume of it: claimed
+    assert (tmp_path / 'training-state.pt').read_bytes() == b'another run'
+
+
+@pytest.mark.parametrize('name', ['log.txt.orig', 'args.json~', 'generator-best.pt.bak', 'metrics.pngs'])
+def test_files_named_like_a_runs_with_more_to_their_name_are_not_a_runs(tmp_path, name):
+    (tmp_path / name).write_text('mine')
+    with pytest.raises(UserError, match=re.escape(f"holds files that are not a run's ({name})")):
+        sida.refuse_earlier_run(str(tmp_path), str(tmp_path / 'training-state.pt'))
+
+
+def test_reference_statistics_with_a_constant_feature_are_a_covariance(tmp_path):
+    """A zero variance (a feature constant over the data set) is a valid, non-negative diagonal."""
+    sigma = np.diag([1.0, 0.0, 2.0, 0.0])
+    np.savez(tmp_path / 'ref.npz', mu=np.ones(4), sigma=sigma)
+    mu, got = fid.load_ref(str(tmp_path / 'ref.npz'))
+    np.testing.assert_array_equal(mu, np.ones(4))
+    np.testing.assert_array_equal(got, sigma)
+
+
+def test_reference_statistics_of_mismatched_sizes_are_refused(tmp_path):
+    np.savez(tmp_path / 'ref.npz', mu=np.zeros(4), sigma=np.eye(3))
+    with pytest.raises(UserError) as error:
+        fid.load_ref(str(tmp_path / 'ref.npz'))
+    assert str(error.value) == f'--ref {tmp_path / "ref.npz"}: mu [4] and sigma [3, 3] are not [D] and [D, D]'
+
+
+def test_urls_of_the_same_file_name_are_cached_apart(tmp_path):
+    """Two sources whose URLs end in the same name (another folder, another host) are two cache entries."""
+    for folder, content in (('a', b'first'), ('b', b'second')):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / 'ref.npz').write_bytes(content)
+    cache = str(tmp_path / 'cache')
+    first = networks.open_url((tmp_path / 'a' / 'ref.npz').as_uri(), cache_dir=cache)
+    second = networks.open_url((tmp_path / 'b' / 'ref.npz').as_uri(), cache_dir=cache)
+    assert open(first, 'rb').read() == b'first' and open(second, 'rb').read() == b'second'
+    assert len(os.listdir(cache)) == 2
+
+
+def test_a_read_error_in_fid_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
+    """An OSError that no check foresaw (a disk read error here) is still a one-line error, not a traceback."""
+    def failing(args, device):
+        raise OSError(errno.EIO, os.strerror(errno.EIO), str(tmp_path / 'images' / '000.png'))
+    monkeypatch.setattr(fid, 'cmd_calc', failing)
+    code = fid.main(['calc', '--images', str(tmp_path / 'images'), '--ref', 'cifar10-32x32', '--device', 'cpu'])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith('error: ') and '000.png' in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize('what, nth, named', [('state', 1, 'training-state.pt'), ('log row', 2, 'log.jsonl')])
+def test_a_full_disk_error_names_the_file_that_could_not_be_written(tiny_teacher, tmp_path, monkeypatch, capsys,
+                                                                     what, nth, named):
+    if what == 'state':             # the first state, of the last tick (tick 1)
+        full_disk_at(monkeypatch, torch, 'save', nth, lambda obj, f: obj.get('format') == 'sida-training-state')
+    else:                           # tick 1's row (tick 0's is the first)
+        full_disk_at(monkeypatch, sida, 'append_row', nth)
+    with pytest.raises(SystemExit):                     # one iteration
+        sida.main(tiny_run_argv(tmp_path, tiny_teacher, '--duration', '0.000008', '--tick', '0.008'))
+    err = capsys.readouterr().err.strip()
+    assert f'{tmp_path / named} (No space left on device)' in err and len(err.splitlines()) == 1, err
+
+
+def test_a_finished_run_resumed_after_a_kill_in_its_last_snapshot_writes_its_best_generator(tiny_teacher, tmp_path,
+                                                                                             monkeypatch):
+    """Killed while the last (and best) generator was written: the resume writes it and generator-best.pt."""
+    values = iter([2.0, 1.0])                       # fd at ticks 0 and 1: the last is the best
+    monkeypatch.setattr(toy, 'Metrics', lambda device, num: 'the toy classifier, not needed')
+    monkeypatch.setattr(toy, 'save_comparison', lambda *a: None)
+    monkeypatch.setattr(sida.Evaluator, 'baselines', lambda self, teacher: {})
+    monkeypatch.setattr(sida.Evaluator, '__call__', lambda self, G: {'fd': next(values)})
+    monkeypatch.setattr(networks, 'version_key', lambda tensors: object())      # measured again, changed or not
+    sida.main(tiny_run_argv(tmp_path, tiny_teacher, '--duration', '0.000008', '--tick', '0.008', '--snap', '1',
+                            '--metrics', 'fd'))                                  # one iteration
+    assert networks.load_network(str(tmp_path / 'generator-best.pt')).meta['kimg'] == 0.008
+    # As the kill left it: the final snapshot not yet written, generator-best.pt still tick 0's.
+    (tmp_path / 'generator-000000.008.pt').unlink()
+    shutil.copy(tmp_path / 'generator-000000.000.pt', tmp_path / 'generator-best.pt')
+    sida.main(['--resume', str(tmp_path)])
+    assert networks.load_network(str(tmp_path / 'generator-000000.008.pt')).meta['kimg'] == 0.008
+    best = networks.load_network(str(tmp_path / 'generator-best.pt')).meta
+    assert (best['kimg'], best['fd']) == (0.008, 1.0)
+
+
+def test_a_dataset_json_without_the_label_of_an_image_names_the_image(tmp_path):
+    labels = json.dumps({'labels': [['a.png', 1], ['c.png', 2]]})
+    with pytest.raises(UserError) as error:
+        fid.parse_labels(labels, ['a.png', 'b.png', 'c.png'], str(tmp_path / 'data.zip'))
+    assert str(error.value) == f'{tmp_path / "data.zip"}: dataset.json has no label for b.png'
+
+
+def test_a_detector_file_that_is_not_torchscript_is_one_line_naming_the_flag(tmp_path):
+    torch.save({'proj': torch.zeros(2)}, tmp_path / 'weights.pt')         # a torch file, but no TorchScript program
+    with pytest.raises(UserError) as error:
+        fid.load_detector(str(tmp_path / 'weights.pt'))
+    assert str(error.value).startswith(f'--detector {tmp_path / "weights.pt"}: not a TorchScript detector')
+
+
+def test_a_training_state_holding_code_is_refused_without_running_it(tmp_path):
+    """--resume reads the state as plain data (README, Safety): a state file that would call a function when
+    unpickled is refused in one line, and the function is never called."""
+    trace = tmp_path / 'executed'
+    torch.save({'format': 'sida-training-state', 'nimg': 0, 'note': _SystemCall(trace)}, tmp_path / 'training-state.pt')
+    args = sida.parse_args(['--resume', str(tmp_path)])
+    with pytest.raises(UserError) as error:
+        sida.read_state(str(tmp_path / 'training-state.pt'), args)
+    assert str(error.value).startswith(f'--resume: {tmp_path / "training-state.pt"} is not a readable training state')
+    assert '\n' not in str(error.value) and not trace.exists()

@@ -36,7 +36,7 @@ def summarise(name, rows, marks):
     for k in marks:
         r = at(k)
         cells.append(f"@{k:g}: {r['fd']:7.0f} {r.get('acc', float('nan')):.3f}" if abs(r['kimg'] - k) < 2.1 else f'@{k:g}: -')
-    best = min(snaps[1:] or snaps, key=lambda r: r['fd'])
+    best = min(snaps[1:] or snaps, key=lambda r: r['fd'])      # of the run: not tick 0, the generator it began with
     both = next((r for r in snaps[1:] if r['fd'] <= fd_t and r.get('acc', 1) >= acc_t), None)
     last = snaps[-1]
     return (f"{name:14s} " + ' | '.join(cells) + f" | best fd {best['fd']:.0f} @{best['kimg']:.0f} (acc {best.get('acc', 0):.3f})"
