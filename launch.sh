@@ -240,7 +240,7 @@ download() {  # -> teacher, ref, detector, data (CIFAR-10), network (eval), init
 # torchrun, but when a worker fails, one line says which rank and how (the worker has printed why) instead of
 # torchrun's traceback of its own; the exit status is the worker's (128 + N for a signal N), so that a scheduler
 # sees a stop by SIGTERM as 143. Run as `PYTHON -c "$quiet_torchrun" TORCHRUN ARGS...` with TORCHRUN's Python.
-quiet_torchrun=$(cat <<'EOF'
+read -r -d '' quiet_torchrun <<'EOF' || true        # (read stops at the end with status 1)
 import logging, os, runpy, signal, sys
 path, sys.argv = sys.argv[1], sys.argv[1:]
 logging.getLogger('torch.distributed.elastic.multiprocessing.api').addFilter(   # the line said below instead
@@ -270,7 +270,6 @@ except Exception as e:
         raise
     sys.exit(status if 0 < status < 256 else 1)
 EOF
-)
 
 run() {  # run COMMAND...: shown, then run unless --dry-run; torchrun (a Python script, as pip makes it) quietly
     show "$@"
@@ -334,6 +333,9 @@ launch() {  # after the script's settings: environment, checks, downloads, then 
     # torchrun passes a SIGTERM on to the workers and kills them 30 s later (torch's default), before a large
     # run has finished its iteration and saved its state: give them 10 minutes (torch 2.13 reads this variable).
     export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}
+    # One CPU thread per worker, torchrun's own default for several workers, said here so that it does not
+    # print a four-line warning at every launch.
+    if ((ngpu > 1)); then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; fi
     if ((nnodes == 1)) && [[ -z ${MASTER_ADDR:-} ]]; then
         launcher=(torchrun --standalone --nproc_per_node="$ngpu")
     else

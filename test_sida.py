@@ -153,7 +153,7 @@ def test_a_full_pass_slices_nothing_that_its_backward_would_copy(name):
     """D(x) of the whole batch (every pass but the fake score step's SiDA pass) takes the encoder's features as
     they are: a slice of all of them would cost a zeroed copy of their gradient in every backward pass."""
     net, (x, sigma, labels, aug) = golden_net(name), golden_inputs(name)
-    denoised, _ = net(x.requires_grad_(True), sigma, labels, aug, return_logits=True)
+    denoised, _ = net(x.clone().requires_grad_(True), sigma, labels, aug, return_logits=True)
     nodes, seen = [denoised.grad_fn], set()
     while nodes:
         node = nodes.pop()
@@ -3673,12 +3673,18 @@ def test_dry_run_lines_are_valid_shell(env):
     assert sida_args[-2:] == ['--note', "it's a test"]
 
 
-def test_cached_files_are_not_downloaded_again(env):
+def cifar_cache(env, setting='uncond', content=b'cached'):
+    """SIDA_CACHE holding what train_cifar.sh downloads for SETTING (files of `content`): no download runs."""
     cache = Path(env['SIDA_CACHE'])
     cache.mkdir()
-    for name in ['edm-cifar10-32x32-uncond-vp.pkl', 'cifar-10-python.tar.gz', 'cifar10-32x32.npz',
+    for name in [f'edm-cifar10-32x32-{setting}-vp.pkl', 'cifar-10-python.tar.gz', 'cifar10-32x32.npz',
                  'inception-2015-12-05.pt']:
-        (cache / name).write_bytes(b'cached')
+        (cache / name).write_bytes(content)
+    return cache
+
+
+def test_cached_files_are_not_downloaded_again(env):
+    cifar_cache(env)
     r = run(CIFAR, 'sida', 'uncond', '--dry-run', env=env)
     assert r.returncode == 0, r.stderr
     assert not any(line.startswith(('curl ', 'wget ', 'mkdir ', 'mv ')) for line in r.stdout.splitlines())
@@ -3696,11 +3702,7 @@ def fake_torchrun(tmp_path):
 
 def test_real_run_downloads_atomically_then_launches_torchrun(env, tmp_path, fake_torchrun):
     bindir, record = fake_torchrun
-    cache = Path(env['SIDA_CACHE'])
-    cache.mkdir()
-    for name in ['edm-cifar10-32x32-cond-vp.pkl', 'cifar-10-python.tar.gz', 'cifar10-32x32.npz',
-                 'inception-2015-12-05.pt']:
-        (cache / name).write_bytes(b'cached')
+    cache = cifar_cache(env, 'cond')
     source = tmp_path / 'my-sid.pkl'
     source.write_bytes(b'generator weights')
     env = dict(env, PATH=f'{bindir}:{env["PATH"]}', INIT_GENERATOR=source.as_uri())
@@ -3718,11 +3720,7 @@ def test_real_run_downloads_atomically_then_launches_torchrun(env, tmp_path, fak
 def test_failed_download_leaves_no_partial_file_and_exits_1(env, tmp_path, fake_torchrun):
     bindir, record = fake_torchrun
     env = dict(env, PATH=f'{bindir}:{env["PATH"]}', INIT_GENERATOR=(tmp_path / 'absent.pkl').as_uri())
-    cache = Path(env['SIDA_CACHE'])
-    cache.mkdir()
-    for name in ['edm-cifar10-32x32-uncond-vp.pkl', 'cifar-10-python.tar.gz', 'cifar10-32x32.npz',
-                 'inception-2015-12-05.pt']:
-        (cache / name).write_bytes(b'cached')
+    cache = cifar_cache(env)
     r = run(CIFAR, 'sid2a', 'uncond', env=env)
     assert r.returncode == 1
     assert 'could not download' in r.stderr and 'absent.pkl' in r.stderr
@@ -3944,11 +3942,7 @@ def python_torchrun(bindir, body):
 def test_a_worker_failing_in_a_real_launch_ends_in_its_message_and_one_line(env, tmp_path):
     """sida.py's one-line error, then which rank failed and how, with sida.py's exit status: not torchrun's
     traceback of its own (30 lines). The real torchrun and sida.py, failing on the cached (bad) teacher."""
-    cache = Path(env['SIDA_CACHE'])
-    cache.mkdir()
-    for name in ['edm-cifar10-32x32-uncond-vp.pkl', 'cifar-10-python.tar.gz', 'cifar10-32x32.npz',
-                 'inception-2015-12-05.pt']:
-        (cache / name).write_bytes(b'not a network')
+    cifar_cache(env, content=b'not a network')
     python_torchrun(tmp_path / 'bin', 'from torch.distributed.run import main\nsys.exit(main())')
     r = run(CIFAR, 'sida', 'uncond', env=env, PATH=f'{tmp_path / "bin"}:{env["PATH"]}', NGPU='1',
             PYTHON=sys.executable)
@@ -3968,11 +3962,7 @@ def test_a_launch_reports_a_failed_worker_or_a_signal_in_one_line_with_its_statu
     """A worker killed (the out-of-memory killer's SIGKILL), a worker's own status, torchrun stopped by a
     scheduler's SIGTERM: one line and the shell's status for it (128 + N for signal N), so a requeue script can
     tell a preemption (143) from a failure."""
-    cache = Path(env['SIDA_CACHE'])
-    cache.mkdir()
-    for name in ['edm-cifar10-32x32-uncond-vp.pkl', 'cifar-10-python.tar.gz', 'cifar10-32x32.npz',
-                 'inception-2015-12-05.pt']:
-        (cache / name).write_bytes(b'cached')
+    cifar_cache(env)
     python_torchrun(tmp_path / 'bin', 'import signal\nfrom torch.distributed.elastic.multiprocessing.api import SignalException\n'
                     'from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure\n'
                     f'raise {raised}')
@@ -3980,15 +3970,23 @@ def test_a_launch_reports_a_failed_worker_or_a_signal_in_one_line_with_its_statu
     assert r.stderr.splitlines() == [line] and r.returncode == status, r.stderr
 
 
+@pytest.mark.parametrize('ngpu, given, threads', [('8', None, '1'), ('8', '4', '4'), ('1', None, 'unset')])
+def test_several_workers_get_one_cpu_thread_each_without_torchruns_warning(env, tmp_path, ngpu, given, threads):
+    """torchrun's default for several workers (OMP_NUM_THREADS=1), set by the script: torchrun then prints no
+    warning about it. One worker keeps torch's default (every core); a value given stays."""
+    cifar_cache(env)
+    make_tool(tmp_path / 'bin', 'torchrun', f'echo "${{OMP_NUM_THREADS:-unset}}" > {tmp_path / "threads"}')
+    more = {'OMP_NUM_THREADS': given} if given else {}
+    r = run(CIFAR, 'sida', 'uncond', env=env, PATH=f'{tmp_path / "bin"}:{env["PATH"]}', NGPU=ngpu, **more)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / 'threads').read_text().strip() == threads
+
+
 def test_a_launch_without_torchrun_says_so_in_one_line(env, tmp_path):
     system = '/usr/bin:/bin'
     if shutil.which('torchrun', path=system):
         pytest.skip('this system has a torchrun of its own')
-    cache = Path(env['SIDA_CACHE'])
-    cache.mkdir()
-    for name in ['edm-cifar10-32x32-uncond-vp.pkl', 'cifar-10-python.tar.gz', 'cifar10-32x32.npz',
-                 'inception-2015-12-05.pt']:
-        (cache / name).write_bytes(b'cached')
+    cifar_cache(env)
     r = run(CIFAR, 'sida', 'uncond', env=env, PATH=system, PYTHON=sys.executable)
     assert r.returncode == 1 and r.stderr.splitlines() == [
         'error: torchrun is not on PATH: install PyTorch (pip install -r requirements.txt)'], r.stderr
