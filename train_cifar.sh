@@ -31,6 +31,7 @@
 #   PYTHON          interpreter that checks the extra arguments (default: python3)
 #   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  seconds torchrun gives the workers to save and stop after it passes
 #                   on a SIGTERM (default here: 600; torch's: 30)
+#   OMP_NUM_THREADS CPU threads per worker when there are several (default: 1, torchrun's)
 
 # shellcheck source-path=SCRIPTDIR source=launch.sh
 . "$(dirname "$0")/launch.sh"   # first: refuses bash < 4.4, sets -euo pipefail, brings the mechanics
