@@ -340,8 +340,10 @@ def load_ref(source):
 
 
 def save_ref(path, mu, sigma):
-    """Write statistics as an npz with `mu` and `sigma`, like EDM's reference files (atomically)."""
-    networks.atomic_write(path, lambda f: np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64)))
+    """Write statistics as an npz with `mu` and `sigma`, like EDM's reference files (atomically; a file that
+    appeared at `path` meanwhile is not replaced)."""
+    networks.atomic_write(path, lambda f: np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64)),
+                          replace=False)
 
 
 def _as_ref(ref):

@@ -24,6 +24,7 @@ import hashlib
 import http.client
 import importlib
 import io
+import itertools
 import json
 import math
 import os
@@ -117,10 +118,11 @@ def one_line(text):
     return ' '.join(str(text).split())
 
 
-def atomic_write(path, write):
+def atomic_write(path, write, replace=True):
     """Create or replace `path` through write(f) on a temporary file in the same folder, fsync'd and
     renamed into place: readers (and a crash) never see a partial file, and a failed write leaves
-    the previous file intact."""
+    the previous file intact. replace=False: never replace a file that appeared at `path` meanwhile (the
+    caller checked that none was there before writing for hours): the result is kept under a free name."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
@@ -135,10 +137,29 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)                  # mkstemp creates 0600; the result is an ordinary file
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        elif not _link_new(tmp, path):
+            root, ext = os.path.splitext(path)
+            kept = next(f'{root}-{n}{ext}' for n in itertools.count(1) if _link_new(tmp, f'{root}-{n}{ext}'))
+            raise UserError(f'{path} appeared while this was being written; not overwriting it: the result is {kept}')
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _link_new(tmp, path):
+    """Give the file `tmp` the name `path` too, unless that name exists (False). A hard link checks and creates
+    in one step; on a file system without hard links, a check, then a rename (tmp is then gone)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    except OSError:
+        if os.path.lexists(path):
+            return False
+        os.replace(tmp, path)
+    return True
 
 
 def is_zip(path):
@@ -1242,13 +1263,13 @@ def build_network(config):
     return classes[name](**config.get('kwargs', {}))
 
 
-def save_network(net, path, **meta):
-    """Write `net` as plain data {'format', 'config', 'state_dict', 'meta'}, atomically."""
+def save_network(net, path, replace=True, **meta):
+    """Write `net` as plain data {'format', 'config', 'state_dict', 'meta'}, atomically (replace: atomic_write's)."""
     while isinstance(net, nn.parallel.DistributedDataParallel) or hasattr(net, '_orig_mod'):  # DDP / torch.compile
         net = net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net._orig_mod
     data = {'format': 'sida-network', 'config': net.config, 'meta': meta,
             'state_dict': {name: t.detach().cpu() for name, t in net.state_dict().items()}}
-    atomic_write(path, lambda f: torch.save(data, f))
+    atomic_write(path, lambda f: torch.save(data, f), replace)
 
 
 def safe_pickle_load(file, allowed, **unpickler_kwargs):
@@ -1558,7 +1579,7 @@ def load_vae(source=VAE_NAME, device='cpu'):
     except ImportError:
         raise UserError('EDM2 latents need the Stable Diffusion VAE through diffusers: pip install diffusers') from None
     try:
-        vae = AutoencoderKL.from_pretrained(source)
+        vae = AutoencoderKL.from_pretrained(source, low_cpu_mem_usage=False)   # (True wants `accelerate`, or warns)
     except Exception as e:
         raise UserError(f'could not load the VAE {source} ({type(e).__name__}); download it once with internet '
                         f'or pass a local folder') from None
@@ -1670,7 +1691,7 @@ def encode_dataset(src, dest, device='cpu', vae=VAE_NAME):
                 print(f'encoded {index}/{len(dataset)} images', flush=True)
             z.writestr('dataset.json', json.dumps({'labels': [[k, v] for k, v in labels.items()] or None}))
 
-    atomic_write(dest, write)
+    atomic_write(dest, write, replace=False)
     print(f'wrote {dest}')
 
 

@@ -584,12 +584,14 @@ class SiDA:
         cast_once) and EDM2's normalised weights, is made once for all the rounds and let go after them."""
         net, fn = unchanged
         networks.keep_weights(net)
-        for r, slot in enumerate(slots):
-            torch.manual_seed(slot.dropout_seeds.getrandbits(63))        # this round's dropout masks
-            last = r == len(slots) - 1
-            yield slot, contextlib.nullcontext() if last or self.world == 1 else ddp_net.no_sync()
-        networks.keep_weights(net, False)
-        getattr(fn, 'drop', lambda: None)()
+        try:
+            for r, slot in enumerate(slots):
+                torch.manual_seed(slot.dropout_seeds.getrandbits(63))        # this round's dropout masks
+                last = r == len(slots) - 1
+                yield slot, contextlib.nullcontext() if last or self.world == 1 else ddp_net.no_sync()
+        finally:                                  # also when a round fails (bench.py goes on to its next run)
+            networks.keep_weights(net, False)
+            getattr(fn, 'drop', lambda: None)()
 
     def fake_score_step(self, slots):
         """Fit f_psi to the generator's current output with the denoising loss, and (SiDA) train its

@@ -1187,6 +1187,23 @@ def test_a_network_unchanged_through_the_others_step_is_prepared_once_per_step(m
     assert len(results[0]) > 40 and all(torch.equal(a, b) for a, b in zip(*results))
 
 
+def test_a_step_that_fails_in_a_round_lets_the_kept_weights_go():
+    """An error inside an accumulation round (out of memory, say; bench.py goes on to its next run) still lets
+    the unchanged network's kept copy of its weights go, as the end of the rounds does."""
+    s = bench_sida('edm2')
+    dropped = []
+    fn = lambda *args, **kwargs: None
+    fn.drop = lambda: dropped.append(True)
+    slots = [sida.Slot(i, 0, torch.device('cpu')) for i in range(2)]
+    with pytest.raises(RuntimeError, match='out of memory'):
+        for slot, sync in s.rounds(s.fake_score_ddp, slots, unchanged=(s.G, fn)):
+            assert s.G.keeps_weights
+            with torch.no_grad():
+                s.G.weights(torch.float32)               # kept while the rounds last
+            assert s.G._kept is not None
+            raise RuntimeError('out of memory')
+    assert not s.G.keeps_weights and s.G._kept is None and dropped == [True]
+
 def test_noise_levels_of_the_two_steps_follow_p_mean_p_std_and_tmax():
     """The fake score step draws ln sigma ~ N(p_mean, p_std^2); the generator step sigma = sid_sigma(t) with
     t ~ U(0, tmax / 1000). Checked on 256 draws of each, against the flags, not against the code's formulas."""
@@ -2028,6 +2045,26 @@ def test_a_crash_while_writing_leaves_the_previous_file_intact(tmp_path):
     assert open(path, 'rb').read() == b'good' and os.listdir(tmp_path) == ['state.pt']
 
 
+@pytest.mark.parametrize('hard_links', [True, False])
+def test_a_file_that_appears_while_a_new_one_is_written_is_not_replaced(tmp_path, monkeypatch, hard_links):
+    """fid.py ref --dest and encode-latents refuse an existing DEST, then write for minutes or hours: a file put
+    there meanwhile by another program stays, and the result is kept under the first free name, said in one line."""
+    if not hard_links:                                  # a file system without them: a check, then a rename
+        monkeypatch.setattr(os, 'link', lambda src, dst: (_ for _ in ()).throw(OSError(errno.EPERM, 'no links')))
+    path = tmp_path / 'ref.npz'
+    networks.atomic_write(str(path), lambda f: f.write(b'first'), replace=False)      # a new name: written
+    (tmp_path / 'ref-1.npz').write_bytes(b'taken')
+
+    def meanwhile(f):
+        f.write(b'ours')
+        path.write_bytes(b'theirs')
+    with pytest.raises(networks.UserError) as e:
+        networks.atomic_write(str(path), meanwhile, replace=False)
+    assert str(e.value) == f'{path} appeared while this was being written; not overwriting it: the result is ' \
+                           f'{tmp_path / "ref-2.npz"}'
+    assert [(tmp_path / n).read_bytes() for n in sorted(os.listdir(tmp_path))] == [b'taken', b'ours', b'theirs']
+
+
 # ---------------------------------------------------------------------------------------------------
 # Faults: a kill at any point, a full disk. The training state is written before anything derived from it,
 # so nothing that happens to a run costs more than the iterations since its last state.
@@ -2355,7 +2392,7 @@ def test_the_vae_sees_at_most_vae_batch_images_per_call_and_the_result_is_the_sa
     assert (images.int() - decoded.int()).abs().max() <= 1
 
 
-def test_encode_latents_writes_an_edm2_latent_zip_with_labels(tmp_path):
+def test_encode_latents_writes_an_edm2_latent_zip_with_labels(tmp_path, monkeypatch, capsys):
     tiny_vae().save_pretrained(str(tmp_path / 'vae'))
     images = write_dataset(tmp_path / 'images', 5, 16, labels=[2, 0, 1])
     dest = str(tmp_path / 'latents.zip')
@@ -2368,6 +2405,14 @@ def test_encode_latents_writes_an_edm2_latent_zip_with_labels(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(HERE, 'networks.py'), 'encode-latents', images, dest,
                         '--vae', str(tmp_path / 'vae'), '--device', 'cpu'], capture_output=True, text=True)
     assert r.returncode == 1 and 'not overwriting' in r.stderr and len(r.stderr.splitlines()) == 1
+    other, encode = tmp_path / 'other.zip', networks.encode_images     # a DEST made by another program meanwhile
+    monkeypatch.setattr(networks, 'encode_images', lambda *a: other.write_bytes(b'theirs') and encode(*a))
+    with pytest.raises(SystemExit) as e:
+        networks.main(['encode-latents', images, str(other), '--vae', str(tmp_path / 'vae'), '--device', 'cpu'])
+    assert e.value.code == 1 and other.read_bytes() == b'theirs' and len(networks.LatentData(tmp_path / 'other-1.zip')) == 5
+    assert capsys.readouterr().err == f'error: {other} appeared while this was being written; not overwriting it: ' \
+                                      f'the result is {tmp_path / "other-1.zip"}\n'
+
 
 def test_encode_latents_of_a_missing_source_is_refused_before_the_vae_loads(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(networks, 'load_vae', lambda *a, **k: pytest.fail('the VAE was loaded'))
@@ -3371,6 +3416,13 @@ def test_toy_teacher_command_trains_saves_and_does_not_overwrite(tmp_path, monke
     with pytest.raises(SystemExit) as exit_:
         make.main(argv)
     assert exit_.value.code == 1 and 'not overwriting' in capsys.readouterr().err and dest.read_bytes() == before
+    other, train = tmp_path / 'other.pt', make.train_teacher     # a --dest made by another program while it trained
+    monkeypatch.setattr(make, 'train_teacher', lambda *a, **k: other.write_bytes(b'theirs') and train(*a, **k))
+    with pytest.raises(SystemExit) as exit_:
+        make.main(['teacher', '--kimg', '0.256', '--dest', str(other)])
+    assert exit_.value.code == 1 and other.read_bytes() == b'theirs'
+    assert capsys.readouterr().err.endswith(f'not overwriting it: the result is {tmp_path / "other-1.pt"}\n')
+    assert networks.load_network(str(tmp_path / 'other-1.pt')).meta['kimg'] == 0.256
 
 
 def toy_config(arch):
@@ -4318,10 +4370,10 @@ def test_a_full_disk_when_saving_is_named_by_flag_and_path_in_one_line(tmp_path,
                                                                         command, failing):
     write = networks.atomic_write
 
-    def full(path, f):                  # as a full disk fails: on the temporary file, which is all the OSError names
+    def full(path, f, **kwargs):        # as a full disk fails: on the temporary file, which is all the OSError names
         if path.endswith(failing):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path + '.tmp')
-        write(path, f)
+        write(path, f, **kwargs)
     if command == 'ref':
         write_pngs(tmp_path / 'data', random_images(12, seed=3))
         argv = ['ref', '--data', tmp_path / 'data', '--dest', tmp_path / 'ref.npz', '--detector', detectors[64]]
@@ -4334,6 +4386,20 @@ def test_a_full_disk_when_saving_is_named_by_flag_and_path_in_one_line(tmp_path,
     monkeypatch.setattr(networks, 'atomic_write', full)
     code, _, err = run_cli(argv, capsys)
     assert code == 1 and err == f'error: {named}: cannot write ({os.strerror(errno.ENOSPC)})\n'
+
+
+def test_fid_ref_keeps_a_dest_made_by_another_program_while_it_measured(tmp_path, detectors, capsys, monkeypatch):
+    write = networks.atomic_write
+
+    def racing(path, f, **kwargs):                      # another program writes --dest just before ours is saved
+        open(path, 'wb').write(b'theirs')
+        write(path, f, **kwargs)
+    monkeypatch.setattr(networks, 'atomic_write', racing)
+    write_pngs(tmp_path / 'data', random_images(12, seed=3))
+    dest, kept = tmp_path / 'ref.npz', tmp_path / 'ref-1.npz'
+    code, _, err = run_cli(['ref', '--data', tmp_path / 'data', '--dest', dest, '--detector', detectors[64]], capsys)
+    assert code == 1 and err == f'error: {dest} appeared while this was being written; not overwriting it: the result is {kept}\n'
+    assert dest.read_bytes() == b'theirs' and np.load(kept)['sigma'].shape == 2 * np.load(kept)['mu'].shape
 
 
 @pytest.mark.parametrize('fault, line', [(KeyboardInterrupt, 'interrupted'), (OSError('disk gone'), 'error: disk gone')])
@@ -4428,6 +4494,10 @@ def test_toy_classifier_file_holds_fp16_plain_tensors_and_loads_as_the_rounded_c
     for (name, v), w in zip(net.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(w, v.half().float()), name
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    before = (tmp_path / 'c.pt').read_bytes()                  # never replaced (make.py refuses it before training)
+    with pytest.raises(UserError, match='not overwriting it: the result is .*c-1.pt'):
+        toy.save_classifier(net, str(tmp_path / 'c.pt'), steps=4)
+    assert (tmp_path / 'c.pt').read_bytes() == before and toy.load_classifier(str(tmp_path / 'c-1.pt'))
 
 
 def test_toy_classifier_trains_on_fresh_images_of_its_own_seeds_with_a_cosine_decay(monkeypatch):
@@ -4501,7 +4571,7 @@ def test_toy_make_sid_generator_resumes_its_run_and_saves_its_final_ema_with_the
     assert (runs[0].outdir, runs[0].resume) == (str(run), None) and runs[1].resume == str(run)
     assert loaded == [str(run / 'generator-000001.024.pt')] * 2
     flags = ' '.join(['--preset', 'toy', '--arch', 'edm2', *make.SID_FLAGS, '--duration', '0.001', '--metrics', 'none'])
-    assert saved[0] == (str(tmp_path / 'G.pt'), {'kimg': 1.024, 'teacher': 'toy/edm2/teacher.pt', 'flags': flags})
+    assert saved[0] == (str(tmp_path / 'G.pt'), {'replace': False, 'kimg': 1.024, 'teacher': 'toy/edm2/teacher.pt', 'flags': flags})
 
 
 def test_toy_curves_read_a_kimg_mark_only_from_a_snapshot_near_it():

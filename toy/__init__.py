@@ -161,10 +161,11 @@ def accuracy(classifier, images, labels, device='cpu', batch=1024):
 
 
 def save_classifier(net, path, **meta):
-    """Plain tensors in fp16 (half the size; the classifier is defined by the stored, rounded weights)."""
+    """Plain tensors in fp16 (half the size; the classifier is defined by the stored, rounded weights). Never
+    replaces a file (toy/make.py refuses an existing --dest before training)."""
     data = {'format': 'sida-toy-classifier', 'kwargs': net.kwargs, 'meta': meta,
             'state_dict': {k: v.detach().cpu().half() for k, v in net.state_dict().items()}}
-    networks.atomic_write(path, lambda f: torch.save(data, f))
+    networks.atomic_write(path, lambda f: torch.save(data, f), replace=False)
 
 
 def load_classifier(path=None, device='cpu'):

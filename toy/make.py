@@ -114,7 +114,7 @@ def cmd_teacher(args):
     start = time.time()
     net = train_teacher(args.arch, kimg, seed=args.seed, device=args.device)
     # Stored in fp16: half the size in the repository (toy/README.md's figures are of the fp16 file).
-    networks.save_network(net.half(), args.dest, kimg=kimg, method='edm-teacher', data='toy', seed=args.seed)
+    networks.save_network(net.half(), args.dest, replace=False, kimg=kimg, method='edm-teacher', data='toy', seed=args.seed)
     minutes = (time.time() - start) / 60
     teacher = networks.load_network(args.dest, args.device)
     print(json.dumps({'teacher': args.dest, 'train_minutes': round(minutes, 1),
@@ -129,7 +129,8 @@ def cmd_sid_generator(args):
     result = sida.distill(sida.parse_args(argv + (['--resume', args.outdir] if resume else ['--outdir', args.outdir])))
     final = os.path.join(args.outdir, f'generator-{result["nimg"] / 1000:010.3f}.pt')
     G = networks.load_network(final)
-    networks.save_network(G, args.dest, **dict(G.meta, teacher=f'toy/{args.arch}/teacher.pt'), flags=' '.join(argv))
+    networks.save_network(G, args.dest, replace=False, **dict(G.meta, teacher=f'toy/{args.arch}/teacher.pt'),
+                          flags=' '.join(argv))
     print(f'saved the SiD generator of {final} to {args.dest}')
 
 
