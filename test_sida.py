@@ -4423,6 +4423,7 @@ def test_a_message_after_a_progress_bar_on_a_terminal_starts_a_line_of_its_own(m
 def test_ctrl_c_during_gen_prints_one_line_with_the_images_written_and_exits_130(tmp_path):
     networks.save_network(small_generator(), str(tmp_path / 'G.pt'))
     driver = ('import os, signal, sys, fid\n'
+              'signal.signal(signal.SIGINT, signal.default_int_handler)\n'   # a terminal's, even if run in the background
               'save, calls = fid.save_images, []\n'
               'def save_then_interrupt(*args):\n'
               '    save(*args)\n'
