@@ -1204,6 +1204,7 @@ def test_a_step_that_fails_in_a_round_lets_the_kept_weights_go():
             raise RuntimeError('out of memory')
     assert not s.G.keeps_weights and s.G._kept is None and dropped == [True]
 
+
 def test_noise_levels_of_the_two_steps_follow_p_mean_p_std_and_tmax():
     """The fake score step draws ln sigma ~ N(p_mean, p_std^2); the generator step sigma = sid_sigma(t) with
     t ~ U(0, tmax / 1000). Checked on 256 draws of each, against the flags, not against the code's formulas."""
@@ -2049,8 +2050,10 @@ def test_a_crash_while_writing_leaves_the_previous_file_intact(tmp_path):
 def test_a_file_that_appears_while_a_new_one_is_written_is_not_replaced(tmp_path, monkeypatch, hard_links):
     """fid.py ref --dest and encode-latents refuse an existing DEST, then write for minutes or hours: a file put
     there meanwhile by another program stays, and the result is kept under the first free name, said in one line."""
-    if not hard_links:                                  # a file system without them: a check, then a rename
-        monkeypatch.setattr(os, 'link', lambda src, dst: (_ for _ in ()).throw(OSError(errno.EPERM, 'no links')))
+    def no_links(src, dst):                             # a file system without them: a check, then a rename
+        raise OSError(errno.EPERM, 'no hard links here')
+    if not hard_links:
+        monkeypatch.setattr(os, 'link', no_links)
     path = tmp_path / 'ref.npz'
     networks.atomic_write(str(path), lambda f: f.write(b'first'), replace=False)      # a new name: written
     (tmp_path / 'ref-1.npz').write_bytes(b'taken')
@@ -4392,7 +4395,8 @@ def test_fid_ref_keeps_a_dest_made_by_another_program_while_it_measured(tmp_path
     write = networks.atomic_write
 
     def racing(path, f, **kwargs):                      # another program writes --dest just before ours is saved
-        open(path, 'wb').write(b'theirs')
+        with open(path, 'wb') as other:
+            other.write(b'theirs')
         write(path, f, **kwargs)
     monkeypatch.setattr(networks, 'atomic_write', racing)
     write_pngs(tmp_path / 'data', random_images(12, seed=3))
