@@ -30,6 +30,7 @@ generation and sample grids; a run's metrics.png; the command line.
 """
 
 import argparse
+import collections
 import contextlib
 import io
 import json
@@ -623,10 +624,12 @@ def generated_classes(seeds, label_dim, shape):
 
 
 def save_images(images, seeds, outdir):
-    """PNG files outdir/{seed:06d}.png, each written atomically."""
+    """PNG files outdir/{seed:06d}.png, each written atomically; one that another program (a second gen into
+    the same folder) wrote meanwhile is kept, and the error names where this one went."""
     for image, seed in zip(images.cpu().numpy(), torch.as_tensor(seeds).tolist()):
         png = PIL.Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0))
-        networks.atomic_write(os.path.join(outdir, f'{seed:06d}.png'), lambda f: png.save(f, format='PNG'))
+        networks.atomic_write(os.path.join(outdir, f'{seed:06d}.png'), lambda f: png.save(f, format='PNG'),
+                              replace=False)
 
 
 def generated_pngs(outdir):
@@ -653,8 +656,8 @@ def grid_path(outdir):
     return os.path.abspath(outdir).rstrip(os.sep) + '-grid.png'
 
 
-def save_grid(images, path):
-    """Save uint8 [N, C, H, W] images as a square grid PNG, atomically."""
+def save_grid(images, path, replace=True):
+    """Save uint8 [N, C, H, W] images as a square grid PNG, atomically (replace: networks.atomic_write)."""
     n, c, h, w = images.shape
     cols = int(np.ceil(np.sqrt(n)))
     rows = (n + cols - 1) // cols
@@ -664,7 +667,7 @@ def save_grid(images, path):
     img = PIL.Image.fromarray(grid.squeeze(-1).numpy() if c == 1 else grid.numpy())
     scale = max(1, 256 // (cols * w))        # tiny images are enlarged so a person can see them
     img = img.resize((img.width * scale, img.height * scale), PIL.Image.NEAREST)
-    networks.atomic_write(path, lambda f: img.save(f, format='PNG'))
+    networks.atomic_write(path, lambda f: img.save(f, format='PNG'), replace=replace)
 
 # ----------------------------------------------------------------------------------------------------
 # A run's metrics against kimg (sida.py's metrics.png).
@@ -731,7 +734,11 @@ def parse_seeds(text):
     total = sum(map(len, ranges))                   # counted before the list is made
     if total > MAX_IMAGES:
         raise UserError(f'--seeds {text}: {total:,} seeds, more than {MAX_IMAGES:,}')
-    return [seed for r in ranges for seed in r]
+    seeds = [seed for r in ranges for seed in r]
+    if len(set(seeds)) < total:                     # one image twice in FID, or two writes of one PNG
+        twice = next(seed for seed, n in collections.Counter(seeds).items() if n > 1)
+        raise UserError(f'--seeds {text}: seed {twice} is given twice')
+    return seeds
 
 # ----------------------------------------------------------------------------------------------------
 # Command line.
@@ -811,7 +818,7 @@ def cmd_gen(args, device):
             first = seeds[:min(num, GRID_IMAGES)]
             grid, images = grid_path(args.outdir), np.stack([_read_png(args.outdir, seed) for seed in first])
             with writing(f'--outdir {args.outdir} (its grid {grid})'):
-                save_grid(torch.from_numpy(images), grid)
+                save_grid(torch.from_numpy(images), grid, replace=False)
             print(f'wrote {num} images to {args.outdir} and the first {len(first)} as a grid to {grid}', file=sys.stderr)
     if ref is not None and args.trials == 1:
         _report(results[0], num)

@@ -1,4 +1,4 @@
-"""The specification of sida, as tests: pytest (about 10 minutes on 2 CPU cores, no GPU, no downloads).
+"""The specification of sida, as tests: pytest (about 6 minutes on 2 CPU cores, no GPU, no downloads).
 
 In this file's order: networks.py (official numerics and names, safe loading, saving, precision); sida.py
 (the losses, EDM's augmentation, the loop, data and latents, distributed runs, resume, faults, errors) and
@@ -45,6 +45,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 ROOT = Path(HERE)
+
+if os.environ.get('PYTEST_XDIST_WORKER'):     # a worker of pytest.ini's -n: one CPU thread, in this process and
+    os.environ['OMP_NUM_THREADS'] = '1'         # in the programs its tests start
+    torch.set_num_threads(1)
 
 import bench
 import fid
@@ -522,6 +526,7 @@ def test_official_pickle_with_an_unknown_class_is_refused(official_format, tmp_p
     path = official_format(golden_net('edm_adm_cond'), 'VEPrecond', kwargs, str(tmp_path / 've.pkl'))
     with pytest.raises(UserError, match='VEPrecond'):
         networks.load_network(path)
+
 
 def test_official_pickle_with_arguments_shared_many_times_over_is_refused_at_once(official_format, tmp_path):
     """Pickle memoises a list shared many times: 30 levels of L = [L, L] are a few hundred bytes, and 2^30
@@ -3092,6 +3097,31 @@ def test_gen_without_ref_defaults_to_64_seeds(tmp_path, capsys):
     assert len(os.listdir(tmp_path / 'out')) == 64
 
 
+def test_gen_keeps_the_images_and_grid_of_another_gen_into_the_same_folder(tmp_path, capsys, monkeypatch):
+    # Two gens started at once into one empty folder both pass the start's check; each file the other wrote
+    # first is kept, and the second stops, naming where its own went.
+    out = tmp_path / 'out'
+    os.makedirs(out)
+    (out / '000001.png').write_bytes(b'another gen')
+    with pytest.raises(UserError, match=re.escape(f'{out / "000001.png"} appeared while this was being written; '
+                                                  f'not overwriting it: the result is {out / "000001-1.png"}')):
+        fid.save_images(torch.from_numpy(random_images(3, seed=0)), [0, 1, 2], str(out))
+    assert (out / '000001.png').read_bytes() == b'another gen'
+    assert sorted(os.listdir(out)) == ['000000.png', '000001-1.png', '000001.png']
+    shutil.rmtree(out)
+    generate = fid.generate_images                       # the grid: the other gen's appears during this one
+
+    def generate_then_the_other_grid(*args, **kwargs):
+        (tmp_path / 'out-grid.png').write_bytes(b'another grid')
+        return generate(*args, **kwargs)
+    monkeypatch.setattr(fid, 'generate_images', generate_then_the_other_grid)
+    networks.save_network(small_generator(), str(tmp_path / 'G.pt'))
+    code, _, err = run_cli(['gen', '--network', tmp_path / 'G.pt', '--seeds', '0-3', '--outdir', out], capsys)
+    assert code == 1 and err.splitlines()[-1] == (f'error: {tmp_path / "out-grid.png"} appeared while this was being '
+                                                  f'written; not overwriting it: the result is {tmp_path / "out-grid-1.png"}')
+    assert (tmp_path / 'out-grid.png').read_bytes() == b'another grid' and len(os.listdir(out)) == 4
+
+
 def test_gen_without_ref_decodes_edm2_latent_generators_with_the_vae(tmp_path, capsys, monkeypatch):
     vae = LinearVAE()
     monkeypatch.setattr(networks, 'load_network', lambda source, device='cpu': LatentG())
@@ -4320,6 +4350,8 @@ def test_seeds_beyond_int64_malformed_ranges_and_too_many_seeds_are_refused(monk
         with pytest.raises(UserError) as e:
             fid.parse_seeds(seeds)
         assert str(e.value).startswith(f'--seeds {seeds}: ')
+    with pytest.raises(UserError, match=re.escape('--seeds 0-5,7,3-4: seed 3 is given twice')):
+        fid.parse_seeds('0-5,7,3-4')                      # one image twice in FID, or one PNG written twice
 
 
 def test_gen_refuses_more_images_than_max_images_before_making_their_seeds(capsys):
