@@ -3488,19 +3488,20 @@ def test_toy_curves_tabulate_mean_and_std_over_seeds(tmp_path):
     a = run('a', [3000., 2000., 1000., 10.], [0.90, 0.92, 0.94, 0.99])
     b = run('b', [5000., 4000., 1400., 20.], [0.80, 0.94, 0.96, 0.99])
     r = subprocess.run([sys.executable, os.path.join(HERE, 'toy', 'curves.py'), str(tmp_path / 'c.png'), 'row',
-                        f'X={a},{b}', '--kimg', '12,25,49', '--until', '50', '--at-time', '250'],
+                        f'X={a},{b}', '--kimg', '12,25,49', '--until', '50', '--at-time', '250', '--window', '20,50'],
                        capture_output=True, text=True, check=True)
     lines = r.stdout.splitlines()
-    assert lines[0] == '| | fd at 12 / 25 / 49 kimg / end | acc at 12 / 25 / 49 kimg / end | fd, acc after 250 s (kimg) |'
+    assert lines[0] == ('| | fd at 12 / 25 / 49 kimg / end | acc at 12 / 25 / 49 kimg / end | fd, acc after 250 s (kimg) '
+                        '| fd, acc over the snapshots of 20–50 kimg |')
     assert lines[2] == ('| X (2 seeds) | 4,000 ± 1,000 / 3,000 ± 1,000 / 1,200 ± 200 / 1,200 ± 200 '   # the 60-kimg rows are left out
-                        '| 0.850 ± 0.050 / 0.930 ± 0.010 / 0.950 ± 0.010 / 0.950 ± 0.010 | 3,000 ± 1,000, 0.930 ± 0.010 (25) |')
-    assert lines[3:] == ['| real data | 50.0 | 0.990 | |', '| teacher, 35 NFE | 800.0 | 0.970 | |']
+                        '| 0.850 ± 0.050 / 0.930 ± 0.010 / 0.950 ± 0.010 / 0.950 ± 0.010 | 3,000 ± 1,000, 0.930 ± 0.010 (25) '
+                        '| 2,100 ± 600, 0.940 ± 0.010 |')              # seeds: (2000 + 1000) / 2, (4000 + 1400) / 2
+    assert lines[3:] == ['| real data | 50.0 | 0.990 | | |', '| teacher, 35 NFE | 800.0 | 0.970 | | |']
     with PIL.Image.open(tmp_path / 'c.png') as plot:
         assert plot.size == (1040, 390)
     r = subprocess.run([sys.executable, os.path.join(HERE, 'toy', 'curves.py'), str(tmp_path / 'd.png'), f'X={a},nowhere'],
                        capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.strip() == 'curves.py: X: nowhere: no log.jsonl' and not (tmp_path / 'd.png').exists()
-
 
 
 def test_toy_curves_band_is_the_population_std():

@@ -1,15 +1,17 @@
 """fd and acc against kimg, mean and band (± one std) over seeds, for groups of toy runs; and their table.
 
     python toy/curves.py OUT.png [TITLE] NAME=RUN[,RUN...] [NAME=...] [TITLE NAME=... ...] [--kimg 10,25,50]
-        [--at-time SECONDS] [--until KIMG]
+        [--at-time SECONDS] [--window FROM,TO] [--until KIMG]
 
 Each RUN is a run folder (its log.jsonl); the runs of one NAME are seeds of one setting, snapshot at the
 same kimg. A TITLE (an argument without '=') starts a row of two panels, fd (log scale) and acc, holding
 the NAMEs after it; each panel has the baselines of its first run's tick 0 (real data, the teacher's
 samplers) as labelled lines. The table (Markdown, on stdout) gives mean ± std over the seeds at each
 --kimg and at the end, and the baselines; --at-time adds the figures each setting had reached after that
-many seconds of its own training (equal time); --until drops the rows of longer runs past that kimg. The README's assets/toy-curves.png and its table come
-from this script (the command: toy/README.md).
+many seconds of its own training (equal time); --window adds each seed's mean over its snapshots from FROM to
+TO kimg (steadier than one snapshot, where fd swings), then their mean ± std over the seeds; --until drops
+the rows of longer runs past that kimg. The README's assets/toy-curves.png and its table come from this
+script (the command: toy/README.md).
 """
 
 import argparse
@@ -119,12 +121,13 @@ def at_time(rows, seconds, key):
     return done[-1] if done else None
 
 
-def table(groups, marks, seconds):
+def table(groups, marks, seconds, window=None):
     """One row per setting: fd and acc (mean ± std over its seeds, ddof 0 as in over_seeds) at each kimg mark and
-    at the end, then the baselines of the first run."""
+    at the end, (after `seconds`, over the snapshots in `window`,) then the baselines of the first run."""
     fmt = lambda v, key: (f'{np.mean(v):,.0f} ± {np.std(v):,.0f}' if key == 'fd' else f'{np.mean(v):.3f} ± {np.std(v):.3f}')
     when = ' / '.join(f'{k:g}' for k in marks) + ' kimg / end'
     head = [f'fd at {when}', f'acc at {when}'] + ([f'fd, acc after {seconds:g} s (kimg)'] if seconds else [])
+    head += [f'fd, acc over the snapshots of {window[0]:g}–{window[1]:g} kimg'] if window else []
     lines = ['| | ' + ' | '.join(head) + ' |', '|---' * (len(head) + 1) + '|']
     for name, runs in groups.items():
         cells = []
@@ -135,10 +138,14 @@ def table(groups, marks, seconds):
             hits = [at_time(rows, seconds, 'fd') for rows in runs]
             cells.append('–' if None in hits else f'{fmt([h["fd"] for h in hits], "fd")}, {fmt([h["acc"] for h in hits], "acc")} '
                                                    f'({np.mean([h["kimg"] for h in hits]):.0f})')
+        if window:              # each seed's mean over its snapshots in the window, then over the seeds
+            means = {key: [np.mean([v for k, v in snapshots(rows, key).items() if window[0] <= k <= window[1]] or np.nan)
+                           for rows in runs] for key in ('fd', 'acc')}
+            cells.append('–' if np.isnan(means['fd']).any() else f'{fmt(means["fd"], "fd")}, {fmt(means["acc"], "acc")}')
         lines.append(f'| {name} ({len(runs)} seed{"s" * (len(runs) > 1)}) | ' + ' | '.join(cells) + ' |')
     first = next(iter(groups.values()))[0]
     for who, fd in baselines(first, 'fd').items():
-        lines.append(f'| {label(who)} | {fd:,.1f} | {baselines(first, "acc").get(who, float("nan")):.3f} |' + ' |' * bool(seconds))
+        lines.append(f'| {label(who)} | {fd:,.1f} | {baselines(first, "acc").get(who, float("nan")):.3f} |' + ' |' * (bool(seconds) + bool(window)))
     return '\n'.join(lines)
 
 
@@ -148,6 +155,8 @@ def main(argv):
     p.add_argument('groups', nargs='+', help='TITLE or NAME=RUN[,RUN...]')
     p.add_argument('--kimg', default='10,25,50', type=lambda v: [float(k) for k in v.split(',')], help='table columns')
     p.add_argument('--at-time', type=float, default=None, help='also tabulate each setting after this many seconds')
+    p.add_argument('--window', type=lambda v: [float(k) for k in v.split(',')], default=None,
+                   help='FROM,TO: also tabulate each seed\'s mean over its snapshots in this kimg range')
     p.add_argument('--until', type=float, default=math.inf, help='leave out the rows past this kimg')
     args = p.parse_args(argv)
     rows = []
@@ -165,7 +174,7 @@ def main(argv):
     if not all(groups for _, groups in rows):
         sys.exit('curves.py: every TITLE needs at least one NAME=RUN after it')
     plot(rows, args.out)
-    print(table({k: v for _, groups in rows for k, v in groups.items()}, args.kimg, args.at_time))
+    print(table({k: v for _, groups in rows for k, v in groups.items()}, args.kimg, args.at_time, args.window))
 
 
 if __name__ == '__main__':
