@@ -200,7 +200,7 @@ def load_detector(source=None, device='cpu'):
     path = networks.open_url(source)
     try:
         with warnings.catch_warnings():     # TorchScript is deprecated, but it is the format the detector ships in
-            warnings.filterwarnings('ignore', message='`torch.jit', category=DeprecationWarning)
+            warnings.filterwarnings('ignore', message='`torch.jit')     # a DeprecationWarning, a FutureWarning in torch 2.14
             detector = torch.jit.load(path, map_location=device)
     except Exception as e:
         raise UserError(f'--detector {source}: not a TorchScript detector ({type(e).__name__})') from None

@@ -2521,7 +2521,7 @@ def detectors(tmp_path_factory):
     for dim in (2048, 64):
         paths[dim] = str(folder / f'stand-in-{dim}.pt')
         with warnings.catch_warnings():
-            warnings.simplefilter('ignore', DeprecationWarning)
+            warnings.filterwarnings('ignore', message='`torch.jit')     # deprecated (torch 2.14: FutureWarning)
             torch.jit.save(torch.jit.script(StandInDetector(dim)), paths[dim])
     return paths
 
@@ -4867,6 +4867,20 @@ def test_a_detector_file_that_is_not_torchscript_is_one_line_naming_the_flag(tmp
     with pytest.raises(UserError) as error:
         fid.load_detector(str(tmp_path / 'weights.pt'))
     assert str(error.value).startswith(f'--detector {tmp_path / "weights.pt"}: not a TorchScript detector')
+
+
+def test_loading_the_detector_shows_no_torchscript_deprecation_warning(detectors, monkeypatch):
+    load = torch.jit.load
+
+    def warning_load(*args, **kwargs):          # as torch 2.14 does (FutureWarning), and earlier (DeprecationWarning)
+        warnings.warn('`torch.jit.load` is deprecated. Please switch to `torch.export`.', FutureWarning)
+        warnings.warn('`torch.jit.load` is deprecated.', DeprecationWarning)
+        return load(*args, **kwargs)
+    monkeypatch.setattr(torch.jit, 'load', warning_load)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter('always')
+        fid.load_detector(detectors[64])
+    assert [str(w.message) for w in shown] == []
 
 
 def test_a_training_state_holding_code_is_refused_without_running_it(tmp_path):
