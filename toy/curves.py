@@ -145,7 +145,7 @@ def table(groups, marks, seconds, window=None):
         lines.append(f'| {name} ({len(runs)} seed{"s" * (len(runs) > 1)}) | ' + ' | '.join(cells) + ' |')
     first = next(iter(groups.values()))[0]
     for who, fd in baselines(first, 'fd').items():
-        lines.append(f'| {label(who)} | {fd:,.1f} | {baselines(first, "acc").get(who, float("nan")):.3f} |' + ' |' * (bool(seconds) + bool(window)))
+        lines.append(f'| {label(who)} | {fd:,.1f} | {baselines(first, "acc").get(who, float("nan")):.3f} |' + ' |' * (len(head) - 2))
     return '\n'.join(lines)
 
 
