@@ -169,6 +169,16 @@ def is_zip(path):
         return zipfile.is_zipfile(path) or f.read(4) == b'PK\x03\x04'
 
 
+def damaged_member(path):
+    """The first entry of the zip archive `path` (torch.save's format) whose bytes fail their CRC, else None (also
+    when it is no zip: the loader says what it is). torch.load does not check: a damaged tensor loads as it is."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return None
+
+
 def open_url(source, cache_dir=None):
     """A local path for `source`: a file path as it is, an http(s) or file:// URL downloaded once into
     the cache ($SIDA_CACHE or ~/.cache/sida). The download is written atomically, so an interrupted
@@ -1512,6 +1522,9 @@ def _load_official_pickle(path):
 
 
 def _load_sida_file(path):
+    damaged = damaged_member(path)
+    if damaged:
+        raise UserError(f'{path} is damaged: its {damaged} fails its checksum')
     try:
         with warnings.catch_warnings():       # torch warns of a TorchScript file before refusing it: one line only
             warnings.simplefilter('ignore')

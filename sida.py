@@ -159,6 +159,8 @@ def parse_args(argv=None):
                 setattr(args, k, v)
         if args.method == 'sid2a' and 'init_generator' not in args.explicit:
             args.init_generator = toy.shipped('sid-generator', args.arch)
+        if 'arch' in args.explicit:           # --arch names the teacher: a resumed run checks it against its state's
+            args.explicit = sorted({*args.explicit, 'teacher'})
     check_args(args)
     # Flags that contradict each other, or say nothing.
     if args.resume == '' or args.outdir == '':
@@ -205,15 +207,11 @@ def check_args(args):
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0   # EDM's Karras schedule (Karras et al. 2022, Eq. 5)
 
 
-def karras_sigma(u):
-    """The Karras schedule: u = 0 gives SIGMA_MAX, u = 1 SIGMA_MIN, uniform steps in sigma^(1/rho)."""
-    a, b = SIGMA_MAX ** (1 / RHO), SIGMA_MIN ** (1 / RHO)
-    return (a + u * (b - a)) ** RHO
-
-
 def sid_sigma(t):
-    """Noise level of the SiD generator loss for t ~ U(0, tmax/1000): t = 0 is the smallest (SiD, Sec. 4)."""
-    return karras_sigma(1 - t)
+    """Noise level of the SiD generator loss for t ~ U(0, tmax/1000), on the Karras schedule (uniform steps in
+    sigma^(1/rho)): t = 0 gives SIGMA_MIN, t = 1 SIGMA_MAX (SiD, Sec. 4)."""
+    a, b = SIGMA_MAX ** (1 / RHO), SIGMA_MIN ** (1 / RHO)
+    return (a + (1 - t) * (b - a)) ** RHO
 
 
 def edm_weight(sigma, sigma_data):
@@ -298,16 +296,16 @@ def fake_score_objective(fake, x_g, sigma, sigma_data, ok, logit_real, ls, lsd, 
     return total, ok, stats
 
 
-def generator_objective(x_g, real, fake, ok, alpha, lsg, lsg_gan, batch):
+def generator_objective(x_g, real, fake, ok, alpha, lsg, lsg_gan, use_adv, batch):
     """What the generator update minimises: sum(L_sid) lsg / B, and once the adversarial term is on
-    (lsg_gan not None) 0.5 of that plus 0.5 sum(L_adv) lsg_gan / B. `real`, `fake`: the teacher's and
+    (use_adv) 0.5 of that plus 0.5 sum(L_adv) lsg_gan / B. `real`, `fake`: the teacher's and
     the fake score network's passes on x_t; EDM2 divides both terms by e^u of the fake score network."""
     ok, (x_g, d_real, d_fake, logit_g, logvar) = drop_nonfinite(ok, x_g, real.denoised, fake.denoised, fake.logits, fake.logvar)
     scale = per_sample(ok, x_g) * (1 if logvar is None else torch.exp(-logvar))
     loss_sid = sid_loss(x_g, d_real, d_fake, alpha) * scale
     total = loss_sid.sum() / batch * lsg
     stats = {'loss_sid': loss_sid.mean(), 'dropped_gen': (~ok).sum()}
-    if lsg_gan is not None:
+    if use_adv:
         loss_adv = adversarial_loss(logit_g, x_g, d_real, ok) * scale
         total = 0.5 * total + 0.5 * loss_adv.sum() / batch * lsg_gan
         stats['loss_adv'] = loss_adv.mean()
@@ -358,7 +356,7 @@ class Sampler:
     def __init__(self, images, labels, label_dim, shape, device):
         self.latent = isinstance(images, networks.LatentData)
         if isinstance(images, torch.Tensor):
-            fits = device.type == 'cpu' or images.numel() < 0.2 * torch.cuda.mem_get_info(device)[0]
+            fits = device.type == 'cpu' or images.numel() < 0.2 * torch.cuda.mem_get_info(device)[0]   # (bytes: uint8; most of the memory stays for training)
             images = images.to(device if fits else 'cpu')
         self.images = images
         self.data_device = images.device if isinstance(images, torch.Tensor) else torch.device('cpu')
@@ -648,8 +646,8 @@ class SiDA:
                     x_t = x_g + sigma * eps
                     real = denoise(self.teacher_fn, x_t, sigma, c, self.no_aug, self.use_logvar)
                     fake = denoise(self.fake_fn, x_t, sigma, c, self.no_aug, self.use_logvar)
-                loss, ok, stats = generator_objective(x_g, real, fake, ok, a.alpha, a.lsg,
-                                                      a.lsg_gan if use_adv else None, self.batch_per_gpu)
+                loss, ok, stats = generator_objective(x_g, real, fake, ok, a.alpha, a.lsg, a.lsg_gan, use_adv,
+                                                      self.batch_per_gpu)
                 all_bad &= ~ok.any()
                 self.record(stats)
                 self.scaler_g.scale(loss).backward()
@@ -669,7 +667,7 @@ class SiDA:
     def update_ema(self, nimg):
         """Generator EMA with half-life `ema` Mimg, at most `ema_rampup` of the images seen before this step (EDM)."""
         halflife = min(self.args.ema * 1e6, nimg * self.args.ema_rampup)
-        beta = 0.5 ** (self.args.batch / max(halflife, 1e-8))
+        beta = 0.5 ** (self.args.batch / max(halflife, 1e-8))    # (halflife 0 at nimg 0: the EMA copies G)
         torch._foreach_lerp_(list(self.G_ema.parameters()), list(self.G.parameters()), 1 - beta)
 
     def record(self, stats):
@@ -677,6 +675,18 @@ class SiDA:
         for name, value in stats.items():
             total, count = self.stats.get(name, (0, 0))
             self.stats[name] = (total + value.detach().float(), count + 1)
+
+    def tick_stats(self):
+        """The statistics recorded since the last tick, over all ranks: counts of dropped samples summed, losses
+        averaged; then a fresh start."""
+        row = {}
+        for name, (total, count) in self.stats.items():
+            value = torch.stack([total, torch.tensor(float(count), device=self.device)])
+            if dist.is_initialized():
+                dist.all_reduce(value)
+            row[name] = int(value[0]) if name.startswith('dropped') else round(float(value[0] / value[1]), 6)
+        self.stats = {}
+        return row
 
     def state(self):
         return ({'G': self.G, 'G_ema': self.G_ema, 'fake_score': self.fake_score},
@@ -713,9 +723,15 @@ def read_state(path, args):
     """Read a training state written by save_state and take its run flags: those given again on the
     command line must agree; the others are restored."""
     if not os.path.isfile(path):
-        stopped = os.path.isfile(os.path.join(os.path.dirname(path), 'log.jsonl'))
-        raise UserError(f'--resume: {path} does not exist' + (' (the run stopped before its first state: start it '
-                                                              'again, without --resume)' if stopped else ''))
+        folder, why = os.path.dirname(path), ''
+        if later_snapshots(folder):          # (a new run does not start among them either)
+            why = ' (the run has snapshots but no state to continue from: move it away and start again)'
+        elif os.path.isfile(os.path.join(folder, 'log.jsonl')):
+            why = ' (the run stopped before its first state: start it again, without --resume)'
+        raise UserError(f'--resume: {path} does not exist{why}')
+    damaged = networks.damaged_member(path)
+    if damaged:
+        raise UserError(f'--resume: {path} is damaged: its {damaged} fails its checksum')
     try:
         with warnings.catch_warnings():           # torch warns of a foreign pickle before refusing it: one line only
             warnings.simplefilter('ignore')
@@ -724,8 +740,8 @@ def read_state(path, args):
         raise UserError(f'--resume: {path} is not a readable training state ({type(e).__name__})') from None
     if not isinstance(state, dict) or state.get('format') != 'sida-training-state':
         raise UserError(f'--resume: {path} is not a sida training state')
-    kinds = dict(nimg=int, tick=int, args=dict, session_args=dict, teacher_config=dict, nets=dict, opts=dict,
-                 scalers=dict, rng=list)
+    kinds = dict(nimg=int, tick=int, args=dict, session_args=dict, teacher_config=dict, teacher_sums=torch.Tensor,
+                 nets=dict, opts=dict, scalers=dict, rng=list)
     if any(not isinstance(state.get(k), kind) for k, kind in kinds.items()):
         raise UserError(f'--resume: {path} is a training state of another version of sida.py, or damaged')
     differ = [f'--{k.replace("_", "-")} {v!r} (now {getattr(args, k)!r})' for k, v in state['args'].items()
@@ -737,7 +753,8 @@ def read_state(path, args):
             setattr(args, k, v)
     try:
         check_args(args)
-    except TypeError:
+        parse_metrics(state['session_args'].get('metrics', 'none'))     # (the saved one: which chose the best)
+    except (TypeError, AttributeError):
         raise UserError(f'--resume: {path} holds flags of the wrong type (damaged?)') from None
     return state
 
@@ -747,14 +764,14 @@ def teacher_sums(teacher):
     return torch.stack([t.double().abs().sum() for t in teacher.state_dict().values()]).cpu()
 
 
-def restore_state(state, path, teacher, sida, slots, rank, world, metric):
+def restore_state(state, path, sida, slots, rank, world, metric):
     """Load networks, optimizers and random streams from a state; returns (nimg, tick, best), best None when
     the state's best was of another first metric than `metric`."""
-    if state['teacher_config'] != teacher.config:
+    if state['teacher_config'] != sida.teacher.config:
         raise UserError(f'--resume: {path} was written for a teacher of another architecture than --teacher')
-    sums = state.get('teacher_sums')                  # (absent from the states of before 2026-12-07)
-    if sums is not None and not (sums.shape == sida.teacher_sums.shape and
-                                 torch.allclose(sums, sida.teacher_sums, rtol=1e-6, atol=0, equal_nan=True)):
+    sums = state['teacher_sums']
+    if not (sums.shape == sida.teacher_sums.shape and
+            torch.allclose(sums, sida.teacher_sums, rtol=1e-6, atol=0, equal_nan=True)):
         raise UserError(f'--resume: {path} was written with other teacher weights than --teacher {sida.args.teacher}')
     try:
         for objects, key in zip(sida.state(), ('nets', 'opts', 'scalers')):
@@ -765,14 +782,17 @@ def restore_state(state, path, teacher, sida, slots, rank, world, metric):
                         f'({networks.one_line(e)[:300]})') from None
     # Every slot continues its streams wherever it runs now (another number of GPUs or accumulation rounds);
     # only another --batch-gpu, which makes other slots, restarts them.
-    saved = {}
-    for r in state['rng']:                               # (every rank's, gathered by save_state)
-        saved.update({i: (r['slots'][i], r['dropout'][i]) for i in r['slots']})
-    if len(saved) == len(slots) * world and all(s.index in saved for s in slots):
-        for s in slots:
+    saved, restart = {}, False
+    try:
+        for r in state['rng']:                           # (every rank's, gathered by save_state)
+            saved.update({i: (r['slots'][i], r['dropout'][i]) for i in r['slots']})
+        restart = not (len(saved) == len(slots) * world and all(s.index in saved for s in slots))
+        for s in [] if restart else slots:
             s.gen.set_state(saved[s.index][0])
             s.dropout_seeds.setstate(saved[s.index][1])
-    elif rank == 0:
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        raise UserError(f'--resume: {path} holds random streams of another form (damaged?)') from None
+    if restart and rank == 0:
         print(f'warning: resumed with another --batch-gpu than {path} was written with: the random streams of the '
               f'micro-batches restart', flush=True)
     saved_metrics = parse_metrics(state['session_args'].get('metrics', 'none'))
@@ -790,7 +810,7 @@ METRIC_PREFIXES = ('fid', 'is', 'fd', 'acc')     # log keys of metrics: fid50k, 
 
 
 def parse_metrics(spec):
-    """'fid50k,is50k' -> [('fid50k', 'fid', 50000), ...]; 'fd' is the toy Fréchet distance on 2048 images."""
+    """'fid50k,is50k' -> [('fid50k', 'fid', 50000), ...]; 'fd' is the toy Fréchet distance (on toy.METRIC_IMAGES)."""
     out = []
     for name in [s.strip() for s in spec.split(',') if s.strip() and s.strip() != 'none']:
         kind = name.rstrip('0123456789k')
@@ -799,7 +819,7 @@ def parse_metrics(spec):
             raise UserError(f'--metrics: unknown metric "{name}" (use fidNk, isNk, fd or fdNk, e.g. fid50k)')
         if digits and int(digits[:-1]) < 1:
             raise UserError(f'--metrics: {name} measures no images (N is in thousands, at least 1)')
-        out.append((name, kind, int(digits[:-1]) * 1000 if digits else 2048))
+        out.append((name, kind, int(digits[:-1]) * 1000 if digits else toy.METRIC_IMAGES))
     if sum(kind == 'fd' for _, kind, _ in out) > 1:
         raise UserError(f'--metrics {spec}: one fd metric at most (the toy measures fd once per snapshot)')
     return out
@@ -910,7 +930,7 @@ def tee_console(path, enabled=True):
 
 def print_options(args, world, rounds, batch_gpu, device):
     """Every option once at the start, grouped as on the command line, and the batch layout."""
-    groups = flag_groups(build_parser())
+    groups = {'run': RUN_FLAGS, 'session': SESSION_FLAGS}
     print(f'{args.method}: {args.teacher} -> one-step generator on {device}; '
           f'batch {args.batch} = {world} process(es) x {rounds} round(s) x {batch_gpu} images')
     for title in ('run', 'session'):
@@ -949,6 +969,14 @@ def save_snapshot(G_ema, row, is_best, evaluator, args, outdir, device):
     if is_best:
         name = evaluator.metrics[0][0]
         networks.save_network(G_ema, os.path.join(outdir, 'generator-best.pt'), **meta, **{name: row[name]})
+
+
+def saved_meta(path):
+    """The `meta` of a saved generator without reading its tensors; {} when there is none or it is unreadable."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=True)['meta']
+    except Exception:
+        return {}
 
 
 def improves(row, best, metrics):
@@ -993,7 +1021,8 @@ def read_log(path):
                     row = json.loads(line)
                 except ValueError:
                     row = None
-                if isinstance(row, dict) and type(row.get('tick')) is int and type(row.get('kimg')) in (int, float):
+                if (isinstance(row, dict) and type(row.get('tick')) is int and 'kimg' in row
+                        and all(type(v) in (int, float) for v in row.values())):       # (every value is a number)
                     rows.append(row)
                 else:
                     bad += bool(line.strip())
@@ -1096,6 +1125,12 @@ RUN_FILES = re.compile(r'args\.json|log\.jsonl|log\.txt|training-state\.pt|metri
                        r'samples-[\d.]+\.png|generator-([\d.]+|best)\.pt')
 
 
+def later_snapshots(outdir):
+    """The generator snapshots past 0 kimg in a run folder."""
+    names = os.listdir(outdir) if os.path.isdir(outdir) else []
+    return [n for n in names if re.fullmatch(r'generator-\d+\.\d+\.pt', n) and n != os.path.basename(snapshot_path('', 0))]
+
+
 def refuse_earlier_run(outdir, state_path):
     """A new run starts only in a folder without another run's results: a training state or generator
     snapshots past 0 kimg, nor files of someone else's. (A run stopped before its first state and snapshot
@@ -1108,9 +1143,7 @@ def refuse_earlier_run(outdir, state_path):
     if foreign:
         raise UserError(f'--outdir {outdir} holds files that are not a run\'s ({", ".join(foreign[:3])}'
                         f'{", ..." if len(foreign) > 3 else ""}): choose an empty or new folder')
-    initial = os.path.basename(snapshot_path(outdir, 0))
-    snapshots = [n for n in names if re.fullmatch(r'generator-\d+\.\d+\.pt', n) and n != initial]
-    if snapshots:
+    if snapshots := later_snapshots(outdir):
         raise UserError(f'--outdir {outdir} holds an earlier run without a training state to resume '
                         f'({max(snapshots)}): move it away or choose another --outdir')
 
@@ -1159,6 +1192,8 @@ def distill(args):
 
 
 def distill_in(args, rank, world, device, outdir, state, state_path, start):
+    """The run in its folder: the batch layout, the data and the teacher, the three networks (from `state` when
+    resuming), the folder's files, then the training loop and, once finished, the summary."""
     master = rank == 0
     log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
 
@@ -1202,7 +1237,7 @@ def distill_in(args, rank, world, device, outdir, state, state_path, start):
     evaluator = Evaluator(args, teacher.latent, device)
     nimg, cur_tick, best = 0, 0, None
     if state is not None:
-        nimg, cur_tick, best = restore_state(state, state_path, teacher, sida, slots, rank, world,
+        nimg, cur_tick, best = restore_state(state, state_path, sida, slots, rank, world,
                                              evaluator.metrics[0][0] if evaluator.metrics else None)
     lock = claim_folder(outdir, state is None, state_path) if master else None    # held until the run ends
     start()
@@ -1225,7 +1260,7 @@ def distill_in(args, rank, world, device, outdir, state, state_path, start):
         log(f'resumed from {state_path} at {nimg / 1000:g} kimg')
     log(f'networks: {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M parameters each (teacher, fake score '
         f'network, generator)')
-    nimg, stopped_by = training_loop(args, sida, slots, evaluator, teacher, (nimg, cur_tick, best), rows, state is None,
+    nimg, stopped_by = training_loop(args, sida, slots, evaluator, (nimg, cur_tick, best), rows, state is None,
                                      outdir, state_path, rank, world, device)
     if master and nimg >= args.duration * 1e6:
         for line in summary(rows, args.method):
@@ -1241,7 +1276,7 @@ def distill_in(args, rank, world, device, outdir, state, state_path, start):
     return {'nimg': nimg, 'outdir': outdir, 'stopped_by': stopped_by}
 
 
-def training_loop(args, sida, slots, evaluator, teacher, start, rows, fresh, outdir, state_path, rank, world, device):
+def training_loop(args, sida, slots, evaluator, start, rows, fresh, outdir, state_path, rank, world, device):
     """Iterate until --duration; every --tick kimg a status line, at snapshots metrics and samples, at
     dumps the training state. SIGTERM / SIGINT finish the iteration, save the state and stop. `rows`: the
     log so far (rank 0), extended as the run goes."""
@@ -1254,10 +1289,15 @@ def training_loop(args, sida, slots, evaluator, teacher, start, rows, fresh, out
     adv_start = args.adv_start_kimg * 1000 if sida.adversarial else math.inf
     total = int(args.duration * 1e6)
     log_path = os.path.join(outdir, 'log.jsonl')
-    if not fresh and nimg >= total:      # a finished run resumed: nothing to add but a final snapshot a kill cut short
-        if master and rows and not os.path.isfile(snapshot_path(outdir, rows[-1]['kimg'])):
-            is_best = best is not None and rows[-1].get(evaluator.metrics[0][0]) == best
+    if not fresh and master and rows and rows[-1]['tick'] == cur_tick and (nimg >= total or cur_tick % args.snap == 0):
+        # The state's tick was a snapshot tick: a kill after the state may have cut its generator files short.
+        # The EMA generator is the state's, so what is missing comes out as the tick would have written it.
+        is_best = best is not None and rows[-1].get(evaluator.metrics[0][0]) == best
+        best_path = os.path.join(outdir, 'generator-best.pt')
+        if (not os.path.isfile(snapshot_path(outdir, rows[-1]['kimg'])) or
+                is_best and saved_meta(best_path).get('kimg') != rows[-1]['kimg']):
             derived('the snapshot', save_snapshot, sida.G_ema, rows[-1], is_best, evaluator, args, outdir, device)
+    if not fresh and nimg >= total:      # a finished run resumed: nothing to add
         return nimg, None
     stop, vote = [], StopVote(world, device)
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -1318,7 +1358,7 @@ def training_loop(args, sida, slots, evaluator, teacher, start, rows, fresh, out
 
     if fresh:             # tick 0: the initial generator, and in the toy run the data and the teacher
         log('measuring the initial generator (and, in the toy run, the data and the teacher)...')
-        finish_tick({'tick': 0, 'kimg': 0.0, **evaluator.baselines(teacher)}, snap=True, dump=False)
+        finish_tick({'tick': 0, 'kimg': 0.0, **evaluator.baselines(sida.teacher)}, snap=True, dump=False)
     tick_nimg, tick_time, start_time = nimg, time.time(), time.time()
     uncompiled = {'fake score', 'generator', 'adversarial generator'} if args.compile else set()
     while True:
@@ -1344,12 +1384,7 @@ def training_loop(args, sida, slots, evaluator, teacher, start, rows, fresh, out
         # Tick: one status line; at snapshot ticks metrics, samples and a generator; at dump ticks the state.
         cur_tick += 1
         row = {'tick': cur_tick, 'kimg': round(nimg / 1000, 3)}
-        for name, (total_, count) in sida.stats.items():
-            value = torch.stack([total_, torch.tensor(float(count), device=device)])
-            if dist.is_initialized():
-                dist.all_reduce(value)
-            row[name] = int(value[0]) if name.startswith('dropped') else round(float(value[0] / value[1]), 6)
-        sida.stats = {}
+        row.update(sida.tick_stats())
         elapsed = time.time() - tick_time
         row['sec_per_kimg'] = round(elapsed / max((nimg - tick_nimg) / 1000, 1e-9), 3)
         row['img_per_s'] = round((nimg - tick_nimg) / max(elapsed, 1e-9), 2)

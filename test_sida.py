@@ -853,9 +853,9 @@ def test_generator_objective_combines_the_terms_half_and_half(draws):
     fake = sida.Denoised(draws['d_fake'], draws['logit_a'], None)
     sid = sida.sid_loss(draws['x_g'], draws['d_real'], draws['d_fake'], 1.0).sum() / 4
     adv = sida.adversarial_loss(draws['logit_a'], draws['x_g'], draws['d_real'], ALL).sum() / 4
-    loss, ok, _ = sida.generator_objective(draws['x_g'], real, fake, ALL, 1.0, 100.0, None, batch=4)
+    loss, ok, _ = sida.generator_objective(draws['x_g'], real, fake, ALL, 1.0, 100.0, 0.01, False, batch=4)
     assert torch.allclose(loss, sid * 100.0) and ok.all()
-    loss, _, stats = sida.generator_objective(draws['x_g'], real, fake, ALL, 1.0, 100.0, 0.01, batch=4)
+    loss, _, stats = sida.generator_objective(draws['x_g'], real, fake, ALL, 1.0, 100.0, 0.01, True, batch=4)
     assert torch.allclose(loss, 0.5 * sid * 100.0 + 0.5 * adv * 0.01) and 'loss_adv' in stats
     # EDM2: both terms divided, sample by sample, by e^u of the fake score network's pass.
     u = torch.tensor([-1.0, 0.0, 0.5, 2.0]).view(4, 1, 1, 1)
@@ -863,7 +863,7 @@ def test_generator_objective_combines_the_terms_half_and_half(draws):
     per = lambda t: t.sum(dim=(1, 2, 3)) / torch.exp(u.flatten())
     sid = per(sida.sid_loss(draws['x_g'], draws['d_real'], draws['d_fake'], 1.0)).sum() / 4
     adv = per(sida.adversarial_loss(draws['logit_a'], draws['x_g'], draws['d_real'], ALL)).sum() / 4
-    loss, _, _ = sida.generator_objective(draws['x_g'], real, fake, ALL, 1.0, 100.0, 0.01, batch=4)
+    loss, _, _ = sida.generator_objective(draws['x_g'], real, fake, ALL, 1.0, 100.0, 0.01, True, batch=4)
     assert torch.allclose(loss, 0.5 * sid * 100.0 + 0.5 * adv * 0.01)
 
 
@@ -938,7 +938,7 @@ def test_a_nan_network_output_drops_its_sample_and_keeps_the_step(tiny_teacher, 
             fake = sida.denoise(fake_score, x_t, s, c[keep], aug[keep])
             if poison:
                 real = real._replace(denoised=torch.where(torch.arange(n).view(-1, 1, 1, 1) == 1, float('nan'), real.denoised))
-            loss, ok, _ = sida.generator_objective(x_g, real, fake, torch.ones(n, dtype=torch.bool), 1.0, 100.0, 0.01, 4)
+            loss, ok, _ = sida.generator_objective(x_g, real, fake, torch.ones(n, dtype=torch.bool), 1.0, 100.0, 0.01, True, 4)
         else:
             with torch.no_grad():
                 x_g = G(2.5 * z[keep], 2.5, c[keep], aug[keep])
@@ -2028,7 +2028,7 @@ def test_run_that_stays_nonfinite_stops_and_keeps_the_last_good_state(tmp_path):
     networks.save_network(net, str(tmp_path / 'nan.pt'))
     run_sida(tmp_path / 'run', str(tmp_path / 'good.pt'), '--duration', '0.000016')
     state = torch.load(tmp_path / 'run' / 'training-state.pt', weights_only=True)
-    del state['teacher_sums']           # (as states written before it was recorded: the NaN teacher is let in)
+    state['teacher_sums'] = sida.teacher_sums(net)      # (a state written for the NaN teacher)
     torch.save(state, tmp_path / 'run' / 'training-state.pt')
     good = (tmp_path / 'run' / 'training-state.pt').read_bytes()
     r = run_sida(tmp_path / 'run', str(tmp_path / 'nan.pt'), '--duration', '0.0001', '--resume', str(tmp_path / 'run'),
@@ -2152,6 +2152,7 @@ def uninterrupted(tiny_teacher, tmp_path_factory):
     ('state', 2),                   # while the final state is written
     ('log row', 4),                 # while tick 3's row is appended
     ('state after log row', 2),     # tick 4 logged, its state not yet written
+    ('snapshot', 2),                # while tick 2's generator is written, after its state
     ('snapshot', 3),                # while the final generator is written, after the final state
 ])
 def test_a_run_killed_at_any_point_resumes_to_the_uninterrupted_state(tiny_teacher, uninterrupted, tmp_path, point, nth):
@@ -2161,8 +2162,11 @@ def test_a_run_killed_at_any_point_resumes_to_the_uninterrupted_state(tiny_teach
     assert_identical(torch.load(tmp_path / 'training-state.pt', weights_only=True),
                      torch.load(uninterrupted / 'training-state.pt', weights_only=True))
     assert training_rows(tmp_path) == training_rows(uninterrupted)       # every tick once, none cut
-    final = networks.load_network(str(tmp_path / 'generator-000000.064.pt')).state_dict()
-    assert_identical(final, networks.load_network(str(uninterrupted / 'generator-000000.064.pt')).state_dict())
+    snapshots = sorted(n for n in os.listdir(uninterrupted) if n.startswith('generator-'))
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith('generator-')) == snapshots
+    for name in snapshots:                                              # the final one and every one before it
+        assert_identical(networks.load_network(str(tmp_path / name)).state_dict(),
+                         networks.load_network(str(uninterrupted / name)).state_dict())
     assert not [n for n in os.listdir(tmp_path) if n.endswith('.tmp')]
 
 
@@ -4893,3 +4897,80 @@ def test_a_training_state_holding_code_is_refused_without_running_it(tmp_path):
         sida.read_state(str(tmp_path / 'training-state.pt'), args)
     assert str(error.value).startswith(f'--resume: {tmp_path / "training-state.pt"} is not a readable training state')
     assert '\n' not in str(error.value) and not trace.exists()
+
+
+def damage(path):
+    """Overwrite 64 bytes in the middle of a file, as a failing disk or a bad copy would (the zip stays readable)."""
+    with open(path, 'r+b') as f:
+        f.seek(os.path.getsize(path) // 2)
+        f.write(b'\xff' * 64)
+
+
+def test_a_damaged_training_state_is_refused_in_one_line(tmp_path):
+    """torch.load does not check the archive's checksums: without a check, the damaged tensor would be trained on."""
+    path = tmp_path / 'training-state.pt'
+    torch.save({'format': 'sida-training-state', 'nets': {'G': {'w': torch.zeros(100_000)}}}, path)
+    damage(path)
+    with pytest.raises(UserError) as error:
+        sida.read_state(str(path), sida.parse_args(['--resume', str(tmp_path)]))
+    assert str(error.value).startswith(f'--resume: {path} is damaged: its ') and 'fails its checksum' in str(error.value)
+
+
+def test_a_damaged_network_file_is_refused_in_one_line(tiny_teacher, tmp_path):
+    shutil.copy(tiny_teacher, tmp_path / 'generator.pt')
+    damage(tmp_path / 'generator.pt')
+    with pytest.raises(UserError) as error:
+        networks.load_network(str(tmp_path / 'generator.pt'))
+    assert str(error.value).startswith(f'{tmp_path / "generator.pt"} is damaged: its ') and '\n' not in str(error.value)
+
+
+def test_resuming_a_run_with_snapshots_but_no_state_says_to_move_it_away(tmp_path):
+    """Killed after a snapshot but before its first state: a new run will not start among the snapshots, so the
+    resume's advice is to move the folder, not to start again in it."""
+    (tmp_path / 'log.jsonl').write_text('{"tick": 1, "kimg": 1.024}\n')
+    (tmp_path / 'generator-000001.024.pt').write_bytes(b'')
+    with pytest.raises(UserError) as error:
+        sida.read_state(str(tmp_path / 'training-state.pt'), sida.parse_args(['--resume', str(tmp_path)]))
+    assert 'move it away and start again' in str(error.value)
+    (tmp_path / 'generator-000001.024.pt').unlink()
+    with pytest.raises(UserError) as error:
+        sida.read_state(str(tmp_path / 'training-state.pt'), sida.parse_args(['--resume', str(tmp_path)]))
+    assert 'start it again, without --resume' in str(error.value)
+
+
+@pytest.mark.parametrize('edit, message', [
+    (lambda state: state.update(rng=[{}]), 'random streams of another form'),
+    (lambda state: state['rng'][0]['slots'].update({0: 'not a generator state'}), 'random streams of another form'),
+    (lambda state: state['session_args'].update(metrics=5), 'flags of the wrong type'),
+])
+def test_a_training_state_of_another_form_is_one_line(tiny_teacher, tmp_path, edit, message):
+    run_sida(tmp_path, tiny_teacher, '--duration', '0.000016', '--dump', '1')
+    state = torch.load(tmp_path / 'training-state.pt', weights_only=True)
+    edit(state)
+    torch.save(state, tmp_path / 'training-state.pt')
+    r = run_sida(tmp_path / 'unused', tiny_teacher, '--resume', str(tmp_path), '--duration', '0.000032', check=False)
+    assert r.returncode == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+
+
+def test_a_log_row_with_a_value_that_is_no_number_is_skipped(tmp_path, capsys):
+    """The summary and the plot compute with every value of a row: a damaged one is left out as unreadable."""
+    log = tmp_path / 'log.jsonl'
+    log.write_text('{"tick": 0, "kimg": 0.0, "fd": 2.5}\n{"tick": 1, "kimg": 1.0, "fd": "oops"}\n'
+                   '{"tick": 2, "kimg": 2.0, "fd": null}\n{"tick": 3, "kimg": 3.0, "fd": NaN}\n')
+    rows = sida.read_log(str(log))
+    assert [r['tick'] for r in rows] == [0, 3] and 'skipped 2 unreadable line(s)' in capsys.readouterr().out
+    assert sida.summary(rows, 'sida')                                       # (a TypeError with the damaged rows)
+
+
+def test_arch_given_again_on_resume_names_the_teacher_the_state_is_checked_against(tmp_path):
+    """--preset toy --arch edm2 --resume DIR: the state's teacher does not silently replace the one --arch names
+    (restore_state then refuses a state of another architecture in one line)."""
+    state = dict(format='sida-training-state', nimg=0, tick=0, args={}, session_args={'teacher': 'ddpmpp/teacher.pt'},
+                 teacher_config={}, teacher_sums=torch.zeros(1), nets={}, opts={}, scalers={}, rng=[])
+    torch.save(state, tmp_path / 'training-state.pt')
+    args = sida.parse_args(['--preset', 'toy', '--arch', 'edm2', '--resume', str(tmp_path)])
+    sida.read_state(str(tmp_path / 'training-state.pt'), args)
+    assert args.teacher == toy.shipped('teacher', 'edm2')
+    args = sida.parse_args(['--preset', 'toy', '--resume', str(tmp_path)])
+    sida.read_state(str(tmp_path / 'training-state.pt'), args)
+    assert args.teacher == 'ddpmpp/teacher.pt'                               # without --arch: the state's
