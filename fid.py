@@ -32,6 +32,7 @@ generation and sample grids; a run's metrics.png; the command line.
 import argparse
 import collections
 import contextlib
+import gzip
 import io
 import json
 import math
@@ -203,7 +204,8 @@ def load_detector(source=None, device='cpu'):
             warnings.filterwarnings('ignore', message='`torch.jit')     # a DeprecationWarning, a FutureWarning in torch 2.14
             detector = torch.jit.load(path, map_location=device)
     except Exception as e:
-        raise UserError(f'--detector {source}: not a TorchScript detector ({type(e).__name__})') from None
+        raise UserError(f'--detector {source}: not a TorchScript detector ({type(e).__name__})'
+                        f'{networks.cached(source, path)}') from None
     return detector.eval()
 
 
@@ -319,7 +321,8 @@ def load_ref(source):
                 with np.load(path) as data:
                     mu, sigma = data['mu'], data['sigma']
             except (zipfile.BadZipFile, EOFError, zlib.error) as e:
-                raise UserError(f'--ref {source}: a damaged npz file (truncated or corrupt?): {type(e).__name__}') from None
+                raise UserError(f'--ref {source}: a damaged npz file (truncated or corrupt?): {type(e).__name__}'
+                                f'{networks.cached(source, path)}') from None
         else:
             data = networks.safe_pickle_load(path, NUMPY_PICKLE_GLOBALS)
             data = data['fid'] if isinstance(data, dict) and 'fid' in data else data
@@ -328,7 +331,7 @@ def load_ref(source):
         raise
     except Exception as e:
         reason = f'{type(e).__name__}: {e}'.splitlines()[0]
-        raise UserError(f'--ref {source}: not a reference file with mu and sigma ({reason})') from None
+        raise UserError(f'--ref {source}: not a reference file with mu and sigma ({reason}){networks.cached(source, path)}') from None
     try:
         mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
     except (TypeError, ValueError):
@@ -359,7 +362,9 @@ def _decode_image(data, name):
     """uint8 [C, H, W] (C = 1 or 3) from encoded bytes, or an error message (workers must not raise)."""
     try:
         with PIL.Image.open(io.BytesIO(data)) as image:
-            image = image.convert('L' if image.mode in ('1', 'L', 'I;16', 'I', 'F') else 'RGB')
+            if image.mode.startswith(('I', 'F')):         # PIL's conversion to 8 bits would clip, not scale
+                return f'{name} is a {image.mode} image (16 or 32 bits per value); FID reads 8-bit images'
+            image = image.convert('L' if image.mode in ('1', 'L') else 'RGB')
             array = np.asarray(image)
     except Exception as e:
         return f'cannot read image {name} ({type(e).__name__})'
@@ -389,7 +394,23 @@ def _read_cifar10(path):
                 labels.append(np.asarray(batch[b'labels'], np.int64))
             except (KeyError, TypeError, ValueError):
                 raise UserError(f'{path}: {member.name} is not a CIFAR-10 batch') from None
+        while tar.fileobj.read(1 << 24):     # a gzip stream checks its CRC at its end, which tarfile stops short of
+            pass
     return np.concatenate(images), np.concatenate(labels)
+
+
+def image_names(folder):
+    """The image files below `folder`, relative to it with '/', sorted. Links to folders are followed, each folder
+    once: a link to a folder already seen (a loop, `ln -s . again`) would count its images again."""
+    names, seen = [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        if os.path.realpath(root) in seen:
+            dirs[:] = []
+            continue
+        seen.add(os.path.realpath(root))
+        names += [os.path.relpath(os.path.join(root, f), folder).replace(os.sep, '/') for f in files
+                  if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(names)
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -403,9 +424,7 @@ class ImageDataset(torch.utils.data.Dataset):
         label_json = None
         if os.path.isdir(path):
             self.kind = 'folder'
-            self.names = sorted(os.path.relpath(os.path.join(root, f), path).replace(os.sep, '/')
-                                for root, _, files in os.walk(path, followlinks=True) for f in files
-                                if f.lower().endswith(IMAGE_EXTENSIONS))
+            self.names = image_names(path)
             odd = next((n for n in self.names if not os.path.isfile(os.path.join(path, n))), None)
             if odd is not None:                # a pipe named *.png: reading it never ends
                 raise UserError(f'{os.path.join(path, odd)}: not a regular file')
@@ -427,7 +446,7 @@ class ImageDataset(torch.utils.data.Dataset):
             self.kind = 'cifar10'
             try:
                 self._arrays, self.labels = _read_cifar10(path)
-            except (tarfile.TarError, EOFError, zlib.error) as e:
+            except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
                 raise UserError(f'{path}: damaged tarball ({type(e).__name__})') from None
             self.names = [str(i) for i in range(len(self._arrays))]
         else:
@@ -451,7 +470,10 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.kind == 'zip':
             if self._zip is None or self._zip[0] != os.getpid():   # one handle per worker process
                 self._zip = (os.getpid(), zipfile.ZipFile(self.path))
-            data = self._zip[1].read(self.names[i])
+            try:
+                data = self._zip[1].read(self.names[i])
+            except (zipfile.BadZipFile, EOFError, zlib.error) as e:     # (a failed CRC among them)
+                return f'cannot read {self.names[i]} in the zip, damaged ({type(e).__name__})', label
         else:
             with open(os.path.join(self.path, self.names[i]), 'rb') as f:
                 data = f.read()
@@ -477,10 +499,10 @@ def parse_labels(text, names, where):
     missing = [n for n in names if n not in table]
     if missing:
         raise UserError(f'{where}: dataset.json has no label for {missing[0]}')
-    try:
-        return np.array([table[n] for n in names], np.int64)
-    except (TypeError, ValueError):
-        raise UserError(f'{where}: dataset.json has labels that are not integers') from None
+    labels = [table[n] for n in names]
+    if not all(type(v) is int and 0 <= v < 2**63 for v in labels):
+        raise UserError(f'{where}: dataset.json has labels that are not integers from 0')
+    return np.array(labels, np.int64)
 
 
 def _keep_list(items):
@@ -506,12 +528,13 @@ def iterate_images(source, batch=64, num=None, rank=0, world_size=1, workers=0):
     batches = [indices[i:i + batch] for i in range(0, len(indices), batch)]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=_keep_list,
                                          num_workers=workers, prefetch_factor=4 if workers else None)
-    for items in loader:
-        for image, _ in items:
+    for batch_indices, items in zip(batches, loader):
+        for i, (image, _) in zip(batch_indices, items):
             if isinstance(image, str):
                 raise UserError(f'{dataset.path}: {image}')
             if image.shape != dataset.shape:
-                raise UserError(f'{dataset.path}: an image of shape {image.shape} among images of {dataset.shape}')
+                raise UserError(f'{dataset.path}: {dataset.names[i]} is of shape {image.shape} among images of '
+                                f'{dataset.shape}')
         yield (torch.from_numpy(np.stack([image for image, _ in items])),
                torch.tensor([label for _, label in items], dtype=torch.int64))
 
@@ -525,6 +548,18 @@ def load_images(path):
 
 # ----------------------------------------------------------------------------------------------------
 # Measuring: image batches -> features -> statistics -> FID / IS.
+
+def check_features(detector, images, ref, device, source=None):
+    """The detector run once on `images` before the work: a detector that fails on them, or reference statistics
+    of another feature size, is one line now, not a traceback after part of the work was written."""
+    try:
+        dim = run_detector(detector, images, device, return_features=True).shape[1]
+    except Exception as e:
+        raise UserError(networks.one_line(f'--detector {source or INCEPTION_URL}: fails on images of shape '
+                                          f'{list(images.shape[1:])} ({type(e).__name__}: {e})')[:400]) from None
+    if ref is not None and dim != len(ref[0]):
+        raise UserError(f'--ref statistics are {len(ref[0])}-dimensional but the detector gives {dim}-dimensional features')
+
 
 def _measure(batches, total, detector, device, ref, want_is, what, progress):
     """Run the detector over this rank's batches, combine ranks, and turn the statistics into metrics."""
@@ -778,8 +813,9 @@ def cmd_gen(args, device):
         raise UserError(f'--seeds {args.seeds} gives {len(seeds)} seeds, fewer than --num {num}')
     if args.outdir:     # rank 0 looks before any rank writes: new images among old ones would be measured together
         grid = grid_path(args.outdir)
-        held, gridded = broadcast_object((len(generated_pngs(args.outdir)), os.path.exists(grid)) if rank() == 0 else None)
-        found = ([f'{held} generated images'] if held else []) + ([f'its grid {grid}'] if gridded else [])
+        held = len(image_names(args.outdir)) if os.path.isdir(args.outdir) else 0      # gen's or any other images
+        held, gridded = broadcast_object((held, os.path.exists(grid)) if rank() == 0 else None)
+        found = ([f'{held} images'] if held else []) + ([f'its grid {grid}'] if gridded else [])
         if found:
             raise UserError(f'--outdir {args.outdir} has {" and ".join(found)}: remove them or choose another folder')
     networks.check_network_source(args.network, '--network')     # a mistyped name, before --ref downloads
@@ -798,6 +834,8 @@ def cmd_gen(args, device):
         data = release_data(args.network)
         want_is = args.inception_score or (data is not None and PAPER[data][3])
         detector = load_detector(args.detector, device)
+        check_features(detector, generate_images(G, torch.tensor([seeds[0]]), args.init_sigma, device, vae=vae),
+                       ref, device, args.detector)                  # before any image is written
         results = []
         for trial in range(args.trials):            # trial k: seeds k*num .. (k+1)*num - 1
             trial_seeds = seeds[trial * num:(trial + 1) * num]

@@ -169,6 +169,11 @@ def is_zip(path):
         return zipfile.is_zipfile(path) or f.read(4) == b'PK\x03\x04'
 
 
+def cached(source, path):
+    """For an error about the file open_url gave for `source`: where it was downloaded to, if it was."""
+    return '' if os.path.abspath(path) == os.path.abspath(str(source)) else f' (downloaded to {path}: delete it to download again)'
+
+
 def damaged_member(path):
     """The first entry of the zip archive `path` (torch.save's format) whose bytes fail their CRC, else None (also
     when it is no zip: the loader says what it is). torch.load does not check: a damaged tensor loads as it is."""

@@ -841,11 +841,8 @@ class Evaluator:
             self.ref = fid.load_ref(args.ref)
         if kinds & {'fid', 'is'}:
             self.detector = fid.load_detector(args.detector, device)
-        if self.ref is not None:            # statistics of other features fail the first measurement, minutes later
-            dim = fid.run_detector(self.detector, torch.zeros(1, 3, 32, 32, dtype=torch.uint8), device,
-                                   return_features=True).shape[1]
-            if dim != len(self.ref[0]):
-                raise UserError(f'--ref {args.ref}: statistics of {len(self.ref[0])} features, but the detector gives {dim}')
+        if self.detector is not None:      # statistics of other features would fail the first measurement, hours later
+            fid.check_features(self.detector, torch.zeros(1, 3, 32, 32, dtype=torch.uint8), self.ref, device, args.detector)
 
     def baselines(self, teacher):
         """Toy run, tick 0: fd (and acc) of held-out real data and of the teacher's multi-step samplers, named

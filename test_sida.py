@@ -2536,7 +2536,7 @@ def test_reference_statistics_of_other_features_are_refused_before_the_run_start
         sida.main(tiny_run_argv(tmp_path / 'out', tiny_teacher, '--metrics', 'fid1k', '--ref', str(tmp_path / 'ref.npz'),
                                 '--detector', detectors[2048]))
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 1 and 'statistics of 64 features, but the detector gives 2048' in err and len(err.splitlines()) == 1
+    assert e.value.code == 1 and '--ref statistics are 64-dimensional but the detector gives 2048-dimensional features' in err and len(err.splitlines()) == 1
     assert not (tmp_path / 'out').exists()
 
 
@@ -4974,3 +4974,89 @@ def test_arch_given_again_on_resume_names_the_teacher_the_state_is_checked_again
     args = sida.parse_args(['--preset', 'toy', '--resume', str(tmp_path)])
     sida.read_state(str(tmp_path / 'training-state.pt'), args)
     assert args.teacher == 'ddpmpp/teacher.pt'                               # without --arch: the state's
+
+
+# ---- fid.py on damaged or odd inputs (eleventh session)
+
+def test_a_link_loop_in_an_image_folder_counts_each_image_once(tmp_path):
+    write_pngs(tmp_path / 'data', random_images(3, seed=0))
+    os.symlink('.', tmp_path / 'data' / 'again')                      # without the check: 3 images, 3 more per level
+    os.makedirs(tmp_path / 'other')
+    write_pngs(tmp_path / 'other', random_images(1, seed=1), ['x.png'])
+    os.symlink(tmp_path / 'other', tmp_path / 'data' / 'linked')      # a link to another folder is followed
+    assert fid.image_names(str(tmp_path / 'data')) == ['0000.png', '0001.png', '0002.png', 'linked/x.png']
+
+
+def test_a_damaged_image_in_a_zip_is_one_line_naming_it(tmp_path):
+    write_pngs(tmp_path / 'data', random_images(4, seed=0, size=32))
+    with zipfile.ZipFile(tmp_path / 'data.zip', 'w', zipfile.ZIP_STORED) as z:
+        for name in sorted(os.listdir(tmp_path / 'data')):
+            z.write(tmp_path / 'data' / name, name)
+    blob = bytearray((tmp_path / 'data.zip').read_bytes())
+    with zipfile.ZipFile(tmp_path / 'data.zip') as z:
+        info = z.getinfo('0002.png')
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    blob[start + info.compress_size // 2] ^= 0xFF                          # one byte of 0002.png's data
+    (tmp_path / 'data.zip').write_bytes(bytes(blob))
+    with pytest.raises(UserError) as error:
+        fid.load_images(str(tmp_path / 'data.zip'))
+    assert str(error.value).startswith(f'{tmp_path / "data.zip"}: cannot read 0002.png in the zip, damaged')
+
+
+def test_a_cifar_tarball_whose_checksum_fails_is_refused(tmp_path):
+    """tarfile stops before the gzip trailer, where the CRC is checked: a flipped bit would go unnoticed."""
+    path = tmp_path / 'cifar-10-python.tar.gz'
+    with tarfile.open(path, 'w:gz') as tar:
+        blob = py2_cifar_batch(np.zeros([4, 3072], np.uint8), [0, 1, 2, 3])
+        info = tarfile.TarInfo('cifar-10-batches-py/data_batch_1')
+        info.size = len(blob)
+        tar.addfile(info, io.BytesIO(blob))
+    blob = bytearray(path.read_bytes())
+    blob[-8] ^= 0xFF                                                       # the CRC-32 of the gzip trailer
+    path.write_bytes(bytes(blob))
+    with pytest.raises(UserError) as error:
+        fid.load_images(str(path))
+    assert str(error.value).startswith(f'{path}: damaged tarball')
+
+
+def test_a_16_bit_image_is_refused_not_clipped(tmp_path):
+    PIL.Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).save(tmp_path / 'deep.png')
+    assert PIL.Image.open(tmp_path / 'deep.png').mode.startswith('I')
+    message = fid._decode_image((tmp_path / 'deep.png').read_bytes(), 'deep.png')
+    assert isinstance(message, str) and 'FID reads 8-bit images' in message
+
+
+@pytest.mark.parametrize('label', ['1.7', '1e30', '[1, 2]', '-1', 'true'])
+def test_dataset_json_labels_must_be_integers_from_0(tmp_path, label):
+    with pytest.raises(UserError) as error:
+        fid.parse_labels(f'{{"labels": [["a.png", 0], ["b.png", {label}]]}}', ['a.png', 'b.png'], 'data.zip')
+    assert str(error.value) == 'data.zip: dataset.json has labels that are not integers from 0'
+
+
+def test_gen_checks_the_reference_and_detector_before_writing_an_image(tmp_path, detectors, capsys):
+    networks.save_network(small_generator(), str(tmp_path / 'G.pt'))
+    np.savez(tmp_path / 'ref.npz', mu=np.zeros(32), sigma=np.eye(32))       # the detector gives 64 features
+    code, _, err = run_cli(['gen', '--network', tmp_path / 'G.pt', '--num', 8, '--batch', 4, '--ref', tmp_path / 'ref.npz',
+                            '--detector', detectors[64], '--outdir', tmp_path / 'out'], capsys)
+    assert code == 1 and '32-dimensional but the detector gives 64' in err and len(err.splitlines()) == 1
+    assert not (tmp_path / 'out').exists() or not os.listdir(tmp_path / 'out')
+
+
+def test_gen_refuses_an_outdir_holding_other_images(tmp_path, capsys):
+    """calc --images would measure them together with the generated ones."""
+    networks.save_network(small_generator(), str(tmp_path / 'G.pt'))
+    write_pngs(tmp_path / 'out', random_images(2, seed=0), ['real/00000.png', 'real/00001.png'])
+    code, _, err = run_cli(['gen', '--network', tmp_path / 'G.pt', '--seeds', '0-3', '--outdir', tmp_path / 'out'], capsys)
+    assert code == 1 and err == f'error: --outdir {tmp_path / "out"} has 2 images: remove them or choose another folder\n'
+
+
+def test_a_damaged_download_names_its_cached_file(tmp_path, monkeypatch):
+    monkeypatch.setenv('SIDA_CACHE', str(tmp_path / 'cache'))
+    np.savez(tmp_path / 'ref.npz', mu=np.zeros(4), sigma=np.eye(4))
+    url = (tmp_path / 'ref.npz').as_uri()
+    cached = networks.open_url(url)
+    with open(cached, 'r+b') as f:
+        f.truncate(100)
+    with pytest.raises(UserError) as error:
+        fid.load_ref(url)
+    assert str(error.value).endswith(f'(downloaded to {cached}: delete it to download again)')
