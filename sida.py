@@ -356,7 +356,8 @@ class Sampler:
     def __init__(self, images, labels, label_dim, shape, device):
         self.latent = isinstance(images, networks.LatentData)
         if isinstance(images, torch.Tensor):
-            fits = device.type == 'cpu' or images.numel() < 0.2 * torch.cuda.mem_get_info(device)[0]   # (bytes: uint8; most of the memory stays for training)
+            # On the GPU if they take at most a fifth of its free memory (uint8: one byte each); the rest is for training.
+            fits = device.type == 'cpu' or images.numel() < 0.2 * torch.cuda.mem_get_info(device)[0]
             images = images.to(device if fits else 'cpu')
         self.images = images
         self.data_device = images.device if isinstance(images, torch.Tensor) else torch.device('cpu')
