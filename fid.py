@@ -557,6 +557,10 @@ def check_features(detector, images, ref, device, source=None):
     except Exception as e:
         raise UserError(networks.one_line(f'--detector {source or INCEPTION_URL}: fails on images of shape '
                                           f'{list(images.shape[1:])} ({type(e).__name__}: {e})')[:400]) from None
+    check_feature_size(dim, ref)
+
+
+def check_feature_size(dim, ref):
     if ref is not None and dim != len(ref[0]):
         raise UserError(f'--ref statistics are {len(ref[0])}-dimensional but the detector gives {dim}-dimensional features')
 
@@ -569,9 +573,7 @@ def _measure(batches, total, detector, device, ref, want_is, what, progress):
     meter = Progress(what, total, progress)
     for images in batches:
         features = run_detector(detector, images, device, return_features=True)
-        if ref is not None and features.shape[1] != len(ref[0]):     # fail at the first batch, not the last
-            raise UserError(f'--ref statistics are {len(ref[0])}-dimensional but the detector gives '
-                            f'{features.shape[1]}-dimensional features')
+        check_feature_size(features.shape[1], ref)                  # fail at the first batch, not the last
         stats.update(features)
         if want_is:
             probs.append(run_detector(detector, images, device, no_output_bias=True).to(torch.float64))
@@ -813,8 +815,8 @@ def cmd_gen(args, device):
         raise UserError(f'--seeds {args.seeds} gives {len(seeds)} seeds, fewer than --num {num}')
     if args.outdir:     # rank 0 looks before any rank writes: new images among old ones would be measured together
         grid = grid_path(args.outdir)
-        held = len(image_names(args.outdir)) if os.path.isdir(args.outdir) else 0      # gen's or any other images
-        held, gridded = broadcast_object((held, os.path.exists(grid)) if rank() == 0 else None)
+        held, gridded = broadcast_object((len(image_names(args.outdir)) if os.path.isdir(args.outdir) else 0,  # any images
+                                          os.path.exists(grid)) if rank() == 0 else None)
         found = ([f'{held} images'] if held else []) + ([f'its grid {grid}'] if gridded else [])
         if found:
             raise UserError(f'--outdir {args.outdir} has {" and ".join(found)}: remove them or choose another folder')
